@@ -1,0 +1,57 @@
+//! `continuum-bench`: Continuum's benchmarks, each run side by side with a named peer in the
+//! same invocation and reported as ratios (never asserted).
+//!
+//! One subcommand per benchmark; `meta` is the first (the meta service against etcd 3.4).
+//! Later benchmarks (blockstore, nbd, overlay) add a subcommand and a module, and reuse
+//! [`hist`] for latency summaries and [`cluster`] for local multi-process clusters.
+//!
+//! Progress goes to stderr, the result table to stdout, the full result to a JSON file.
+//! Every process a benchmark starts is killed when the benchmark ends, fails or is interrupted.
+
+mod cluster;
+mod continuum;
+mod etcd;
+mod hist;
+mod meta;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "continuum-bench",
+    about = "Continuum benchmarks, side by side with named peers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Meta service vs etcd 3.4: put and linearizable get throughput and latency, and the
+    /// time from kill -9 of the leader to the first committed write.
+    Meta(meta::MetaArgs),
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let bench = async {
+        match cli.command {
+            Command::Meta(args) => meta::run(args).await,
+        }
+    };
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    // Returning from an interrupted select drops the benchmark future, and with it every
+    // `Cluster`, whose Drop kills the member processes.
+    tokio::select! {
+        result = bench => result,
+        interrupted = tokio::signal::ctrl_c() => {
+            interrupted.context("waiting for Ctrl-C")?;
+            bail!("interrupted; stopped every member process")
+        }
+        _ = terminate.recv() => bail!("terminated; stopped every member process"),
+    }
+}

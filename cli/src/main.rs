@@ -1,0 +1,90 @@
+//! `continuum`: the single binary of the Continuum fabric. Daemons (`meta`), the local fabric
+//! (`up`) and admin commands (`kv`, `lease`, `member`, `status`, `site`).
+
+mod admin;
+mod config;
+mod up;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Continuum: storage and networking fabric for VMs across cloud and edge sites.
+#[derive(Parser, Debug)]
+#[command(name = "continuum", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `continuum_meta=debug`); RUST_LOG
+    /// overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a meta service member (Raft metadata store).
+    Meta(config::MetaArgs),
+    /// Run the whole fabric on this machine (today: a 3-member meta cluster) until Ctrl-C.
+    Up(up::UpArgs),
+    /// Read and write keys in meta.
+    #[command(subcommand)]
+    Kv(admin::KvCommand),
+    /// Manage meta leases (TTL'd; keys attached to a lease vanish when it expires).
+    #[command(subcommand)]
+    Lease(admin::LeaseCommand),
+    /// List and change meta cluster membership.
+    #[command(subcommand)]
+    Member(admin::MemberCommand),
+    /// Show the health of every meta member.
+    Status(admin::StatusArgs),
+    /// Manage sites (typed fabric records).
+    #[command(subcommand)]
+    Site(admin::SiteCommand),
+}
+
+fn init_logging(level: &str, format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level, &cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Meta(args) => config::run_meta(args).await,
+            Command::Up(args) => up::run(args).await,
+            Command::Kv(c) => admin::kv(c).await,
+            Command::Lease(c) => admin::lease(c).await,
+            Command::Member(c) => admin::member(c).await,
+            Command::Status(a) => admin::status(a).await,
+            Command::Site(c) => admin::site(c).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

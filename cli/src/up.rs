@@ -1,0 +1,169 @@
+//! `continuum up`: the whole fabric on this machine, as child processes of this one.
+//!
+//! Today the fabric is a 3-member meta cluster; later issues add block servers, a gateway, an
+//! overlay and an agent here. Data lives under one directory, so running `up` again resumes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use continuum_meta_client::MetaClient;
+use tokio::process::{Child, Command};
+
+use crate::config::{DEFAULT_CLIENT_PORT, DEFAULT_METRICS_PORT, DEFAULT_PEER_PORT};
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Directory holding every daemon's data and logs.
+    #[arg(long, default_value = "continuum-data", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Number of meta members (3 or 5 tolerate 1 or 2 failures).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    pub meta_members: u64,
+    /// Ports are BASE+11.. (client), BASE+21.. (Raft), BASE+31.. (metrics).
+    #[arg(long, default_value_t = DEFAULT_CLIENT_PORT - 10, value_name = "BASE")]
+    pub base_port: u16,
+    /// Start, print the summary, and exit leaving nothing running (a smoke test).
+    #[arg(long)]
+    pub check: bool,
+}
+
+struct Daemon {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+fn terminate(d: &Daemon) {
+    if let Some(pid) = d.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+}
+
+async fn stop_all(daemons: &mut [Daemon]) {
+    for d in daemons.iter() {
+        terminate(d);
+    }
+    for d in daemons.iter_mut() {
+        match tokio::time::timeout(Duration::from_secs(10), d.child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                eprintln!("{} did not stop in 10 s; killing it", d.name);
+                let _ = d.child.kill().await;
+            }
+        }
+    }
+}
+
+fn spawn(exe: &Path, name: &str, args: &[String], log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening log {}", log.display()))?;
+    let err = out.try_clone()?;
+    Command::new(exe)
+        .args(args)
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {name}"))
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding the continuum binary")?;
+    let logs = args.data_dir.join("logs");
+    std::fs::create_dir_all(&logs)
+        .with_context(|| format!("creating {}", logs.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let base = args.base_port;
+    let n = args.meta_members;
+    let addr = |off: u16, i: u64| format!("127.0.0.1:{}", base + off + i as u16);
+    let cluster: Vec<String> = (1..=n)
+        .map(|i| format!("{i}={}/{}", addr(20, i), addr(10, i)))
+        .collect();
+    let cluster = cluster.join(",");
+    let mut daemons = Vec::new();
+    for i in 1..=n {
+        let name = format!("meta-{i}");
+        let log = logs.join(format!("{name}.log"));
+        let a = vec![
+            "meta".to_string(),
+            format!("--id={i}"),
+            format!("--data-dir={}", data_dir.join(&name).display()),
+            format!("--listen-client={}", addr(10, i)),
+            format!("--listen-peer={}", addr(20, i)),
+            format!("--metrics-addr={}", addr(30, i)),
+            format!("--initial-cluster={cluster}"),
+        ];
+        let child = spawn(&exe, &name, &a, &log)?;
+        daemons.push(Daemon { name, child, log });
+    }
+    let endpoints: Vec<String> = (1..=n).map(|i| addr(10, i)).collect();
+    let client = MetaClient::connect(&endpoints)?;
+    println!("starting {n} meta members under {} ...", data_dir.display());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let leader = loop {
+        if let Ok(s) = client.status().await {
+            if s.leader_id != 0 {
+                break s.leader_id;
+            }
+        }
+        for d in daemons.iter_mut() {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                let log = d.log.display().to_string();
+                stop_all(&mut daemons).await;
+                bail!("{} exited during start-up ({status}); see {log}", d.name);
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            stop_all(&mut daemons).await;
+            bail!("no meta leader within 30 s; see the logs in {}", logs.display());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!();
+    println!("Continuum is up.");
+    println!("  meta members   {}", endpoints.join(", "));
+    println!("  meta leader    member {leader}");
+    println!(
+        "  metrics        http://{}/metrics (and {} more)",
+        addr(30, 1),
+        n - 1
+    );
+    println!("  data           {}", data_dir.display());
+    println!("  logs           {}", logs.display());
+    println!();
+    println!("Try:");
+    println!("  continuum status");
+    println!("  continuum kv put hello world && continuum kv get hello");
+    println!("  continuum site create edge-1 --kind edge && continuum site list");
+    println!();
+    if args.check {
+        stop_all(&mut daemons).await;
+        println!("--check: stopped everything.");
+        return Ok(());
+    }
+    println!("Press Ctrl-C to stop everything (running `continuum up` again resumes).");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut exits = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = exits.tick() => {
+                for d in daemons.iter_mut() {
+                    if let Ok(Some(status)) = d.child.try_wait() {
+                        eprintln!("warning: {} exited ({status}); see {}", d.name, d.log.display());
+                    }
+                }
+            }
+        }
+    }
+    println!("stopping ...");
+    stop_all(&mut daemons).await;
+    println!("stopped; data kept in {}", data_dir.display());
+    Ok(())
+}

@@ -1,0 +1,459 @@
+//! Deterministic simulation of a meta cluster: several [`MetaCore`]s on [`MemEngine`]s, one
+//! thread, virtual time, a seeded network that delays, reorders, drops and partitions, and
+//! crashes that lose unsynced writes. The same seed always gives the same run.
+//!
+//! Checked after every step and at the end:
+//! - **agreement**: no two members ever apply different entries at the same log index;
+//! - **durability**: every acknowledged put is present, with its value, once the cluster heals;
+//! - **convergence**: after healing, all members reach the same applied state, byte for byte;
+//! - **liveness**: after healing, a leader is elected and a new write commits.
+
+use std::collections::BTreeMap;
+
+use continuum_proto::meta::{Member, PutRequest};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use raft::eraftpb::{ConfState, Message};
+
+use crate::core::{CoreConfig, MetaCore, Output, Request, Response};
+use crate::engine::MemEngine;
+use crate::state::Applied;
+
+/// Knobs of one simulated run.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub members: usize,
+    /// Virtual milliseconds of faulty operation before healing.
+    pub fault_ms: u64,
+    pub drop_probability: f64,
+    pub max_delay_ms: u64,
+    /// Mean virtual ms between fault events (partition, heal, crash, restart).
+    pub fault_every_ms: u64,
+    pub snapshot_entries: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            members: 3,
+            fault_ms: 20_000,
+            drop_probability: 0.05,
+            max_delay_ms: 30,
+            fault_every_ms: 1_500,
+            snapshot_entries: 64,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct SimReport {
+    pub seed: u64,
+    pub acked_puts: usize,
+    pub failed_puts: usize,
+    pub crashes: usize,
+    pub partitions: usize,
+    pub messages_dropped: usize,
+    pub snapshots_applied: u64,
+    pub applied_index: u64,
+}
+
+const TICK_MS: u64 = 100;
+
+struct SimMember {
+    engine: MemEngine,
+    core: Option<MetaCore<MemEngine>>,
+    next_tick_ms: u64,
+}
+
+struct Flight {
+    at_ms: u64,
+    seq: u64,
+    to: u64,
+    msg: Message,
+}
+
+struct Sim {
+    cfg: SimConfig,
+    rng: StdRng,
+    now_ms: u64,
+    members: Vec<SimMember>,
+    flights: Vec<Flight>,
+    flight_seq: u64,
+    /// Pairs (a, b) that cannot talk (both directions are listed separately).
+    cut: Vec<(u64, u64)>,
+    /// index → (term, hash) of the first entry applied there by anyone.
+    applied_at: BTreeMap<u64, (u64, u64)>,
+    /// request id → key of an outstanding put.
+    outstanding: BTreeMap<u64, Vec<u8>>,
+    acked: BTreeMap<Vec<u8>, Vec<u8>>,
+    next_request: u64,
+    next_key: u64,
+    report: SimReport,
+}
+
+fn logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+impl Sim {
+    fn new(seed: u64, cfg: SimConfig) -> Result<Self, String> {
+        let mut sim = Sim {
+            rng: StdRng::seed_from_u64(seed),
+            now_ms: 0,
+            members: Vec::new(),
+            flights: Vec::new(),
+            flight_seq: 0,
+            cut: Vec::new(),
+            applied_at: BTreeMap::new(),
+            outstanding: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            next_request: 1,
+            next_key: 0,
+            report: SimReport {
+                seed,
+                ..Default::default()
+            },
+            cfg,
+        };
+        for i in 0..sim.cfg.members {
+            let engine = MemEngine::new();
+            let jitter = sim.rng.gen_range(0..TICK_MS);
+            sim.members.push(SimMember {
+                engine,
+                core: None,
+                next_tick_ms: jitter,
+            });
+            sim.start(i)?;
+        }
+        Ok(sim)
+    }
+
+    fn bootstrap(&self) -> (ConfState, Vec<Member>) {
+        let ids: Vec<u64> = (1..=self.cfg.members as u64).collect();
+        let members = ids
+            .iter()
+            .map(|id| Member {
+                id: *id,
+                peer_addr: format!("sim-{id}"),
+                client_addr: format!("sim-{id}"),
+                is_learner: false,
+            })
+            .collect();
+        (ConfState::from((ids, Vec::<u64>::new())), members)
+    }
+
+    fn start(&mut self, i: usize) -> Result<(), String> {
+        let mut cfg = CoreConfig::new(i as u64 + 1);
+        cfg.fixed_election_timeout = true;
+        cfg.snapshot_entries = self.cfg.snapshot_entries;
+        cfg.request_timeout_ms = 3_000;
+        let engine = self.members[i].engine.clone();
+        let mut core = MetaCore::open(cfg, engine, Some(self.bootstrap()), &logger(), self.now_ms)
+            .map_err(|e| format!("member {} failed to open: {e}", i + 1))?;
+        core.applied_trace = Some(Vec::new());
+        self.members[i].core = Some(core);
+        Ok(())
+    }
+
+    fn crash(&mut self, i: usize) {
+        if self.members[i].core.take().is_some() {
+            let unsynced = self.members[i].engine.unsynced_batches();
+            let keep = self.rng.gen_range(0..=unsynced);
+            self.members[i].engine.crash(keep);
+            self.report.crashes += 1;
+            // Requests on the crashed member are gone with it.
+            self.outstanding.retain(|id, _| id % 16 != i as u64);
+        }
+    }
+
+    fn can_talk(&self, from: u64, to: u64) -> bool {
+        !self.cut.contains(&(from, to))
+    }
+
+    /// Runs a member's outputs into the network and the client bookkeeping.
+    fn drain(&mut self, i: usize) -> Result<(), String> {
+        let Some(core) = self.members[i].core.as_mut() else {
+            return Ok(());
+        };
+        core.process();
+        let mut outs = Vec::new();
+        while let Some(o) = core.poll_output() {
+            outs.push(o);
+        }
+        if let Some(trace) = core.applied_trace.as_mut() {
+            for (index, term, hash) in trace.drain(..) {
+                match self.applied_at.get(&index) {
+                    Some(&(t, h)) if (t, h) != (term, hash) => {
+                        return Err(format!(
+                            "agreement violated: member {} applied ({term}, {hash:x}) at {index}, \
+                             another member applied ({t}, {h:x})",
+                            i + 1
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.applied_at.insert(index, (term, hash));
+                    }
+                }
+            }
+        }
+        for o in outs {
+            match o {
+                Output::Send(msg) => {
+                    let from = i as u64 + 1;
+                    if !self.can_talk(from, msg.to) || self.rng.gen_bool(self.cfg.drop_probability) {
+                        self.report.messages_dropped += 1;
+                        continue;
+                    }
+                    let delay = self.rng.gen_range(1..=self.cfg.max_delay_ms);
+                    self.flight_seq += 1;
+                    self.flights.push(Flight {
+                        at_ms: self.now_ms + delay,
+                        seq: self.flight_seq,
+                        to: msg.to,
+                        msg,
+                    });
+                }
+                Output::Respond { id, result } => {
+                    if let Some(key) = self.outstanding.remove(&id) {
+                        match result {
+                            Ok(Response::Applied(Applied::Put(_))) => {
+                                self.report.acked_puts += 1;
+                                self.acked.insert(key.clone(), key);
+                            }
+                            Ok(other) => return Err(format!("unexpected response {other:?}")),
+                            Err(_) => self.report.failed_puts += 1,
+                        }
+                    }
+                }
+                Output::Stopped { reason } => {
+                    return Err(format!("member {} stopped: {reason}", i + 1));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn client_put(&mut self) {
+        let i = self.rng.gen_range(0..self.members.len());
+        let Some(core) = self.members[i].core.as_mut() else {
+            return;
+        };
+        // Request ids encode the member so a crash can forget its requests.
+        let id = self.next_request * 16 + i as u64;
+        self.next_request += 1;
+        let key = format!("k{:06}", self.next_key).into_bytes();
+        self.next_key += 1;
+        self.outstanding.insert(id, key.clone());
+        core.handle_request(
+            self.now_ms,
+            id,
+            Request::Put(PutRequest {
+                key: key.clone(),
+                value: key,
+                lease: 0,
+                prev_kv: false,
+            }),
+        );
+    }
+
+    fn fault(&mut self) -> Result<(), String> {
+        let n = self.members.len();
+        match self.rng.gen_range(0..4) {
+            0 => {
+                // Isolate one member (both directions) or cut one direction only.
+                let a = self.rng.gen_range(1..=n as u64);
+                let one_way = self.rng.gen_bool(0.3);
+                for b in 1..=n as u64 {
+                    if a != b {
+                        self.cut.push((a, b));
+                        if !one_way {
+                            self.cut.push((b, a));
+                        }
+                    }
+                }
+                self.report.partitions += 1;
+            }
+            1 => self.cut.clear(),
+            2 => {
+                // Never crash a majority at once.
+                let down = self.members.iter().filter(|m| m.core.is_none()).count();
+                if down + 1 <= (n - 1) / 2 {
+                    let i = self.rng.gen_range(0..n);
+                    self.crash(i);
+                }
+            }
+            _ => {
+                for i in 0..n {
+                    if self.members[i].core.is_none() {
+                        self.start(i)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Advances virtual time by one event.
+    fn step(&mut self, faults: bool) -> Result<(), String> {
+        let next_tick = self
+            .members
+            .iter()
+            .map(|m| m.next_tick_ms)
+            .min()
+            .unwrap_or(u64::MAX);
+        let next_flight = self.flights.iter().map(|f| f.at_ms).min().unwrap_or(u64::MAX);
+        self.now_ms = next_tick.min(next_flight);
+        if next_flight <= next_tick {
+            let pos = self
+                .flights
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, f)| (f.at_ms, f.seq))
+                .map(|(p, _)| p)
+                .expect("a flight is due");
+            let f = self.flights.swap_remove(pos);
+            let i = (f.to - 1) as usize;
+            if let Some(core) = self.members[i].core.as_mut() {
+                core.handle_message(self.now_ms, f.msg);
+                self.drain(i)?;
+            }
+            return Ok(());
+        }
+        let i = self
+            .members
+            .iter()
+            .position(|m| m.next_tick_ms == next_tick)
+            .expect("a tick is due");
+        // Ticks jitter a little: this is where election randomness comes from.
+        self.members[i].next_tick_ms += TICK_MS - 10 + self.rng.gen_range(0..20);
+        if let Some(core) = self.members[i].core.as_mut() {
+            core.handle_tick(self.now_ms);
+        }
+        if faults && self.rng.gen_range(0..self.cfg.fault_every_ms / TICK_MS * n_members(self)) == 0 {
+            self.fault()?;
+        }
+        if self.rng.gen_bool(0.6) {
+            self.client_put();
+        }
+        for j in 0..self.members.len() {
+            self.drain(j)?;
+        }
+        Ok(())
+    }
+
+    fn heal(&mut self) -> Result<(), String> {
+        self.cut.clear();
+        for i in 0..self.members.len() {
+            if self.members[i].core.is_none() {
+                self.start(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn leader(&self) -> Option<usize> {
+        self.members
+            .iter()
+            .position(|m| m.core.as_ref().is_some_and(|c| c.is_leader()))
+    }
+
+    fn run(mut self) -> Result<SimReport, String> {
+        while self.now_ms < self.cfg.fault_ms {
+            self.step(true)?;
+        }
+        self.heal()?;
+        let saved_drop = self.cfg.drop_probability;
+        self.cfg.drop_probability = 0.0;
+        // Liveness: a leader emerges and a fresh write commits.
+        let deadline = self.now_ms + 30_000;
+        let probe_key = b"probe".to_vec();
+        let mut probe_id = None;
+        while self.now_ms < deadline && !self.acked.contains_key(&probe_key) {
+            if let (Some(l), None) = (self.leader(), probe_id) {
+                let id = self.next_request * 16 + l as u64;
+                self.next_request += 1;
+                self.outstanding.insert(id, probe_key.clone());
+                probe_id = Some(id);
+                let now = self.now_ms;
+                if let Some(core) = self.members[l].core.as_mut() {
+                    core.handle_request(
+                        now,
+                        id,
+                        Request::Put(PutRequest {
+                            key: probe_key.clone(),
+                            value: probe_key.clone(),
+                            lease: 0,
+                            prev_kv: false,
+                        }),
+                    );
+                }
+            }
+            if probe_id.is_some_and(|id| !self.outstanding.contains_key(&id)) {
+                probe_id = None;
+            }
+            self.step(false)?;
+        }
+        self.cfg.drop_probability = saved_drop;
+        if !self.acked.contains_key(&probe_key) {
+            return Err("liveness: no write committed within 30 s after healing".into());
+        }
+        // Convergence: everyone reaches the leader's applied index with identical state.
+        let deadline = self.now_ms + 30_000;
+        loop {
+            let indexes: Vec<u64> = self
+                .members
+                .iter()
+                .filter_map(|m| m.core.as_ref().map(|c| c.applied_index()))
+                .collect();
+            if indexes.iter().all(|i| *i == indexes[0]) && self.flights.is_empty() {
+                break;
+            }
+            if self.now_ms > deadline {
+                return Err(format!("convergence: applied indexes still differ: {indexes:?}"));
+            }
+            self.step(false)?;
+        }
+        let dumps: Vec<_> = self
+            .members
+            .iter()
+            .filter_map(|m| m.core.as_ref().map(|c| c.dump_state()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        if dumps.iter().any(|d| d != &dumps[0]) {
+            return Err("convergence: members applied the same index but hold different states".into());
+        }
+        // Durability: every acknowledged put is there.
+        let core = self.members[0].core.as_ref().expect("all members run after healing");
+        for (key, value) in &self.acked {
+            let k = crate::keys::kv(key);
+            let found = dumps[0].iter().find(|(dk, _)| dk == &k);
+            let stored: Option<crate::pb::StoredKv> =
+                found.and_then(|(_, v)| prost::Message::decode(v.as_slice()).ok());
+            if stored.map(|s| s.value) != Some(value.clone()) {
+                return Err(format!(
+                    "durability: acknowledged put of {:?} is missing",
+                    String::from_utf8_lossy(key)
+                ));
+            }
+        }
+        self.report.applied_index = core.applied_index();
+        self.report.snapshots_applied = self
+            .members
+            .iter()
+            .filter_map(|m| m.core.as_ref().map(|c| c.stats.snapshots_applied))
+            .sum();
+        Ok(self.report)
+    }
+}
+
+fn n_members(sim: &Sim) -> u64 {
+    sim.members.len() as u64
+}
+
+/// Runs one seeded simulation; `Err` describes the violated property (the seed reproduces it).
+pub fn run(seed: u64, cfg: SimConfig) -> Result<SimReport, String> {
+    Sim::new(seed, cfg)?.run().map_err(|e| format!("seed {seed}: {e}"))
+}
