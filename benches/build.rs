@@ -4,7 +4,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     tonic_build::configure()
         .build_server(false)
-        .bytes(["."])
         .compile(&["proto/etcd_rpc.proto"], &["proto"])?;
     Ok(())
 }

@@ -78,10 +78,6 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn len(&self) -> usize {
-        self.members.len()
-    }
-
     pub fn member_name(&self, idx: usize) -> &str {
         &self.members[idx].spec.name
     }
@@ -91,10 +87,7 @@ impl Cluster {
     }
 
     pub fn command_lines(&self) -> Vec<String> {
-        self.members
-            .iter()
-            .map(|m| m.spec.command_line())
-            .collect()
+        self.members.iter().map(|m| m.spec.command_line()).collect()
     }
 
     /// `kill -9` of member `idx`: SIGKILL, then reap it so it is gone when this returns.

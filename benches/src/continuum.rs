@@ -154,8 +154,8 @@ pub struct ContinuumClient {
 impl KvClient for ContinuumClient {
     async fn put(&mut self, key: Bytes, value: Bytes) -> Result<()> {
         let request = PutRequest {
-            key,
-            value,
+            key: key.into(),
+            value: value.into(),
             ..Default::default()
         };
         self.meta.put(request).await.context("continuum Put")?;
@@ -164,12 +164,17 @@ impl KvClient for ContinuumClient {
 
     async fn get(&mut self, key: Bytes) -> Result<Option<Bytes>> {
         let request = RangeRequest {
-            key,
+            key: key.into(),
             serializable: false,
             ..Default::default()
         };
         let response = self.meta.range(request).await.context("continuum Range")?;
-        Ok(response.into_inner().kvs.into_iter().next().map(|kv| kv.value))
+        Ok(response
+            .into_inner()
+            .kvs
+            .into_iter()
+            .next()
+            .map(|kv| Bytes::from(kv.value)))
     }
 
     async fn status(&mut self) -> Result<MemberStatus> {

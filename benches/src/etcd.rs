@@ -84,7 +84,12 @@ fn etcd_version(bin: &Path) -> Result<String> {
     let output = Command::new(bin)
         .arg("--version")
         .output()
-        .with_context(|| format!("running {} --version (is etcd-server installed?)", bin.display()))?;
+        .with_context(|| {
+            format!(
+                "running {} --version (is etcd-server installed?)",
+                bin.display()
+            )
+        })?;
     let text = String::from_utf8_lossy(&output.stdout);
     let first = text.lines().next().unwrap_or("").trim().to_string();
     if !output.status.success() || first.is_empty() {
@@ -173,8 +178,8 @@ impl EtcdClient {
 impl KvClient for EtcdClient {
     async fn put(&mut self, key: Bytes, value: Bytes) -> Result<()> {
         let request = pb::PutRequest {
-            key,
-            value,
+            key: key.into(),
+            value: value.into(),
             ..Default::default()
         };
         self.kv.put(request).await.context("etcd Put")?;
@@ -183,12 +188,17 @@ impl KvClient for EtcdClient {
 
     async fn get(&mut self, key: Bytes) -> Result<Option<Bytes>> {
         let request = pb::RangeRequest {
-            key,
+            key: key.into(),
             serializable: false,
             ..Default::default()
         };
         let response = self.kv.range(request).await.context("etcd Range")?;
-        Ok(response.into_inner().kvs.into_iter().next().map(|kv| kv.value))
+        Ok(response
+            .into_inner()
+            .kvs
+            .into_iter()
+            .next()
+            .map(|kv| Bytes::from(kv.value)))
     }
 
     async fn status(&mut self) -> Result<MemberStatus> {
@@ -235,7 +245,10 @@ mod tests {
         assert_eq!(specs.len(), 3);
         let line = specs[1].command_line();
         assert!(line.starts_with("/usr/bin/etcd --name e2 "), "{line}");
-        assert!(line.contains("--initial-cluster e1=http://127.0.0.1:"), "{line}");
+        assert!(
+            line.contains("--initial-cluster e1=http://127.0.0.1:"),
+            "{line}"
+        );
         assert!(line.contains(",e3=http://127.0.0.1:"), "{line}");
         assert!(line.contains("--initial-cluster-state new"), "{line}");
     }

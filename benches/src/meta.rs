@@ -162,7 +162,10 @@ impl Workload {
             !(args.skip_etcd && args.skip_continuum),
             "--skip-etcd and --skip-continuum together leave nothing to measure"
         );
-        ensure!(!args.clients.is_empty(), "--clients needs at least one count");
+        ensure!(
+            !args.clients.is_empty(),
+            "--clients needs at least one count"
+        );
         for &c in &args.clients {
             ensure!(
                 (1..=MAX_CLIENTS).contains(&c),
@@ -242,7 +245,10 @@ fn progress(target: &str, message: impl fmt::Display) {
 pub async fn run(args: MetaArgs) -> Result<()> {
     let workload = Workload::from_args(&args)?;
     let work_dir = WorkDir::new(args.work_dir.as_deref())?;
-    progress("setup", format!("work directory {}", work_dir.path().display()));
+    progress(
+        "setup",
+        format!("work directory {}", work_dir.path().display()),
+    );
     let mut ports = PortAllocator::new(args.base_port);
 
     // Lay out both targets before running either, so a missing binary fails the run at once
@@ -353,9 +359,17 @@ async fn bench_client_count<T: KvTarget>(
     let warmup_ops = u64::from(clients) * WARMUP_OPS_PER_CLIENT;
     let warmup_prefix = format!("{prefix}/warmup");
     for op in [Op::Put, Op::Get] {
-        run_phase::<T>(url, clients, warmup_ops, op, &warmup_prefix, &workload.values).await?;
+        run_phase::<T>(
+            url,
+            clients,
+            warmup_ops,
+            op,
+            &warmup_prefix,
+            &workload.values,
+        )
+        .await?;
     }
-    let mut phase = |op: Op| {
+    let phase = |op: Op| {
         progress(
             name,
             format!("{clients} client(s): {op} x {}", workload.ops),
@@ -625,6 +639,12 @@ struct TargetReport {
     failover_ms: Option<DurationStats>,
 }
 
+impl TargetReport {
+    fn run_with(&self, clients: u32) -> Option<&RunReport> {
+        self.runs.iter().find(|r| r.clients == clients)
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct RunReport {
     clients: u32,
@@ -642,7 +662,8 @@ struct Comparison {
     goals: Vec<Goal>,
 }
 
-const RATIO_MEANING: &str = "x > 1 means continuum is better: throughput_x = continuum ops/s / etcd ops/s; \
+const RATIO_MEANING: &str =
+    "x > 1 means continuum is better: throughput_x = continuum ops/s / etcd ops/s; \
      latency and failover _x = etcd / continuum";
 
 #[derive(Debug, Serialize)]
@@ -723,7 +744,7 @@ impl Comparison {
             .runs
             .iter()
             .filter_map(|c| {
-                let e = etcd.runs.iter().find(|e| e.clients == c.clients)?;
+                let e = etcd.run_with(c.clients)?;
                 Some(RunRatios {
                     clients: c.clients,
                     put: OpRatios::new(&c.put, &e.put),
@@ -731,12 +752,17 @@ impl Comparison {
                 })
             })
             .collect();
-        let failover = continuum.failover_ms.as_ref().zip(etcd.failover_ms.as_ref());
+        let failover = continuum
+            .failover_ms
+            .as_ref()
+            .zip(etcd.failover_ms.as_ref());
         let failover_median_x = failover.and_then(|(c, e)| ratio(e.median_ms, c.median_ms));
 
         let mut goals = Vec::new();
-        let at_goal = |t: &TargetReport| t.runs.iter().find(|r| r.clients == GOAL_CLIENTS);
-        if let (Some(c), Some(e)) = (at_goal(continuum), at_goal(etcd)) {
+        if let (Some(c), Some(e)) = (
+            continuum.run_with(GOAL_CLIENTS),
+            etcd.run_with(GOAL_CLIENTS),
+        ) {
             goals.push(Goal {
                 goal: format!(
                     "put ops/s at {GOAL_CLIENTS} clients >= {GOAL_PUT_THROUGHPUT_X}x etcd's"
@@ -787,7 +813,7 @@ fn render_report(report: &MetaReport) -> String {
     for &clients in &cfg.clients {
         for op in [Op::Put, Op::Get] {
             for target in &report.targets {
-                let Some(run) = target.runs.iter().find(|r| r.clients == clients) else {
+                let Some(run) = target.run_with(clients) else {
                     continue;
                 };
                 let s = match op {
@@ -882,30 +908,37 @@ fn fmt_x(x: Option<f64>) -> String {
 mod tests {
     use super::*;
 
-    fn status(member_id: u64, leader_id: u64) -> MemberStatus {
-        MemberStatus {
-            member_id,
-            leader_id,
-        }
-    }
-
     #[test]
     fn agreed_leader_cases() {
-        let cases: &[(&[(usize, MemberStatus)], Option<usize>)] = &[
-            (&[(0, status(1, 2)), (1, status(2, 2)), (2, status(3, 2))], Some(1)),
-            // The killed member (index 0) is skipped by the caller; the rest agree.
-            (&[(1, status(2, 3)), (2, status(3, 3))], Some(2)),
-            (&[(0, status(1, 0)), (1, status(2, 0))], None),
-            (&[(0, status(1, 2)), (1, status(2, 2)), (2, status(3, 3))], None),
+        // (running members as (index, member_id, leader_id), expected leader index)
+        type Case = (&'static [(usize, u64, u64)], Option<usize>);
+        let cases: &[Case] = &[
+            (&[(0, 1, 2), (1, 2, 2), (2, 3, 2)], Some(1)),
+            // The killed member (index 0) is not probed; the other two agree.
+            (&[(1, 2, 3), (2, 3, 3)], Some(2)),
+            // Nobody knows a leader yet.
+            (&[(0, 1, 0), (1, 2, 0)], None),
+            // A restarted member still follows an old leader.
+            (&[(0, 1, 2), (1, 2, 2), (2, 3, 3)], None),
             // Everyone names a leader that is not running.
-            (&[(1, status(2, 1)), (2, status(3, 1))], None),
+            (&[(1, 2, 1), (2, 3, 1)], None),
             (&[], None),
         ];
-        for (statuses, expected) in cases {
+        for (members, expected) in cases {
+            let statuses: Vec<(usize, MemberStatus)> = members
+                .iter()
+                .map(|&(idx, member_id, leader_id)| {
+                    let status = MemberStatus {
+                        member_id,
+                        leader_id,
+                    };
+                    (idx, status)
+                })
+                .collect();
             assert_eq!(
-                agreed_leader(statuses).ok(),
+                agreed_leader(&statuses).ok(),
                 *expected,
-                "statuses {statuses:?}"
+                "members {members:?}"
             );
         }
     }
@@ -945,7 +978,10 @@ mod tests {
     }
 
     fn target(name: &'static str, put_ops: f64, put_p99: u64, failover: &[u64]) -> TargetReport {
-        let samples: Vec<Duration> = failover.iter().map(|&ms| Duration::from_millis(ms)).collect();
+        let samples: Vec<Duration> = failover
+            .iter()
+            .map(|&ms| Duration::from_millis(ms))
+            .collect();
         TargetReport {
             name,
             version: None,

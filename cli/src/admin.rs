@@ -94,7 +94,10 @@ pub async fn kv(cmd: KvCommand) -> anyhow::Result<()> {
                     prev_kv: false,
                 })
                 .await?;
-            println!("OK (revision {})", r.header.map(|h| h.revision).unwrap_or(0));
+            println!(
+                "OK (revision {})",
+                r.header.map(|h| h.revision).unwrap_or(0)
+            );
         }
         KvCommand::Get {
             key,
@@ -277,10 +280,16 @@ pub enum MemberCommand {
 }
 
 fn print_members(ms: &[Member]) {
-    println!("{:>4}  {:<8}  {:<22}  {:<22}", "ID", "ROLE", "PEER", "CLIENT");
+    println!(
+        "{:>4}  {:<8}  {:<22}  {:<22}",
+        "ID", "ROLE", "PEER", "CLIENT"
+    );
     for m in ms {
         let role = if m.is_learner { "learner" } else { "voter" };
-        println!("{:>4}  {:<8}  {:<22}  {:<22}", m.id, role, m.peer_addr, m.client_addr);
+        println!(
+            "{:>4}  {:<8}  {:<22}  {:<22}",
+            m.id, role, m.peer_addr, m.client_addr
+        );
     }
 }
 
@@ -367,7 +376,11 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
                     "{:<22} {:>6} {:<13} {:>6} {:>6} {:>9} {:>9} {:>10}",
                     ep,
                     s.member_id,
-                    if s.is_learner { "learner" } else { s.raft_state.as_str() },
+                    if s.is_learner {
+                        "learner"
+                    } else {
+                        s.raft_state.as_str()
+                    },
                     s.leader_id,
                     s.term,
                     s.commit_index,
@@ -420,9 +433,9 @@ pub async fn site(cmd: SiteCommand) -> anyhow::Result<()> {
         SiteCommand::List { ep } => {
             println!("{:<20} {:<6} DESCRIPTION", "NAME", "KIND");
             for s in ep.client()?.records::<Site>().await? {
-                let kind = match SiteKind::try_from(s.record.kind) {
-                    Ok(SiteKind::Cloud) => "cloud",
-                    Ok(SiteKind::Edge) => "edge",
+                let kind = match SiteKind::from_i32(s.record.kind) {
+                    Some(SiteKind::Cloud) => "cloud",
+                    Some(SiteKind::Edge) => "edge",
                     _ => "?",
                 };
                 println!("{:<20} {:<6} {}", s.record.name, kind, s.record.description);
@@ -437,7 +450,11 @@ pub async fn site(cmd: SiteCommand) -> anyhow::Result<()> {
             if name.is_empty() || name.contains('/') {
                 bail!("a site name must be non-empty and contain no '/'");
             }
-            let kind = if kind == "cloud" { SiteKind::Cloud } else { SiteKind::Edge };
+            let kind = if kind == "cloud" {
+                SiteKind::Cloud
+            } else {
+                SiteKind::Edge
+            };
             ep.client()?
                 .create_record(&Site {
                     schema_version: 0,

@@ -16,7 +16,6 @@ use serde::Deserialize;
 /// Default ports: client API, Raft peers, metrics (member N of `continuum up` adds N).
 pub const DEFAULT_CLIENT_PORT: u16 = 7310;
 pub const DEFAULT_PEER_PORT: u16 = 7320;
-pub const DEFAULT_METRICS_PORT: u16 = 7330;
 
 #[derive(Args, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -153,7 +152,9 @@ impl MetaArgs {
         core.election_ticks = self.election_ticks.unwrap_or(core.election_ticks);
         core.heartbeat_ticks = self.heartbeat_ticks.unwrap_or(core.heartbeat_ticks);
         if core.heartbeat_ticks == 0 || core.election_ticks <= core.heartbeat_ticks {
-            bail!("--election-ticks must be larger than --heartbeat-ticks, which must be at least 1");
+            bail!(
+                "--election-ticks must be larger than --heartbeat-ticks, which must be at least 1"
+            );
         }
         if let Some(m) = &self.read_mode {
             core.read_mode = server::parse_read_mode(m).map_err(anyhow::Error::msg)?;
@@ -207,7 +208,9 @@ pub fn parse_cluster(s: &str) -> anyhow::Result<Vec<Member>> {
 
 pub async fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
     let cfg = args.with_file()?.server_config()?;
-    let handle = server::start(cfg).await.context("starting the meta member")?;
+    let handle = server::start(cfg)
+        .await
+        .context("starting the meta member")?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
@@ -249,12 +252,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("meta.toml");
         std::fs::write(&path, "no-such-setting = 1\n").unwrap();
-        let err = MetaArgs { config: Some(path), ..Default::default() }.with_file().unwrap_err();
+        let err = MetaArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .with_file()
+        .unwrap_err();
         assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
         assert!(parse_cluster("1=127.0.0.1:1").is_err());
         assert!(parse_cluster("x=127.0.0.1:1/127.0.0.1:2").is_err());
         assert!(parse_cluster("1=a/b").is_err());
-        assert_eq!(parse_cluster("1=127.0.0.1:1/127.0.0.1:2,2=127.0.0.1:3/127.0.0.1:4").unwrap().len(), 2);
-        assert!(MetaArgs { id: Some(0), ..Default::default() }.server_config().is_err());
+        assert_eq!(
+            parse_cluster("1=127.0.0.1:1/127.0.0.1:2,2=127.0.0.1:3/127.0.0.1:4")
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(MetaArgs {
+            id: Some(0),
+            ..Default::default()
+        }
+        .server_config()
+        .is_err());
     }
 }

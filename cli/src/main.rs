@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a meta service member (Raft metadata store).
-    Meta(config::MetaArgs),
+    Meta(Box<config::MetaArgs>),
     /// Run the whole fabric on this machine (today: a 3-member meta cluster) until Ctrl-C.
     Up(up::UpArgs),
     /// Read and write keys in meta.
@@ -62,7 +62,10 @@ fn init_logging(level: &str, format: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_level, &cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -71,7 +74,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Meta(args) => config::run_meta(args).await,
+            Command::Meta(args) => config::run_meta(*args).await,
             Command::Up(args) => up::run(args).await,
             Command::Kv(c) => admin::kv(c).await,
             Command::Lease(c) => admin::lease(c).await,

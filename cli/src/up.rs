@@ -11,7 +11,7 @@ use clap::Args;
 use continuum_meta_client::MetaClient;
 use tokio::process::{Child, Command};
 
-use crate::config::{DEFAULT_CLIENT_PORT, DEFAULT_METRICS_PORT, DEFAULT_PEER_PORT};
+use crate::config::DEFAULT_CLIENT_PORT;
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
@@ -33,10 +33,15 @@ struct Daemon {
     name: String,
     child: Child,
     log: PathBuf,
+    exited: bool,
 }
 
 fn terminate(d: &Daemon) {
-    if let Some(pid) = d.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+    if let Some(pid) = d
+        .child
+        .id()
+        .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+    {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     }
 }
@@ -75,8 +80,7 @@ fn spawn(exe: &Path, name: &str, args: &[String], log: &Path) -> anyhow::Result<
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the continuum binary")?;
     let logs = args.data_dir.join("logs");
-    std::fs::create_dir_all(&logs)
-        .with_context(|| format!("creating {}", logs.display()))?;
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let base = args.base_port;
     let n = args.meta_members;
@@ -99,7 +103,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             format!("--initial-cluster={cluster}"),
         ];
         let child = spawn(&exe, &name, &a, &log)?;
-        daemons.push(Daemon { name, child, log });
+        daemons.push(Daemon {
+            name,
+            child,
+            log,
+            exited: false,
+        });
     }
     let endpoints: Vec<String> = (1..=n).map(|i| addr(10, i)).collect();
     let client = MetaClient::connect(&endpoints)?;
@@ -111,16 +120,24 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 break s.leader_id;
             }
         }
-        for d in daemons.iter_mut() {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                let log = d.log.display().to_string();
-                stop_all(&mut daemons).await;
-                bail!("{} exited during start-up ({status}); see {log}", d.name);
-            }
+        let dead = daemons.iter_mut().find_map(|d| match d.child.try_wait() {
+            Ok(Some(status)) => Some(format!(
+                "{} exited during start-up ({status}); see {}",
+                d.name,
+                d.log.display()
+            )),
+            _ => None,
+        });
+        if let Some(why) = dead {
+            stop_all(&mut daemons).await;
+            bail!(why);
         }
         if tokio::time::Instant::now() > deadline {
             stop_all(&mut daemons).await;
-            bail!("no meta leader within 30 s; see the logs in {}", logs.display());
+            bail!(
+                "no meta leader within 30 s; see the logs in {}",
+                logs.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -154,8 +171,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = exits.tick() => {
-                for d in daemons.iter_mut() {
+                for d in daemons.iter_mut().filter(|d| !d.exited) {
                     if let Ok(Some(status)) = d.child.try_wait() {
+                        d.exited = true;
                         eprintln!("warning: {} exited ({status}); see {}", d.name, d.log.display());
                     }
                 }

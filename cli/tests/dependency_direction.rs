@@ -10,8 +10,14 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
     m.insert("meta", ["continuum-proto"].into());
     m.insert("meta-client", ["continuum-proto"].into());
     // Dev-dependency: meta's tests use the client; the binary wires everything together.
-    m.insert("cli", ["continuum-proto", "continuum-meta", "continuum-meta-client"].into());
-    m.insert("benches", ["continuum-proto", "continuum-meta-client"].into());
+    m.insert(
+        "cli",
+        ["continuum-proto", "continuum-meta", "continuum-meta-client"].into(),
+    );
+    m.insert(
+        "benches",
+        ["continuum-proto", "continuum-meta-client"].into(),
+    );
     m
 }
 
@@ -33,9 +39,16 @@ fn crates_depend_only_on_what_the_architecture_allows() {
         let ok = allowed
             .get(member.as_str())
             .unwrap_or_else(|| panic!("crate {member} is missing from the dependency table"));
-        let deps = v.get("dependencies").and_then(|d| d.as_table()).cloned().unwrap_or_default();
+        let deps = v
+            .get("dependencies")
+            .and_then(|d| d.as_table())
+            .cloned()
+            .unwrap_or_default();
         for name in deps.keys().filter(|n| n.starts_with("continuum")) {
-            assert!(ok.contains(name.as_str()), "{member} must not depend on {name}");
+            assert!(
+                ok.contains(name.as_str()),
+                "{member} must not depend on {name}"
+            );
         }
     }
 }

@@ -13,7 +13,10 @@ use continuum_proto::meta::{event::EventType, RangeRequest};
 const LEADER_TIMEOUT: Duration = Duration::from_secs(20);
 
 async fn count_prefix(client: &MetaClient, prefix: &str) -> BTreeSet<String> {
-    let kvs = client.get_prefix(prefix.as_bytes().to_vec()).await.expect("range");
+    let kvs = client
+        .get_prefix(prefix.as_bytes().to_vec())
+        .await
+        .expect("range");
     kvs.into_iter()
         .map(|kv| {
             assert_eq!(kv.key, kv.value, "value of {:?} is wrong", kv.key);
@@ -56,7 +59,11 @@ async fn acked_puts_survive_leader_kill_and_full_restart() {
     c.kill(li);
     let new_leader = c.wait_leader(LEADER_TIMEOUT).await;
     assert_ne!(new_leader, leader, "a killed member cannot lead");
-    assert_eq!(count_prefix(&client, "acked/").await, acked, "acked puts lost after leader kill");
+    assert_eq!(
+        count_prefix(&client, "acked/").await,
+        acked,
+        "acked puts lost after leader kill"
+    );
 
     for i in 0..3 {
         c.kill(i);
@@ -65,7 +72,11 @@ async fn acked_puts_survive_leader_kill_and_full_restart() {
         c.spawn(i, false);
     }
     c.wait_leader(LEADER_TIMEOUT).await;
-    assert_eq!(count_prefix(&client, "acked/").await, acked, "acked puts lost after restart of all");
+    assert_eq!(
+        count_prefix(&client, "acked/").await,
+        acked,
+        "acked puts lost after restart of all"
+    );
     // The restarted cluster still accepts writes.
     put_acked(&client, "after-restart", "after-restart").await;
 }
@@ -79,7 +90,12 @@ async fn minority_cannot_commit_or_serve_stale_reads() {
 
     // Cut the leader off from both followers, in both directions.
     let li = c.index_of(leader);
-    let others: Vec<u64> = c.nodes.iter().map(|n| n.id).filter(|id| *id != leader).collect();
+    let others: Vec<u64> = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|id| *id != leader)
+        .collect();
     set_fault(&c.nodes[li].peer, &others).await;
     for id in &others {
         set_fault(&c.nodes[c.index_of(*id)].peer, &[leader]).await;
@@ -87,7 +103,10 @@ async fn minority_cannot_commit_or_serve_stale_reads() {
 
     // The majority elects a new leader and commits.
     let majority = MetaClient::connect(
-        &others.iter().map(|id| c.nodes[c.index_of(*id)].client.clone()).collect::<Vec<_>>(),
+        &others
+            .iter()
+            .map(|id| c.nodes[c.index_of(*id)].client.clone())
+            .collect::<Vec<_>>(),
     )
     .unwrap();
     let new_leader = wait_for(LEADER_TIMEOUT, || {
@@ -148,13 +167,20 @@ async fn minority_cannot_commit_or_serve_stale_reads() {
 
 async fn set_fault(peer_addr: &str, block: &[u64]) {
     use continuum_proto::meta::raft_client::RaftClient;
-    let mut client = RaftClient::connect(format!("http://{peer_addr}")).await.expect("connect peer port");
+    let mut client = RaftClient::connect(format!("http://{peer_addr}"))
+        .await
+        .expect("connect peer port");
     let spec = format!(
         "block={}",
-        block.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")
+        block
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     let mut req = tonic::Request::new(tokio_stream::empty());
-    req.metadata_mut().insert("x-continuum-fault", spec.parse().unwrap());
+    req.metadata_mut()
+        .insert("x-continuum-fault", spec.parse().unwrap());
     client.send(req).await.expect("fault injection accepted");
 }
 
@@ -226,10 +252,21 @@ async fn membership_changes_while_writes_go_on() {
     tokio::time::sleep(Duration::from_millis(500)).await; // let the writer run on the new config
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = writer.await.unwrap();
-    assert!(acked.len() > 10, "the writer made little progress: {}", acked.len());
-    let remaining = MetaClient::connect(&[c.nodes[1].client.clone(), c.nodes[2].client.clone(), cl]).unwrap();
+    assert!(
+        acked.len() > 10,
+        "the writer made little progress: {}",
+        acked.len()
+    );
+    let remaining =
+        MetaClient::connect(&[c.nodes[1].client.clone(), c.nodes[2].client.clone(), cl]).unwrap();
     assert_eq!(count_prefix(&remaining, "m/").await, acked);
-    let ids: BTreeSet<u64> = remaining.member_list().await.unwrap().iter().map(|m| m.id).collect();
+    let ids: BTreeSet<u64> = remaining
+        .member_list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
     assert_eq!(ids, [2, 3, 4].into_iter().collect());
 }
 
@@ -242,7 +279,10 @@ async fn follower_down_past_compaction_catches_up_by_snapshot() {
     c.kill(fi);
     let acked = write_many(&client, "s/", 400).await;
     let leader_status = client.status().await.unwrap();
-    assert!(leader_status.first_log_index > 100, "the leader did not compact its log: {leader_status:?}");
+    assert!(
+        leader_status.first_log_index > 100,
+        "the leader did not compact its log: {leader_status:?}"
+    );
 
     c.spawn(fi, false);
     let follower = c.client_of(fi, Duration::from_secs(2));
@@ -257,7 +297,10 @@ async fn follower_down_past_compaction_catches_up_by_snapshot() {
     })
     .await
     .expect("the follower catches up");
-    assert!(caught_up.snapshot_index > 0, "caught up without a snapshot: {caught_up:?}");
+    assert!(
+        caught_up.snapshot_index > 0,
+        "caught up without a snapshot: {caught_up:?}"
+    );
     let r = follower
         .range(RangeRequest {
             key: b"s/".to_vec(),
@@ -267,7 +310,11 @@ async fn follower_down_past_compaction_catches_up_by_snapshot() {
         })
         .await
         .unwrap();
-    let keys: BTreeSet<String> = r.kvs.into_iter().map(|kv| String::from_utf8(kv.key).unwrap()).collect();
+    let keys: BTreeSet<String> = r
+        .kvs
+        .into_iter()
+        .map(|kv| String::from_utf8(kv.key).unwrap())
+        .collect();
     assert_eq!(keys, acked);
 }
 
@@ -276,7 +323,10 @@ async fn resumed_watch_sees_every_change_once_in_order() {
     let mut c = Cluster::start(3, &[]);
     c.wait_leader(LEADER_TIMEOUT).await;
     let client = c.client();
-    let start = client.put(b"w-start".to_vec(), b"x".to_vec()).await.unwrap();
+    let start = client
+        .put(b"w-start".to_vec(), b"x".to_vec())
+        .await
+        .unwrap();
     let start_rev = start.header.unwrap().revision + 1;
     let mut watch = client.watch_prefix(b"w/", start_rev);
     let writer = {
@@ -294,12 +344,20 @@ async fn resumed_watch_sees_every_change_once_in_order() {
     let mut seen = Vec::new();
     let mut last_rev = 0;
     let mut reconnects = 0;
-    while seen.iter().filter(|(k, t): &&(String, i32)| k.as_str() == "w/099" && *t == EventType::Put as i32).count() == 0 {
+    while seen
+        .iter()
+        .filter(|(k, t): &&(String, i32)| k.as_str() == "w/099" && *t == EventType::Put as i32)
+        .count()
+        == 0
+    {
         let batch = tokio::time::timeout(Duration::from_secs(30), watch.next())
             .await
             .expect("watch progresses")
             .expect("watch batch");
-        assert!(batch.revision > last_rev, "revision went backwards or repeated");
+        assert!(
+            batch.revision > last_rev,
+            "revision went backwards or repeated"
+        );
         last_rev = batch.revision;
         for e in batch.events {
             seen.push((String::from_utf8(e.kv.unwrap().key).unwrap(), e.r#type));
@@ -347,12 +405,24 @@ async fn keys_of_an_expired_lease_vanish() {
     let ka = client.spawn_keep_alive(kept, 2);
     let gone = wait_for(Duration::from_secs(15), || {
         let client = client.clone();
-        async move { client.get(b"lease/short".to_vec()).await.ok().filter(|v| v.is_none()) }
+        async move {
+            client
+                .get(b"lease/short".to_vec())
+                .await
+                .ok()
+                .filter(|v| v.is_none())
+        }
     })
     .await;
     assert!(gone.is_some(), "key of an expired lease is still there");
-    assert!(matches!(client.lease_time_to_live(short, false).await, Err(Error::NotFound { .. })));
-    assert!(client.get(b"lease/kept".to_vec()).await.unwrap().is_some(), "a kept-alive lease expired");
+    assert!(matches!(
+        client.lease_time_to_live(short, false).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(
+        client.get(b"lease/kept".to_vec()).await.unwrap().is_some(),
+        "a kept-alive lease expired"
+    );
     ka.abort();
     // A put naming a missing lease is refused.
     let r = client
@@ -374,13 +444,52 @@ async fn bad_input_gets_clear_errors_and_never_crashes() {
     let client = c.client();
     let e = client.put(Vec::new(), b"v".to_vec()).await.unwrap_err();
     assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
-    let e = client.put(vec![b'k'; 5000], b"v".to_vec()).await.unwrap_err();
-    assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
-    let e = client.put(b"big".to_vec(), vec![0u8; 2 * 1024 * 1024]).await.unwrap_err();
-    assert!(e.to_string().to_lowercase().contains("too large") || e.to_string().contains("limit"), "{e}");
-    let ops = (0..200).map(|i| continuum_meta_client::op::put(format!("t{i}").as_bytes(), vec![], 0)).collect();
     let e = client
-        .txn(continuum_proto::meta::TxnRequest { compare: vec![], success: ops, failure: vec![] })
+        .put(vec![b'k'; 5000], b"v".to_vec())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+    // The client library refuses an oversized value itself ...
+    let e = client
+        .put(b"big".to_vec(), vec![0u8; 2 * 1024 * 1024])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+    // ... and a raw gRPC client sending one gets a clear status from the server.
+    {
+        use continuum_proto::meta::meta_client::MetaClient as Raw;
+        let mut raw = Raw::connect(format!("http://{}", c.nodes[0].client))
+            .await
+            .unwrap()
+            .max_encoding_message_size(8 * 1024 * 1024);
+        let s = raw
+            .put(continuum_proto::meta::PutRequest {
+                key: b"big".to_vec(),
+                value: vec![0u8; 2 * 1024 * 1024],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(s.message().contains("too large"), "{s:?}");
+        let s = raw
+            .put(continuum_proto::meta::PutRequest {
+                key: b"big".to_vec(),
+                value: vec![0u8; 1024 * 1024 + 1],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    }
+    let ops = (0..200)
+        .map(|i| continuum_meta_client::op::put(format!("t{i}").as_bytes(), vec![], 0))
+        .collect();
+    let e = client
+        .txn(continuum_proto::meta::TxnRequest {
+            compare: vec![],
+            success: ops,
+            failure: vec![],
+        })
         .await
         .unwrap_err();
     assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
@@ -389,7 +498,11 @@ async fn bad_input_gets_clear_errors_and_never_crashes() {
         continuum_meta_client::op::put(b"d", vec![], 0),
     ];
     let e = client
-        .txn(continuum_proto::meta::TxnRequest { compare: vec![], success: dup, failure: vec![] })
+        .txn(continuum_proto::meta::TxnRequest {
+            compare: vec![],
+            success: dup,
+            failure: vec![],
+        })
         .await
         .unwrap_err();
     assert!(e.to_string().contains("duplicate"), "{e}");
@@ -401,19 +514,32 @@ async fn bad_input_gets_clear_errors_and_never_crashes() {
         for addr in [&n.client, &n.peer] {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
             let _ = s.write_all(&[0xde; 4096]).await;
-            let _ = s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x04\x01\x00\x00\x00\x00\x00garbage").await;
+            let _ = s
+                .write_all(
+                    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x04\x01\x00\x00\x00\x00\x00garbage",
+                )
+                .await;
         }
     }
     {
         use continuum_proto::meta::{raft_client::RaftClient, RaftEnvelope};
-        let mut rc = RaftClient::connect(format!("http://{}", c.nodes[0].peer)).await.unwrap();
-        let env = RaftEnvelope { from: 2, to: 1, message: vec![0xff; 64] };
+        let mut rc = RaftClient::connect(format!("http://{}", c.nodes[0].peer))
+            .await
+            .unwrap();
+        let env = RaftEnvelope {
+            from: 2,
+            to: 1,
+            message: vec![0xff; 64],
+        };
         let r = rc.send(tokio_stream::iter(vec![env])).await;
         assert_eq!(r.unwrap_err().code(), tonic::Code::InvalidArgument);
     }
     put_acked(&client, "still-alive", "still-alive").await;
     for n in &c.nodes {
-        client.status_of(&n.client).await.expect("member still serving");
+        client
+            .status_of(&n.client)
+            .await
+            .expect("member still serving");
     }
 }
 
@@ -425,7 +551,7 @@ async fn full_disk_fails_writes_and_loses_nothing() {
     }
     let mnt = tempfile::tempdir().unwrap();
     let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=128m", "tmpfs"])
         .arg(mnt.path())
         .status()
         .expect("run mount");
@@ -433,37 +559,70 @@ async fn full_disk_fails_writes_and_loses_nothing() {
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let _unmount = Unmount(mnt.path().to_path_buf());
+    // Ballast the operator can delete later to free space.
+    let ballast = mnt.path().join("ballast");
+    std::fs::write(&ballast, vec![7u8; 32 * 1024 * 1024]).unwrap();
     let mut c = Cluster::start(1, &["--min-free-bytes=16777216"]);
     c.kill(0);
     c.nodes[0].data_dir = mnt.path().join("meta-1");
     c.spawn(0, false);
     c.wait_leader(LEADER_TIMEOUT).await;
     let client = c.client();
-    let value = vec![b'x'; 256 * 1024];
+    // Incompressible values (RocksDB compresses with LZ4).
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let mut value = || -> Vec<u8> {
+        (0..256 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
     let mut acked = Vec::new();
     let err = loop {
         let k = format!("fill/{:05}", acked.len());
-        match client.put(k.clone().into_bytes(), value.clone()).await {
+        match client.put(k.clone().into_bytes(), value()).await {
             Ok(_) => acked.push(k),
             Err(e) => break e,
         }
-        assert!(acked.len() < 1000, "a 96 MiB disk never filled up");
+        assert!(acked.len() < 1000, "a 128 MiB disk never filled up");
     };
-    assert!(matches!(err, Error::NoSpace { .. }), "expected a no-space error, got: {err}");
+    // Either the free-space reserve refused the write, or storage failed and the member stopped
+    // (fail-stop); both must say "no space", and neither may lose an acknowledged write.
+    assert!(
+        matches!(err, Error::NoSpace { .. }),
+        "expected a no-space error, got: {err}"
+    );
     assert!(!acked.is_empty());
-    // Reads and deletes still work; everything acked is there, also after a crash.
     let check = |client: MetaClient, acked: Vec<String>| async move {
-        let kvs = client.get_prefix(b"fill/".to_vec()).await.expect("read while full");
-        let keys: Vec<String> = kvs.iter().map(|kv| String::from_utf8(kv.key.clone()).unwrap()).collect();
+        let kvs = client.get_prefix(b"fill/".to_vec()).await.expect("read");
+        let keys: Vec<String> = kvs
+            .iter()
+            .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
+            .collect();
         assert_eq!(keys, acked);
         assert!(kvs.iter().all(|kv| kv.value.len() == 256 * 1024));
     };
-    check(client.clone(), acked.clone()).await;
+    if client.status().await.is_ok() {
+        // Still running: reads work while writes are refused.
+        check(client.clone(), acked.clone()).await;
+        assert!(matches!(
+            client.put(b"more".to_vec(), value()).await,
+            Err(Error::NoSpace { .. })
+        ));
+    }
+    // Crash, free space, restart: everything acknowledged is there.
     c.kill(0);
+    std::fs::remove_file(&ballast).unwrap();
     c.spawn(0, false);
     c.wait_leader(LEADER_TIMEOUT).await;
     check(c.client(), acked.clone()).await;

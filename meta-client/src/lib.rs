@@ -212,7 +212,7 @@ impl MetaClient {
         let i = *self.inner.current.lock().unwrap() % eps.len();
         let grpc = Grpc::new(eps[i].1.clone())
             .max_decoding_message_size(64 * 1024 * 1024)
-            .max_encoding_message_size(continuum_proto::limits::MAX_REQUEST_BYTES);
+            .max_encoding_message_size(64 * 1024 * 1024);
         (i, grpc)
     }
 
@@ -251,7 +251,9 @@ impl MetaClient {
             if remaining.is_zero() {
                 break;
             }
-            let failure = match tokio::time::timeout(cfg.request_timeout.min(remaining), f(grpc)).await {
+            let failure = match tokio::time::timeout(cfg.request_timeout.min(remaining), f(grpc))
+                .await
+            {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(status)) => classify(status),
                 Err(_) => Failure::Unknown(format!("no answer within {:?}", cfg.request_timeout)),
@@ -273,7 +275,10 @@ impl MetaClient {
                 Failure::Fatal(e) => return Err(e),
             }
             tracing::debug!(attempt, %last, "meta call retrying");
-            tokio::time::sleep(backoff.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
+            tokio::time::sleep(
+                backoff.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+            )
+            .await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
         }
         Err(Error::Unavailable {
@@ -282,7 +287,11 @@ impl MetaClient {
         })
     }
 
-    pub async fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<api::PutResponse> {
+    pub async fn put(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<api::PutResponse> {
         self.put_with(api::PutRequest {
             key: key.into(),
             value: value.into(),
@@ -292,6 +301,7 @@ impl MetaClient {
     }
 
     pub async fn put_with(&self, req: api::PutRequest) -> Result<api::PutResponse> {
+        check_sizes(&req.key, Some(&req.value))?;
         self.call(false, |mut c| {
             let req = req.clone();
             async move { c.put(req).await }
@@ -382,7 +392,11 @@ impl MetaClient {
         .await
     }
 
-    pub async fn lease_time_to_live(&self, id: u64, keys: bool) -> Result<api::LeaseTimeToLiveResponse> {
+    pub async fn lease_time_to_live(
+        &self,
+        id: u64,
+        keys: bool,
+    ) -> Result<api::LeaseTimeToLiveResponse> {
         self.call(true, |mut c| async move {
             c.lease_time_to_live(api::LeaseTimeToLiveRequest { id, keys })
                 .await
@@ -408,9 +422,11 @@ impl MetaClient {
     }
 
     pub async fn member_list(&self) -> Result<Vec<Member>> {
-        self.call(true, |mut c| async move { c.member_list(api::MemberListRequest {}).await })
-            .await
-            .map(|r| r.members)
+        self.call(true, |mut c| async move {
+            c.member_list(api::MemberListRequest {}).await
+        })
+        .await
+        .map(|r| r.members)
     }
 
     /// Adds a member as a learner.
@@ -447,7 +463,12 @@ impl MetaClient {
     /// Status of the member at one endpoint (no redirection).
     pub async fn status_of(&self, endpoint: &str) -> Result<api::StatusResponse> {
         let mut c = Grpc::new(channel(&self.inner.cfg, endpoint)?);
-        match tokio::time::timeout(self.inner.cfg.request_timeout, c.status(api::StatusRequest {})).await {
+        match tokio::time::timeout(
+            self.inner.cfg.request_timeout,
+            c.status(api::StatusRequest {}),
+        )
+        .await
+        {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s)) => Err(Error::Rpc {
                 code: s.code(),
@@ -462,8 +483,10 @@ impl MetaClient {
 
     /// Status of the leader (follows redirects).
     pub async fn status(&self) -> Result<api::StatusResponse> {
-        self.call(true, |mut c| async move { c.status(api::StatusRequest {}).await })
-            .await
+        self.call(true, |mut c| async move {
+            c.status(api::StatusRequest {}).await
+        })
+        .await
     }
 
     /// Watches `[key, range_end)` from `start_revision` (0 = from now).
@@ -540,7 +563,12 @@ impl Watch {
                     last: "watch stream closed at once".into(),
                 })
             }
-            Err(s) => return Err(Error::Rpc { code: s.code(), message: s.message().into() }),
+            Err(s) => {
+                return Err(Error::Rpc {
+                    code: s.code(),
+                    message: s.message().into(),
+                })
+            }
         }
         self.stream = Some(stream);
         Ok(())
@@ -596,6 +624,27 @@ impl Watch {
     }
 }
 
+/// Refuses keys and values over the service's limits before they travel.
+fn check_sizes(key: &[u8], value: Option<&[u8]>) -> Result<()> {
+    use continuum_proto::limits::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+    if key.is_empty() {
+        return Err(Error::InvalidArgument {
+            message: "key is empty".into(),
+        });
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Error::InvalidArgument {
+            message: format!("key is {} bytes, the limit is {MAX_KEY_BYTES}", key.len()),
+        });
+    }
+    if let Some(v) = value.filter(|v| v.len() > MAX_VALUE_BYTES) {
+        return Err(Error::InvalidArgument {
+            message: format!("value is {} bytes, the limit is {MAX_VALUE_BYTES}", v.len()),
+        });
+    }
+    Ok(())
+}
+
 /// The end of the range of keys starting with `prefix` (etcd's convention).
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -612,7 +661,12 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 pub mod cmp {
     use super::*;
 
-    fn mk(key: &[u8], target: compare::CompareTarget, result: compare::CompareResult, v: compare::TargetUnion) -> Compare {
+    fn mk(
+        key: &[u8],
+        target: compare::CompareTarget,
+        result: compare::CompareResult,
+        v: compare::TargetUnion,
+    ) -> Compare {
         Compare {
             result: result as i32,
             target: target as i32,
@@ -623,20 +677,40 @@ pub mod cmp {
 
     /// The key's mod revision equals `rev` (0 = the key does not exist).
     pub fn mod_revision_eq(key: &[u8], rev: u64) -> Compare {
-        mk(key, compare::CompareTarget::Mod, compare::CompareResult::Equal, compare::TargetUnion::ModRevision(rev))
+        mk(
+            key,
+            compare::CompareTarget::Mod,
+            compare::CompareResult::Equal,
+            compare::TargetUnion::ModRevision(rev),
+        )
     }
 
     /// The key does not exist.
     pub fn absent(key: &[u8]) -> Compare {
-        mk(key, compare::CompareTarget::Create, compare::CompareResult::Equal, compare::TargetUnion::CreateRevision(0))
+        mk(
+            key,
+            compare::CompareTarget::Create,
+            compare::CompareResult::Equal,
+            compare::TargetUnion::CreateRevision(0),
+        )
     }
 
     pub fn value_eq(key: &[u8], value: &[u8]) -> Compare {
-        mk(key, compare::CompareTarget::Value, compare::CompareResult::Equal, compare::TargetUnion::Value(value.to_vec()))
+        mk(
+            key,
+            compare::CompareTarget::Value,
+            compare::CompareResult::Equal,
+            compare::TargetUnion::Value(value.to_vec()),
+        )
     }
 
     pub fn version_eq(key: &[u8], version: u64) -> Compare {
-        mk(key, compare::CompareTarget::Version, compare::CompareResult::Equal, compare::TargetUnion::Version(version))
+        mk(
+            key,
+            compare::CompareTarget::Version,
+            compare::CompareResult::Equal,
+            compare::TargetUnion::Version(version),
+        )
     }
 }
 
@@ -657,10 +731,12 @@ pub mod op {
 
     pub fn delete(key: &[u8]) -> RequestOp {
         RequestOp {
-            request: Some(request_op::Request::RequestDeleteRange(api::DeleteRangeRequest {
-                key: key.to_vec(),
-                ..Default::default()
-            })),
+            request: Some(request_op::Request::RequestDeleteRange(
+                api::DeleteRangeRequest {
+                    key: key.to_vec(),
+                    ..Default::default()
+                },
+            )),
         }
     }
 
@@ -688,12 +764,18 @@ mod tests {
     #[test]
     fn not_leader_redirects_and_ambiguity_is_reported() {
         let mut s = Status::unavailable("not the leader");
-        s.metadata_mut().insert(ERROR_KIND_KEY, "not-leader".parse().unwrap());
-        s.metadata_mut().insert(LEADER_ADDR_KEY, "127.0.0.1:1".parse().unwrap());
+        s.metadata_mut()
+            .insert(ERROR_KIND_KEY, "not-leader".parse().unwrap());
+        s.metadata_mut()
+            .insert(LEADER_ADDR_KEY, "127.0.0.1:1".parse().unwrap());
         assert!(matches!(classify(s), Failure::Retry(Some(a)) if a == "127.0.0.1:1"));
         let mut s = Status::unavailable("leader changed");
-        s.metadata_mut().insert(ERROR_KIND_KEY, "leader-changed".parse().unwrap());
+        s.metadata_mut()
+            .insert(ERROR_KIND_KEY, "leader-changed".parse().unwrap());
         assert!(matches!(classify(s), Failure::Unknown(_)));
-        assert!(matches!(classify(Status::invalid_argument("x")), Failure::Fatal(Error::InvalidArgument { .. })));
+        assert!(matches!(
+            classify(Status::invalid_argument("x")),
+            Failure::Fatal(Error::InvalidArgument { .. })
+        ));
     }
 }

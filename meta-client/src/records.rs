@@ -55,7 +55,12 @@ impl MetaClient {
 
     /// Writes `record` if the stored one is still at `mod_revision` (0 = absent), optionally
     /// attached to a lease. Returns the new revision.
-    pub async fn swap_record<R: Record>(&self, record: &R, mod_revision: u64, lease: u64) -> Result<u64> {
+    pub async fn swap_record<R: Record>(
+        &self,
+        record: &R,
+        mod_revision: u64,
+        lease: u64,
+    ) -> Result<u64> {
         let mut record = record.clone();
         record.set_schema_version(SCHEMA_VERSION);
         let key = layout::key::<R>(&record.name());

@@ -18,12 +18,12 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use continuum_proto::limits;
 use continuum_proto::meta::{
     self as api, DeleteRangeRequest, Event, LeaseGrantRequest, LeaseKeepAliveResponse,
     LeaseRevokeRequest, LeaseTimeToLiveResponse, Member, PutRequest, RangeRequest, RangeResponse,
     ResponseHeader, StatusResponse, TxnRequest, WatchRequest,
 };
-use continuum_proto::limits;
 use prost::Message as _;
 use raft::eraftpb::{
     ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message,
@@ -68,6 +68,9 @@ pub struct CoreConfig {
     pub quota_bytes: u64,
     /// Writes are refused (NoSpace) while the data disk has less free space than this.
     pub min_free_bytes: u64,
+    /// A follower waiting this long for a snapshot gets a fresh one: the transport may have
+    /// lost the message without noticing, and raft-rs would otherwise wait forever.
+    pub snapshot_retry_ms: u64,
 }
 
 impl CoreConfig {
@@ -82,6 +85,7 @@ impl CoreConfig {
             snapshot_entries: 10_000,
             quota_bytes: 256 * 1024 * 1024,
             min_free_bytes: 64 * 1024 * 1024,
+            snapshot_retry_ms: 30_000,
         }
     }
 }
@@ -96,13 +100,19 @@ pub enum Request {
     LeaseGrant(LeaseGrantRequest),
     LeaseRevoke(LeaseRevokeRequest),
     LeaseKeepAlive(u64),
-    LeaseTimeToLive { id: u64, keys: bool },
+    LeaseTimeToLive {
+        id: u64,
+        keys: bool,
+    },
     MemberList,
     MemberAdd(Member),
     MemberPromote(u64),
     MemberRemove(u64),
     Status,
-    Watch { watch_id: WatchId, req: WatchRequest },
+    Watch {
+        watch_id: WatchId,
+        req: WatchRequest,
+    },
 }
 
 /// A successful response (the header is filled in by the core).
@@ -115,7 +125,9 @@ pub enum Response {
     Members(ResponseHeader, Vec<Member>),
     Status(StatusResponse),
     /// The watch is registered; history up to `revision` has been emitted.
-    WatchCreated { revision: u64 },
+    WatchCreated {
+        revision: u64,
+    },
 }
 
 /// Something the driver must do.
@@ -139,7 +151,9 @@ pub enum Output {
     /// The member table changed (addresses for the transport).
     Members(Vec<Member>),
     /// A snapshot was sent to `to` (the driver reports delivery with `handle_snapshot_status`).
-    Stopped { reason: String },
+    Stopped {
+        reason: String,
+    },
 }
 
 struct PendingWrite {
@@ -192,6 +206,8 @@ pub struct MetaCore<E: Engine + Clone> {
     lease_deadlines: BTreeMap<u64, u64>,
     /// Leader only: lease id → time a revoke was proposed (retried after the request timeout).
     revoking: BTreeMap<u64, u64>,
+    /// Leader only: peer → since when it has been waiting for a snapshot.
+    snapshot_waits: BTreeMap<u64, u64>,
     watchers: BTreeMap<WatchId, Watcher>,
     role: StateRole,
     leader_id: u64,
@@ -252,6 +268,7 @@ impl<E: Engine + Clone> MetaCore<E> {
             next_read_ctx: 1,
             lease_deadlines: BTreeMap::new(),
             revoking: BTreeMap::new(),
+            snapshot_waits: BTreeMap::new(),
             watchers: BTreeMap::new(),
             role: StateRole::Follower,
             leader_id: 0,
@@ -301,8 +318,31 @@ impl<E: Engine + Clone> MetaCore<E> {
         &self.node.store().sm
     }
 
+    /// The leader's view of each peer's replication (for diagnostics).
+    pub fn progress_summary(&self) -> String {
+        let mut v: Vec<String> = self
+            .node
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, pr)| {
+                format!(
+                    "{id}:{:?} matched={} next={}",
+                    pr.state, pr.matched, pr.next_idx
+                )
+            })
+            .collect();
+        v.sort();
+        format!(
+            "[{}] first_index={} last_index={}",
+            v.join(", "),
+            self.node.store().first_index(),
+            self.node.store().last_index()
+        )
+    }
+
     /// Reads the whole applied key space (tests and the simulator compare members with it).
-    pub fn dump_state(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn dump_state(&self) -> Result<crate::engine::Pairs, StoreError> {
         self.node
             .store()
             .engine()
@@ -342,6 +382,7 @@ impl<E: Engine + Clone> MetaCore<E> {
         self.node.tick();
         self.expire_requests();
         self.expire_leases();
+        self.retry_stalled_snapshots();
         self.process();
     }
 
@@ -605,7 +646,11 @@ impl<E: Engine + Clone> MetaCore<E> {
         })
     }
 
-    fn time_to_live(&mut self, lease: u64, with_keys: bool) -> Result<LeaseTimeToLiveResponse, MetaError> {
+    fn time_to_live(
+        &mut self,
+        lease: u64,
+        with_keys: bool,
+    ) -> Result<LeaseTimeToLiveResponse, MetaError> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
@@ -613,7 +658,11 @@ impl<E: Engine + Clone> MetaCore<E> {
             .sm()
             .lease(lease)?
             .ok_or(MetaError::LeaseNotFound { id: lease })?;
-        let deadline = self.lease_deadlines.get(&lease).copied().unwrap_or(self.now_ms);
+        let deadline = self
+            .lease_deadlines
+            .get(&lease)
+            .copied()
+            .unwrap_or(self.now_ms);
         let keys = if with_keys {
             self.sm().lease_keys(lease)?
         } else {
@@ -729,11 +778,15 @@ impl<E: Engine + Clone> MetaCore<E> {
                 reason: "another membership change is in progress; retry".into(),
             });
         }
-        let mut single = ConfChangeSingle::default();
-        single.node_id = member.id;
+        let mut single = ConfChangeSingle {
+            node_id: member.id,
+            ..Default::default()
+        };
         single.set_change_type(change);
-        let mut cc = ConfChangeV2::default();
-        cc.changes = vec![single];
+        let mut cc = ConfChangeV2 {
+            changes: vec![single],
+            ..Default::default()
+        };
         let ctx = pb::ConfChangeContext {
             request_id: id,
             origin: self.cfg.id,
@@ -741,11 +794,11 @@ impl<E: Engine + Clone> MetaCore<E> {
         };
         cc.context = ctx.encode_to_vec();
         let before = self.node.raft.raft_log.last_index();
-        self.node
-            .propose_conf_change(Vec::new(), cc)
-            .map_err(|e| MetaError::MembershipRejected {
+        self.node.propose_conf_change(Vec::new(), cc).map_err(|e| {
+            MetaError::MembershipRejected {
                 reason: e.to_string(),
-            })?;
+            }
+        })?;
         self.track_proposal(id, before)
     }
 
@@ -769,7 +822,12 @@ impl<E: Engine + Clone> MetaCore<E> {
         }
     }
 
-    fn watch(&mut self, id: RequestId, watch_id: WatchId, req: WatchRequest) -> Result<(), MetaError> {
+    fn watch(
+        &mut self,
+        id: RequestId,
+        watch_id: WatchId,
+        req: WatchRequest,
+    ) -> Result<(), MetaError> {
         if self.watchers.len() >= limits::MAX_WATCHES {
             return Err(MetaError::Busy {
                 pending: self.watchers.len(),
@@ -855,6 +913,33 @@ impl<E: Engine + Clone> MetaCore<E> {
         }
     }
 
+    fn retry_stalled_snapshots(&mut self) {
+        if !self.is_leader() {
+            self.snapshot_waits.clear();
+            return;
+        }
+        let waiting: Vec<u64> = self
+            .node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(_, pr)| pr.state == raft::ProgressState::Snapshot)
+            .map(|(id, _)| *id)
+            .collect();
+        self.snapshot_waits.retain(|id, _| waiting.contains(id));
+        for id in waiting {
+            let since = *self.snapshot_waits.entry(id).or_insert(self.now_ms);
+            if self.now_ms.saturating_sub(since) >= self.cfg.snapshot_retry_ms {
+                tracing::warn!(
+                    peer = id,
+                    "snapshot not acknowledged in time; sending a new one"
+                );
+                self.node.report_snapshot(id, raft::SnapshotStatus::Failure);
+                self.snapshot_waits.remove(&id);
+            }
+        }
+    }
+
     fn expire_leases(&mut self) {
         if !self.is_leader() {
             return;
@@ -864,7 +949,9 @@ impl<E: Engine + Clone> MetaCore<E> {
         let expired: Vec<u64> = self
             .lease_deadlines
             .iter()
-            .filter(|(id, d)| **d <= now && self.revoking.get(id).is_none_or(|t| t + retry_ms <= now))
+            .filter(|(id, d)| {
+                **d <= now && self.revoking.get(id).is_none_or(|t| t + retry_ms <= now)
+            })
             .map(|(id, _)| *id)
             .collect();
         for lease in expired {
@@ -872,7 +959,9 @@ impl<E: Engine + Clone> MetaCore<E> {
             let cmd = pb::Command {
                 request_id: 0,
                 origin: self.cfg.id,
-                op: Some(pb::command::Op::LeaseRevoke(LeaseRevokeRequest { id: lease })),
+                op: Some(pb::command::Op::LeaseRevoke(LeaseRevokeRequest {
+                    id: lease,
+                })),
             };
             if self.node.propose(Vec::new(), cmd.encode_to_vec()).is_ok() {
                 self.revoking.insert(lease, now);
@@ -958,9 +1047,7 @@ impl<E: Engine + Clone> MetaCore<E> {
             }
         }
         // 4. Entries and hard state (with the commit index) durable, in one synced batch.
-        self.node
-            .mut_store()
-            .append(rd.entries(), rd.hs())?;
+        self.node.mut_store().append(rd.entries(), rd.hs())?;
         // 5. Apply what is committed (everything it needs is persisted by now).
         let committed = rd.take_committed_entries();
         self.apply_entries(committed)?;
@@ -1150,7 +1237,10 @@ impl<E: Engine + Clone> MetaCore<E> {
                 let members = self.sm().members()?;
                 self.outputs.push_back(Output::Members(members.clone()));
                 if removed.contains(&self.cfg.id) {
-                    self.stop(format!("member {} was removed from the cluster", self.cfg.id));
+                    self.stop(format!(
+                        "member {} was removed from the cluster",
+                        self.cfg.id
+                    ));
                 }
                 Ok(Response::Members(self.header(), members))
             }
@@ -1249,5 +1339,113 @@ pub fn api_header(resp: &Response) -> Option<&api::ResponseHeader> {
         Response::Status(s) => s.header.as_ref(),
         Response::Members(h, _) => Some(h),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::MemEngine;
+
+    fn single(engine: MemEngine) -> MetaCore<MemEngine> {
+        let mut cfg = CoreConfig::new(1);
+        cfg.min_free_bytes = 1000;
+        let member = Member {
+            id: 1,
+            peer_addr: "p".into(),
+            client_addr: "c".into(),
+            is_learner: false,
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let boot = Some((ConfState::from((vec![1], Vec::<u64>::new())), vec![member]));
+        let mut core = MetaCore::open(cfg, engine, boot, &logger, 0).unwrap();
+        for t in 1..=40 {
+            core.handle_tick(t * 100);
+        }
+        assert!(core.is_leader());
+        core
+    }
+
+    fn call(
+        core: &mut MetaCore<MemEngine>,
+        id: RequestId,
+        req: Request,
+    ) -> Result<Response, MetaError> {
+        core.handle_request(5_000, id, req);
+        core.process();
+        let mut result = None;
+        while let Some(o) = core.poll_output() {
+            if let Output::Respond { id: rid, result: r } = o {
+                if rid == id {
+                    result = Some(r);
+                }
+            }
+        }
+        result.expect("a response")
+    }
+
+    fn put(key: &str) -> Request {
+        Request::Put(PutRequest {
+            key: key.into(),
+            value: key.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn low_disk_space_refuses_writes_but_not_deletes_or_reads() {
+        let mut core = single(MemEngine::new());
+        call(&mut core, 1, put("a")).unwrap();
+        core.handle_disk_free(10);
+        assert!(matches!(
+            call(&mut core, 2, put("b")),
+            Err(MetaError::NoSpace { .. })
+        ));
+        let del = Request::DeleteRange(DeleteRangeRequest {
+            key: b"a".to_vec(),
+            ..Default::default()
+        });
+        call(&mut core, 3, del).unwrap();
+        let read = Request::Range(RangeRequest {
+            key: b"a".to_vec(),
+            ..Default::default()
+        });
+        let Ok(Response::Range(r)) = call(&mut core, 4, read) else {
+            panic!()
+        };
+        assert!(r.kvs.is_empty());
+        core.handle_disk_free(u64::MAX);
+        call(&mut core, 5, put("b")).unwrap();
+    }
+
+    #[test]
+    fn storage_failure_stops_the_member_and_loses_nothing_acked() {
+        let engine = MemEngine::new();
+        let mut core = single(engine.clone());
+        for i in 0..20 {
+            call(&mut core, i + 1, put(&format!("k{i}"))).unwrap();
+        }
+        engine.set_full(true);
+        let r = call(&mut core, 100, put("doomed"));
+        assert!(r.is_err(), "a write on a failed disk was acknowledged");
+        assert!(core.is_stopped());
+        assert!(matches!(
+            call(&mut core, 101, put("x")),
+            Err(MetaError::Stopped)
+        ));
+        drop(core);
+        engine.crash(0);
+        engine.set_full(false);
+        let mut core = single(engine);
+        for i in 0..20 {
+            let read = Request::Range(RangeRequest {
+                key: format!("k{i}").into_bytes(),
+                ..Default::default()
+            });
+            let Ok(Response::Range(r)) = call(&mut core, 200 + i, read) else {
+                panic!()
+            };
+            assert_eq!(r.kvs.len(), 1, "acked key k{i} lost");
+        }
     }
 }

@@ -42,17 +42,15 @@ impl WriteBatch {
     }
 }
 
+/// Key-value pairs as returned by [`Engine::scan`].
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// An ordered key-value engine.
 pub trait Engine: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Pairs with keys in `[start, end)`, in key order, at most `limit` of them, read from one
     /// consistent view.
-    fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError>;
     /// Applies `batch` atomically; with `sync`, it (and everything written before it) is durable
     /// when this returns.
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError>;
@@ -70,8 +68,11 @@ impl RocksEngine {
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        // Metadata is small; keep memory modest and let the WAL carry durability.
-        opts.set_write_buffer_size(32 * 1024 * 1024);
+        // Metadata is small. A small memtable also bounds what a flush (including the one at
+        // start-up, which replays the WAL) must write: the free-space reserve
+        // (`min_free_bytes`) has to cover it, so a member that refused writes for lack of
+        // space can still restart and serve reads.
+        opts.set_write_buffer_size(8 * 1024 * 1024);
         opts.set_max_background_jobs(2);
         let db = rocksdb::DB::open(&opts, path).map_err(|e| StoreError::Engine {
             reason: e.to_string(),
@@ -94,12 +95,7 @@ impl Engine for RocksEngine {
         self.db.get(key).map_err(rocks_err)
     }
 
-    fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError> {
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_upper_bound(end.to_vec());
         let iter = self.db.iterator_opt(
@@ -129,13 +125,7 @@ impl Engine for RocksEngine {
     }
 
     fn size_bytes(&self) -> u64 {
-        let prop = |name: &str| {
-            self.db
-                .property_int_value(name)
-                .ok()
-                .flatten()
-                .unwrap_or(0)
-        };
+        let prop = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
         prop("rocksdb.total-sst-files-size") + prop("rocksdb.cur-size-all-mem-tables")
     }
 }
@@ -169,7 +159,10 @@ fn apply_ops(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &WriteBatch) {
                 map.remove(k);
             }
             Op::DeleteRange(s, e) => {
-                let doomed: Vec<_> = map.range(s.clone()..e.clone()).map(|(k, _)| k.clone()).collect();
+                let doomed: Vec<_> = map
+                    .range(s.clone()..e.clone())
+                    .map(|(k, _)| k.clone())
+                    .collect();
                 for k in doomed {
                     map.remove(&k);
                 }
@@ -212,12 +205,7 @@ impl Engine for MemEngine {
         Ok(self.inner.lock().unwrap().live.get(key).cloned())
     }
 
-    fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError> {
         if start >= end {
             return Ok(Vec::new());
         }

@@ -79,8 +79,14 @@ impl<E: Engine + Clone> LogStore<E> {
             sm,
         };
         // Warm the cache with the tail of the log.
-        let from = store.last_index.saturating_sub(ENTRY_CACHE_LEN as u64).max(store.first_index());
-        for (k, v) in last.iter().filter(|(k, _)| keys::number_of(k).unwrap_or(0) >= from) {
+        let from = store
+            .last_index
+            .saturating_sub(ENTRY_CACHE_LEN as u64)
+            .max(store.first_index());
+        for (k, v) in last
+            .iter()
+            .filter(|(k, _)| keys::number_of(k).unwrap_or(0) >= from)
+        {
             store.cache.push_back(decode(k, v)?);
         }
         Ok(store)
@@ -138,7 +144,11 @@ impl<E: Engine + Clone> LogStore<E> {
             while self.cache.back().is_some_and(|e| e.index >= first.index) {
                 self.cache.pop_back();
             }
-            if self.cache.back().is_some_and(|e| e.index + 1 != first.index) {
+            if self
+                .cache
+                .back()
+                .is_some_and(|e| e.index + 1 != first.index)
+            {
                 self.cache.clear();
             }
             self.cache.extend(entries.iter().cloned());
@@ -167,7 +177,10 @@ impl<E: Engine + Clone> LogStore<E> {
         if index <= self.truncated.index {
             return Ok(());
         }
-        assert!(index <= self.sm.applied_index(), "compacting unapplied entries");
+        assert!(
+            index <= self.sm.applied_index(),
+            "compacting unapplied entries"
+        );
         let term = self.term_of(index)?;
         let truncated = pb::TruncatedState { index, term };
         let mut batch = WriteBatch::default();
@@ -212,7 +225,11 @@ impl<E: Engine + Clone> LogStore<E> {
         self.last_index = meta.index;
         self.cache.clear();
         self.sm.reload()?;
-        assert_eq!(self.sm.applied_index(), meta.index, "snapshot applied index mismatch");
+        assert_eq!(
+            self.sm.applied_index(),
+            meta.index,
+            "snapshot applied index mismatch"
+        );
         Ok(())
     }
 
@@ -244,13 +261,14 @@ impl<E: Engine + Clone> LogStore<E> {
             .into_iter()
             .map(|(key, value)| pb::KvPair { key, value })
             .collect();
-        let mut snap = Snapshot::default();
-        snap.data = pb::SnapshotData { pairs }.encode_to_vec().into();
-        let mut meta = SnapshotMetadata::default();
-        meta.index = self.sm.applied_index();
-        meta.term = self.sm.applied_term();
-        meta.conf_state = Some(self.sm.conf_state().clone());
-        snap.metadata = Some(meta);
+        let snap = Snapshot {
+            data: pb::SnapshotData { pairs }.encode_to_vec(),
+            metadata: Some(SnapshotMetadata {
+                index: self.sm.applied_index(),
+                term: self.sm.applied_term(),
+                conf_state: Some(self.sm.conf_state().clone()),
+            }),
+        };
         Ok(snap)
     }
 }

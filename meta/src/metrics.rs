@@ -99,10 +99,7 @@ impl Metrics {
         self.term.set(core.term() as i64);
     }
 
-    pub fn render(&self, db_size: Option<u64>) -> String {
-        if let Some(s) = db_size {
-            self.db_size.set(s as i64);
-        }
+    pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let enc = prometheus::TextEncoder::new();
         let _ = enc.encode(&self.registry.gather(), &mut buf);
@@ -124,7 +121,7 @@ pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
                 let metrics = metrics.clone();
                 async move {
                     let resp = match req.uri().path() {
-                        "/metrics" => Response::new(Body::from(metrics.render(None))),
+                        "/metrics" => Response::new(Body::from(metrics.render())),
                         "/health" if metrics.has_leader.get() == 1 => {
                             Response::new(Body::from("ok\n"))
                         }

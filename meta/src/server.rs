@@ -5,6 +5,9 @@
 //! RocksDB write; while it syncs, new requests queue in a bounded channel and the next round
 //! takes them all (group commit). Everything else (gRPC, transport, metrics) runs on tokio.
 
+// tonic's service API returns `tonic::Status` by value; boxing it here would only add copies.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use continuum_proto::limits;
 use continuum_proto::meta::{
-    self as api, meta_server::MetaServer, raft_client::RaftClient, raft_server::RaftServer,
-    Member, RaftAck, RaftEnvelope, WatchResponse,
+    self as api, meta_server::MetaServer, raft_client::RaftClient, raft_server::RaftServer, Member,
+    RaftAck, RaftEnvelope, WatchResponse,
 };
 use futures::Stream;
 use prost::Message as _;
@@ -97,7 +100,9 @@ impl Engine for MeteredEngine {
         let t = Instant::now();
         let r = self.inner.write(batch, sync);
         if sync {
-            self.metrics.fsync_seconds.observe(t.elapsed().as_secs_f64());
+            self.metrics
+                .fsync_seconds
+                .observe(t.elapsed().as_secs_f64());
         }
         r
     }
@@ -257,6 +262,7 @@ async fn peer_loop(
 /// A running member. Dropping it (or `shutdown`) stops the core and the servers.
 pub struct MetaHandle {
     inputs: std_mpsc::SyncSender<Input>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
     core_thread: Option<std::thread::JoinHandle<()>>,
     stopped: Arc<tokio::sync::Notify>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -274,6 +280,8 @@ impl MetaHandle {
     }
 
     fn shutdown_inner(&mut self) {
+        // The flag stops the loop even when the input queue is full.
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self.inputs.try_send(Input::Shutdown);
         for t in self.tasks.drain(..) {
             t.abort();
@@ -336,7 +344,10 @@ pub async fn start(cfg: ServerConfig) -> Result<MetaHandle, StartError> {
             return Err(StartError::NotInCluster { id: cfg.id });
         }
         let voters: Vec<u64> = cfg.initial_cluster.iter().map(|m| m.id).collect();
-        Some((ConfState::from((voters, Vec::<u64>::new())), cfg.initial_cluster.clone()))
+        Some((
+            ConfState::from((voters, Vec::<u64>::new())),
+            cfg.initial_cluster.clone(),
+        ))
     };
     let start_instant = Instant::now();
     let core = MetaCore::open(
@@ -363,7 +374,9 @@ pub async fn start(cfg: ServerConfig) -> Result<MetaHandle, StartError> {
         blocked: blocked.clone(),
     };
     let stopped = Arc::new(tokio::sync::Notify::new());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let core_thread = {
+        let stop = stop.clone();
         let stopped = stopped.clone();
         let metrics = metrics.clone();
         let data_dir = cfg.data_dir.clone();
@@ -381,6 +394,7 @@ pub async fn start(cfg: ServerConfig) -> Result<MetaHandle, StartError> {
                     start: start_instant,
                     metrics,
                     data_dir,
+                    stop,
                 };
                 l.run(tick);
                 stopped.notify_waiters();
@@ -412,7 +426,9 @@ pub async fn start(cfg: ServerConfig) -> Result<MetaHandle, StartError> {
                     .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
                     .max_encoding_message_size(64 * 1024 * 1024),
             )
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(client_listener))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+                client_listener,
+            ))
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "client API server failed");
@@ -426,7 +442,9 @@ pub async fn start(cfg: ServerConfig) -> Result<MetaHandle, StartError> {
                     .max_decoding_message_size(limits::MAX_RAFT_MESSAGE_BYTES)
                     .max_encoding_message_size(limits::MAX_RAFT_MESSAGE_BYTES),
             )
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(peer_listener))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+                peer_listener,
+            ))
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "raft server failed");
@@ -446,6 +464,7 @@ pub async fn start(cfg: ServerConfig) -> Result<MetaHandle, StartError> {
     );
     Ok(MetaHandle {
         inputs,
+        stop,
         core_thread: Some(core_thread),
         stopped,
         tasks,
@@ -468,6 +487,7 @@ struct CoreLoop {
     start: Instant,
     metrics: Arc<Metrics>,
     data_dir: PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CoreLoop {
@@ -478,7 +498,7 @@ impl CoreLoop {
     fn run(&mut self, tick: Duration) {
         let mut next_tick = Instant::now() + tick;
         let mut next_disk_check = Instant::now();
-        loop {
+        while !self.stop.load(std::sync::atomic::Ordering::Relaxed) {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(wait) {
                 Ok(Input::Shutdown) => return,
@@ -501,6 +521,7 @@ impl CoreLoop {
             }
             if now >= next_tick {
                 self.core.handle_tick(self.now_ms());
+                self.metrics.db_size.set(self.core.db_size_bytes() as i64);
                 next_tick += tick;
                 if next_tick < now {
                     next_tick = now + tick;
@@ -807,7 +828,10 @@ impl api::meta_server::Meta for MetaService {
         &self,
         req: GrpcRequest<api::LeaseKeepAliveRequest>,
     ) -> Result<GrpcResponse<api::LeaseKeepAliveResponse>, Status> {
-        match self.call(Request::LeaseKeepAlive(req.into_inner().id)).await? {
+        match self
+            .call(Request::LeaseKeepAlive(req.into_inner().id))
+            .await?
+        {
             Response::LeaseKeepAlive(r) => Ok(GrpcResponse::new(r)),
             r => Err(unexpected(r)),
         }
@@ -864,7 +888,10 @@ impl api::meta_server::Meta for MetaService {
         &self,
         req: GrpcRequest<api::MemberPromoteRequest>,
     ) -> Result<GrpcResponse<api::MemberPromoteResponse>, Status> {
-        match self.call(Request::MemberPromote(req.into_inner().id)).await? {
+        match self
+            .call(Request::MemberPromote(req.into_inner().id))
+            .await?
+        {
             Response::Members(header, members) => {
                 Ok(GrpcResponse::new(api::MemberPromoteResponse {
                     header: Some(header),
@@ -879,7 +906,10 @@ impl api::meta_server::Meta for MetaService {
         &self,
         req: GrpcRequest<api::MemberRemoveRequest>,
     ) -> Result<GrpcResponse<api::MemberRemoveResponse>, Status> {
-        match self.call(Request::MemberRemove(req.into_inner().id)).await? {
+        match self
+            .call(Request::MemberRemove(req.into_inner().id))
+            .await?
+        {
             Response::Members(header, members) => {
                 Ok(GrpcResponse::new(api::MemberRemoveResponse {
                     header: Some(header),

@@ -11,9 +11,9 @@
 use std::collections::BTreeMap;
 
 use continuum_proto::meta::{Member, PutRequest};
+use raft::eraftpb::{ConfState, Message};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use raft::eraftpb::{ConfState, Message};
 
 use crate::core::{CoreConfig, MetaCore, Output, Request, Response};
 use crate::engine::MemEngine;
@@ -89,6 +89,8 @@ struct Sim {
     acked: BTreeMap<Vec<u8>, Vec<u8>>,
     next_request: u64,
     next_key: u64,
+    /// Whether clients keep sending puts.
+    clients: bool,
     report: SimReport,
 }
 
@@ -110,6 +112,7 @@ impl Sim {
             acked: BTreeMap::new(),
             next_request: 1,
             next_key: 0,
+            clients: true,
             report: SimReport {
                 seed,
                 ..Default::default()
@@ -148,6 +151,7 @@ impl Sim {
         cfg.fixed_election_timeout = true;
         cfg.snapshot_entries = self.cfg.snapshot_entries;
         cfg.request_timeout_ms = 3_000;
+        cfg.snapshot_retry_ms = 2_000;
         let engine = self.members[i].engine.clone();
         let mut core = MetaCore::open(cfg, engine, Some(self.bootstrap()), &logger(), self.now_ms)
             .map_err(|e| format!("member {} failed to open: {e}", i + 1))?;
@@ -202,7 +206,8 @@ impl Sim {
             match o {
                 Output::Send(msg) => {
                     let from = i as u64 + 1;
-                    if !self.can_talk(from, msg.to) || self.rng.gen_bool(self.cfg.drop_probability) {
+                    if !self.can_talk(from, msg.to) || self.rng.gen_bool(self.cfg.drop_probability)
+                    {
                         self.report.messages_dropped += 1;
                         continue;
                     }
@@ -237,7 +242,11 @@ impl Sim {
     }
 
     fn client_put(&mut self) {
-        let i = self.rng.gen_range(0..self.members.len());
+        // Clients mostly find the leader; sometimes they ask a follower (and get redirected).
+        let i = match self.leader() {
+            Some(l) if self.rng.gen_bool(0.9) => l,
+            _ => self.rng.gen_range(0..self.members.len()),
+        };
         let Some(core) = self.members[i].core.as_mut() else {
             return;
         };
@@ -280,7 +289,7 @@ impl Sim {
             2 => {
                 // Never crash a majority at once.
                 let down = self.members.iter().filter(|m| m.core.is_none()).count();
-                if down + 1 <= (n - 1) / 2 {
+                if down < (n - 1) / 2 {
                     let i = self.rng.gen_range(0..n);
                     self.crash(i);
                 }
@@ -304,7 +313,12 @@ impl Sim {
             .map(|m| m.next_tick_ms)
             .min()
             .unwrap_or(u64::MAX);
-        let next_flight = self.flights.iter().map(|f| f.at_ms).min().unwrap_or(u64::MAX);
+        let next_flight = self
+            .flights
+            .iter()
+            .map(|f| f.at_ms)
+            .min()
+            .unwrap_or(u64::MAX);
         self.now_ms = next_tick.min(next_flight);
         if next_flight <= next_tick {
             let pos = self
@@ -332,11 +346,18 @@ impl Sim {
         if let Some(core) = self.members[i].core.as_mut() {
             core.handle_tick(self.now_ms);
         }
-        if faults && self.rng.gen_range(0..self.cfg.fault_every_ms / TICK_MS * n_members(self)) == 0 {
+        if faults
+            && self
+                .rng
+                .gen_range(0..self.cfg.fault_every_ms / TICK_MS * n_members(self))
+                == 0
+        {
             self.fault()?;
         }
-        if self.rng.gen_bool(0.6) {
-            self.client_put();
+        if self.clients {
+            for _ in 0..self.rng.gen_range(0..4) {
+                self.client_put();
+            }
         }
         for j in 0..self.members.len() {
             self.drain(j)?;
@@ -401,6 +422,7 @@ impl Sim {
             return Err("liveness: no write committed within 30 s after healing".into());
         }
         // Convergence: everyone reaches the leader's applied index with identical state.
+        self.clients = false;
         let deadline = self.now_ms + 30_000;
         loop {
             let indexes: Vec<u64> = self
@@ -412,7 +434,14 @@ impl Sim {
                 break;
             }
             if self.now_ms > deadline {
-                return Err(format!("convergence: applied indexes still differ: {indexes:?}"));
+                let progress = self
+                    .leader()
+                    .and_then(|l| self.members[l].core.as_ref())
+                    .map(|c| c.progress_summary())
+                    .unwrap_or_default();
+                return Err(format!(
+                    "convergence: applied indexes still differ: {indexes:?}; leader's view: {progress}"
+                ));
             }
             self.step(false)?;
         }
@@ -423,10 +452,15 @@ impl Sim {
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
         if dumps.iter().any(|d| d != &dumps[0]) {
-            return Err("convergence: members applied the same index but hold different states".into());
+            return Err(
+                "convergence: members applied the same index but hold different states".into(),
+            );
         }
         // Durability: every acknowledged put is there.
-        let core = self.members[0].core.as_ref().expect("all members run after healing");
+        let core = self.members[0]
+            .core
+            .as_ref()
+            .expect("all members run after healing");
         for (key, value) in &self.acked {
             let k = crate::keys::kv(key);
             let found = dumps[0].iter().find(|(dk, _)| dk == &k);
@@ -455,5 +489,7 @@ fn n_members(sim: &Sim) -> u64 {
 
 /// Runs one seeded simulation; `Err` describes the violated property (the seed reproduces it).
 pub fn run(seed: u64, cfg: SimConfig) -> Result<SimReport, String> {
-    Sim::new(seed, cfg)?.run().map_err(|e| format!("seed {seed}: {e}"))
+    Sim::new(seed, cfg)?
+        .run()
+        .map_err(|e| format!("seed {seed}: {e}"))
 }

@@ -183,7 +183,7 @@ impl<E: Engine> StateMachine<E> {
                 }
                 .encode_to_vec(),
             );
-            if rev % HISTORY_TRIM_EVERY == 0 && rev > HISTORY_RETENTION_REVISIONS {
+            if rev.is_multiple_of(HISTORY_TRIM_EVERY) && rev > HISTORY_RETENTION_REVISIONS {
                 let keep_from = rev - HISTORY_RETENTION_REVISIONS;
                 batch.delete_range(keys::history(0), keys::history(keep_from));
                 self.applied.compact_revision = keep_from;
@@ -241,10 +241,11 @@ impl<E: Engine> StateMachine<E> {
     /// Recorded events with revision in `[from, to]`.
     pub fn history(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<Event>)>, StoreError> {
         let mut out = Vec::new();
-        for (k, v) in self
-            .engine
-            .scan(&keys::history(from), &keys::history(to.saturating_add(1)), usize::MAX)?
-        {
+        for (k, v) in self.engine.scan(
+            &keys::history(from),
+            &keys::history(to.saturating_add(1)),
+            usize::MAX,
+        )? {
             let rec: pb::HistoryRecord = decode(&k, &v)?;
             out.push((keys::number_of(&k).unwrap_or(0), rec.events));
         }
@@ -532,23 +533,23 @@ impl<E: Engine> Tx<'_, E> {
         use compare::{CompareResult, CompareTarget, TargetUnion};
         let stored = self.sm.kv(&c.key)?;
         let s = stored.unwrap_or_default();
-        let ord = match (&c.target_union, CompareTarget::try_from(c.target)) {
-            (Some(TargetUnion::Version(v)), Ok(CompareTarget::Version)) => s.version.cmp(v),
-            (Some(TargetUnion::CreateRevision(v)), Ok(CompareTarget::Create)) => {
+        let ord = match (&c.target_union, CompareTarget::from_i32(c.target)) {
+            (Some(TargetUnion::Version(v)), Some(CompareTarget::Version)) => s.version.cmp(v),
+            (Some(TargetUnion::CreateRevision(v)), Some(CompareTarget::Create)) => {
                 s.create_revision.cmp(v)
             }
-            (Some(TargetUnion::ModRevision(v)), Ok(CompareTarget::Mod)) => s.mod_revision.cmp(v),
-            (Some(TargetUnion::Value(v)), Ok(CompareTarget::Value)) => s.value.cmp(v),
-            (Some(TargetUnion::Lease(v)), Ok(CompareTarget::Lease)) => s.lease.cmp(v),
+            (Some(TargetUnion::ModRevision(v)), Some(CompareTarget::Mod)) => s.mod_revision.cmp(v),
+            (Some(TargetUnion::Value(v)), Some(CompareTarget::Value)) => s.value.cmp(v),
+            (Some(TargetUnion::Lease(v)), Some(CompareTarget::Lease)) => s.lease.cmp(v),
             _ => return Ok(false),
         };
         use std::cmp::Ordering::*;
-        Ok(match CompareResult::try_from(c.result) {
-            Ok(CompareResult::Equal) => ord == Equal,
-            Ok(CompareResult::Greater) => ord == Greater,
-            Ok(CompareResult::Less) => ord == Less,
-            Ok(CompareResult::NotEqual) => ord != Equal,
-            Err(_) => false,
+        Ok(match CompareResult::from_i32(c.result) {
+            Some(CompareResult::Equal) => ord == Equal,
+            Some(CompareResult::Greater) => ord == Greater,
+            Some(CompareResult::Less) => ord == Less,
+            Some(CompareResult::NotEqual) => ord != Equal,
+            None => false,
         })
     }
 
@@ -637,5 +638,190 @@ impl<E: Engine> Tx<'_, E> {
         }
         self.batch.delete(keys::lease(id));
         Ok(Ok(LeaseRevokeResponse { header: None }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::MemEngine;
+    use continuum_proto::meta::LeaseRevokeRequest;
+    use pb::command::Op;
+
+    fn sm() -> StateMachine<MemEngine> {
+        StateMachine::open(MemEngine::new(), Some((ConfState::default(), vec![]))).unwrap()
+    }
+
+    fn put(key: &str, value: &str, lease: u64) -> Op {
+        Op::Put(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            lease,
+            prev_kv: true,
+        })
+    }
+
+    struct Applier {
+        sm: StateMachine<MemEngine>,
+        index: u64,
+    }
+
+    impl Applier {
+        fn apply(&mut self, op: Op) -> ApplyOutcome {
+            self.index += 1;
+            self.sm.apply_command(self.index, 1, &op).unwrap()
+        }
+    }
+
+    fn applier() -> Applier {
+        Applier { sm: sm(), index: 0 }
+    }
+
+    #[test]
+    fn puts_track_revisions_and_versions() {
+        let mut a = applier();
+        a.apply(put("a", "1", 0));
+        a.apply(put("b", "1", 0));
+        let out = a.apply(put("a", "2", 0));
+        let Ok(Applied::Put(r)) = out.result else {
+            panic!("{:?}", out.result)
+        };
+        assert_eq!(r.prev_kv.unwrap().value, b"1");
+        let kv = a.sm.kv(b"a").unwrap().unwrap();
+        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (1, 3, 2));
+        assert_eq!(a.sm.revision(), 3);
+        assert_eq!(a.sm.applied_index(), 3);
+        // A delete of nothing changes nothing and takes no revision.
+        let out = a.apply(Op::DeleteRange(DeleteRangeRequest {
+            key: b"zz".to_vec(),
+            ..Default::default()
+        }));
+        assert!(out.events.is_empty());
+        assert_eq!(a.sm.revision(), 3);
+        // Re-creating after a delete restarts version and create revision.
+        a.apply(Op::DeleteRange(DeleteRangeRequest {
+            key: b"a".to_vec(),
+            ..Default::default()
+        }));
+        a.apply(put("a", "3", 0));
+        let kv = a.sm.kv(b"a").unwrap().unwrap();
+        assert_eq!((kv.create_revision, kv.version), (5, 1));
+    }
+
+    #[test]
+    fn txn_compares_then_applies_one_branch_atomically() {
+        let mut a = applier();
+        a.apply(put("k", "v1", 0));
+        let cas = |expect_rev: u64, value: &str| {
+            Op::Txn(TxnRequest {
+                compare: vec![Compare {
+                    result: compare::CompareResult::Equal as i32,
+                    target: compare::CompareTarget::Mod as i32,
+                    key: b"k".to_vec(),
+                    target_union: Some(compare::TargetUnion::ModRevision(expect_rev)),
+                }],
+                success: vec![RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: b"k".to_vec(),
+                        value: value.into(),
+                        ..Default::default()
+                    })),
+                }],
+                failure: vec![RequestOp {
+                    request: Some(request_op::Request::RequestRange(RangeRequest {
+                        key: b"k".to_vec(),
+                        ..Default::default()
+                    })),
+                }],
+            })
+        };
+        let Ok(Applied::Txn(r)) = a.apply(cas(1, "v2")).result else {
+            panic!()
+        };
+        assert!(r.succeeded);
+        let Ok(Applied::Txn(r)) = a.apply(cas(1, "v3")).result else {
+            panic!()
+        };
+        assert!(!r.succeeded, "a stale CAS must fail");
+        let Some(response_op::Response::ResponseRange(rr)) = &r.responses[0].response else {
+            panic!()
+        };
+        assert_eq!(rr.kvs[0].value, b"v2");
+        assert_eq!(a.sm.kv(b"k").unwrap().unwrap().value, b"v2");
+    }
+
+    #[test]
+    fn revoking_a_lease_deletes_its_keys_at_one_revision() {
+        let mut a = applier();
+        let Ok(Applied::LeaseGrant(g)) = a
+            .apply(Op::LeaseGrant(LeaseGrantRequest {
+                ttl_seconds: 5,
+                id: 0,
+            }))
+            .result
+        else {
+            panic!()
+        };
+        a.apply(put("x", "1", g.id));
+        a.apply(put("y", "1", g.id));
+        a.apply(put("z", "1", 0));
+        // Moving a key to no lease detaches it.
+        a.apply(put("y", "2", 0));
+        let before = a.sm.revision();
+        let out = a.apply(Op::LeaseRevoke(LeaseRevokeRequest { id: g.id }));
+        assert!(out.result.is_ok());
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(a.sm.revision(), before + 1);
+        assert!(a.sm.kv(b"x").unwrap().is_none());
+        assert!(a.sm.kv(b"y").unwrap().is_some());
+        assert!(a.sm.lease(g.id).unwrap().is_none());
+        let out = a.apply(put("w", "1", g.id));
+        assert_eq!(out.result, Err(MetaError::LeaseNotFound { id: g.id }));
+        // History has every revision's events in order.
+        let hist = a.sm.history(1, a.sm.revision()).unwrap();
+        let revs: Vec<u64> = hist.iter().map(|(r, _)| *r).collect();
+        assert_eq!(revs, (1..=a.sm.revision()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn invalid_requests_are_refused_even_at_apply() {
+        let mut a = applier();
+        let out = a.apply(put("", "v", 0));
+        assert!(matches!(out.result, Err(MetaError::InvalidArgument { .. })));
+        let big = "x".repeat(limits::MAX_VALUE_BYTES + 1);
+        assert!(matches!(
+            a.apply(put("k", &big, 0)).result,
+            Err(MetaError::InvalidArgument { .. })
+        ));
+        // The entries still count as applied (every member skips them the same way).
+        assert_eq!(a.sm.applied_index(), 2);
+        assert_eq!(a.sm.revision(), 0);
+    }
+
+    #[test]
+    fn range_limits_and_reports_more() {
+        let mut a = applier();
+        for i in 0..10 {
+            a.apply(put(&format!("p/{i}"), "v", 0));
+        }
+        let r =
+            a.sm.range(&RangeRequest {
+                key: b"p/".to_vec(),
+                range_end: b"p0".to_vec(),
+                limit: 4,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(r.kvs.len(), 4);
+        assert!(r.more);
+        let r =
+            a.sm.range(&RangeRequest {
+                key: b"p/".to_vec(),
+                range_end: b"p0".to_vec(),
+                count_only: true,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(r.count, 10);
     }
 }

@@ -8,24 +8,35 @@ pub mod ids;
 pub mod limits;
 pub mod records;
 
-/// The meta service's client API and Raft transport (generated from `proto/meta.proto`).
+/// Generated code, nested like the protobuf packages so cross-package references resolve.
 #[allow(clippy::all, missing_docs)]
-pub mod meta {
-    tonic::include_proto!("continuum.meta.v1");
+pub mod pb {
+    pub mod continuum {
+        pub mod meta {
+            pub mod v1 {
+                tonic::include_proto!("continuum.meta.v1");
+            }
+            pub mod internal {
+                tonic::include_proto!("continuum.meta.internal");
+            }
+        }
+        pub mod records {
+            pub mod v1 {
+                tonic::include_proto!("continuum.records.v1");
+            }
+        }
+    }
 }
+
+/// The meta service's client API and Raft transport (from `proto/meta.proto`).
+pub use pb::continuum::meta::v1 as meta;
 
 /// meta's private formats (Raft entry payloads, state machine records). Only `continuum-meta`
 /// may use these: they are here only because they embed the client API's messages.
 #[doc(hidden)]
-#[allow(clippy::all, missing_docs)]
-pub mod meta_internal {
-    tonic::include_proto!("continuum.meta.internal");
-}
+pub use pb::continuum::meta::internal as meta_internal;
 
 /// Generated record messages (from `proto/records.proto`); [`records`] adds their keys.
-#[allow(clippy::all, missing_docs)]
-pub mod records_pb {
-    tonic::include_proto!("continuum.records.v1");
-}
+pub use pb::continuum::records::v1 as records_pb;
 
 pub use ids::*;

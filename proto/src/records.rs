@@ -70,9 +70,18 @@ mod tests {
 
     #[test]
     fn keys_are_versioned_and_sort_by_id() {
-        let a = records_pb::Node { id: 9, ..Default::default() };
-        let b = records_pb::Node { id: 10, ..Default::default() };
-        assert_eq!(key::<records_pb::Node>(&a.name()), "/continuum/v1/nodes/00000000000000000009");
+        let a = records_pb::Node {
+            id: 9,
+            ..Default::default()
+        };
+        let b = records_pb::Node {
+            id: 10,
+            ..Default::default()
+        };
+        assert_eq!(
+            key::<records_pb::Node>(&a.name()),
+            "/continuum/v1/nodes/00000000000000000009"
+        );
         assert!(key::<records_pb::Node>(&a.name()) < key::<records_pb::Node>(&b.name()));
         assert!(key::<records_pb::Site>("x").starts_with(&prefix::<records_pb::Site>()));
     }

@@ -114,7 +114,10 @@ impl Cluster {
     }
 
     pub fn index_of(&self, id: u64) -> usize {
-        self.nodes.iter().position(|n| n.id == id).expect("known member")
+        self.nodes
+            .iter()
+            .position(|n| n.id == id)
+            .expect("known member")
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -161,7 +164,12 @@ impl Cluster {
         if let Some(l) = found {
             last = Some(l);
         }
-        last.unwrap_or_else(|| panic!("no leader within {timeout:?}; logs in {}", self.dir.path().display()))
+        last.unwrap_or_else(|| {
+            panic!(
+                "no leader within {timeout:?}; logs in {}",
+                self.dir.path().display()
+            )
+        })
     }
 
     pub fn log(&self, id: u64) -> String {
@@ -210,7 +218,10 @@ where
 pub async fn put_acked(client: &MetaClient, key: &str, value: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match client.put(key.as_bytes().to_vec(), value.as_bytes().to_vec()).await {
+        match client
+            .put(key.as_bytes().to_vec(), value.as_bytes().to_vec())
+            .await
+        {
             Ok(_) => return,
             Err(e) if Instant::now() < deadline => {
                 eprintln!("put {key} retrying after: {e}");
