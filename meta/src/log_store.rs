@@ -112,8 +112,15 @@ impl<E: Engine + Clone> LogStore<E> {
         self.truncated.index
     }
 
-    /// Persists new entries (replacing any conflicting suffix) and the hard state, synced.
-    pub fn append(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), StoreError> {
+    /// Persists new entries (replacing any conflicting suffix) and the hard state. `sync` must
+    /// be set when entries, term or vote change (raft-rs's `must_sync`); a commit-index-only
+    /// change need not reach the disk before anything depends on it (see `set_commit`).
+    pub fn append(
+        &mut self,
+        entries: &[Entry],
+        hs: Option<&HardState>,
+        sync: bool,
+    ) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         if let Some(first) = entries.first() {
             assert!(
@@ -136,7 +143,8 @@ impl<E: Engine + Clone> LogStore<E> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.engine.write(batch, true)?;
+        assert!(sync || entries.is_empty(), "entries must be synced");
+        self.engine.write(batch, sync)?;
         if let Some(hs) = hs {
             self.hard_state = hs.clone();
         }
