@@ -1,0 +1,45 @@
+//! `continuum up` brings the local fabric up, and a second run resumes on the same data.
+
+mod common;
+
+use std::process::Command;
+
+fn up_check(data_dir: &std::path::Path, base_port: u16) -> String {
+    let out = Command::new(common::bin())
+        .args(["up", "--check", "--base-port", &base_port.to_string(), "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .expect("run continuum up");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "continuum up failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn up_starts_the_fabric_and_resumes_on_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    // A base port whose three ranges (+11.., +21.., +31..) are free right now.
+    let base = loop {
+        let p = common::free_port();
+        if p < 60000
+            && [11u16, 12, 13, 21, 22, 23, 31, 32, 33]
+                .iter()
+                .all(|o| std::net::TcpListener::bind(("127.0.0.1", p + o)).is_ok())
+        {
+            break p;
+        }
+    };
+    let first = up_check(dir.path(), base);
+    assert!(first.contains("Continuum is up."), "{first}");
+    assert!(first.contains("meta leader"), "{first}");
+    for i in 1..=3 {
+        assert!(dir.path().join(format!("meta-{i}/db/CURRENT")).exists());
+        assert!(dir.path().join(format!("logs/meta-{i}.log")).exists());
+    }
+    let second = up_check(dir.path(), base);
+    assert!(second.contains("Continuum is up."), "{second}");
+}
