@@ -6,7 +6,13 @@ use std::process::Command;
 
 fn up_check(data_dir: &std::path::Path, base_port: u16) -> String {
     let out = Command::new(common::bin())
-        .args(["up", "--check", "--base-port", &base_port.to_string(), "--data-dir"])
+        .args([
+            "up",
+            "--check",
+            "--base-port",
+            &base_port.to_string(),
+            "--data-dir",
+        ])
         .arg(data_dir)
         .output()
         .expect("run continuum up");

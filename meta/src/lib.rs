@@ -13,6 +13,8 @@
 pub mod core;
 pub mod engine;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
 pub mod log_store;
 pub mod metrics;

@@ -233,11 +233,18 @@ impl<E: Engine + Clone> LogStore<E> {
         self.last_index = meta.index;
         self.cache.clear();
         self.sm.reload()?;
-        assert_eq!(
-            self.sm.applied_index(),
-            meta.index,
-            "snapshot applied index mismatch"
-        );
+        if self.sm.applied_index() != meta.index {
+            // A snapshot whose state disagrees with its metadata is corrupt; stop rather than
+            // serve it (the member fail-stops on this error).
+            return Err(StoreError::Corrupt {
+                key: keys::APPLIED.to_vec(),
+                reason: format!(
+                    "snapshot at index {} holds state applied to {}",
+                    meta.index,
+                    self.sm.applied_index()
+                ),
+            });
+        }
         Ok(())
     }
 

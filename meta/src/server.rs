@@ -77,6 +77,8 @@ enum Input {
     Watch(WatchId, api::WatchRequest, WatchTx, Reply),
     Raft(Message),
     Unreachable(u64),
+    /// The peer's process is gone (its Raft port refuses connections).
+    PeerDown(u64),
     SnapshotFailed(u64),
     CancelWatch(WatchId),
     Shutdown,
@@ -212,7 +214,12 @@ async fn peer_loop(
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(peer = to, error = %e, "cannot reach peer");
-                let _ = inputs.try_send(Input::Unreachable(to));
+                let refused = is_refused(&e);
+                let _ = inputs.try_send(if refused {
+                    Input::PeerDown(to)
+                } else {
+                    Input::Unreachable(to)
+                });
                 // Drain what queued meanwhile: stale Raft messages are worthless.
                 while rx.try_recv().is_ok() {}
                 tokio::time::sleep(backoff).await;
@@ -222,10 +229,18 @@ async fn peer_loop(
         };
         backoff = Duration::from_millis(50);
         let (stx, srx) = mpsc::channel::<RaftEnvelope>(256);
-        let call = tokio::spawn(async move { client.send(ReceiverStream::new(srx)).await });
-        // Forward queued messages into the stream until it breaks.
+        let mut call = tokio::spawn(async move { client.send(ReceiverStream::new(srx)).await });
+        // Forward queued messages into the stream until it breaks. Watching the call as well
+        // notices a dead connection (peer restarted) before the next message is lost in it.
         let mut snapshot_peers = false;
-        while let Some(msg) = rx.recv().await {
+        let ended = loop {
+            let msg = tokio::select! {
+                msg = rx.recv() => msg,
+                r = &mut call => break Some(r),
+            };
+            let Some(msg) = msg else {
+                return;
+            };
             let is_snap = msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
             snapshot_peers |= is_snap;
             let env = RaftEnvelope {
@@ -234,17 +249,15 @@ async fn peer_loop(
                 message: msg.encode_to_vec(),
             };
             if stx.send(env).await.is_err() {
-                if is_snap {
-                    let _ = inputs.try_send(Input::SnapshotFailed(to));
-                }
-                break;
+                break None;
             }
-            if call.is_finished() {
-                break;
-            }
-        }
+        };
         drop(stx);
-        match call.await {
+        let result = match ended {
+            Some(r) => r,
+            None => call.await,
+        };
+        match result {
             Ok(Ok(_)) => {}
             Ok(Err(status)) => tracing::debug!(peer = to, %status, "raft stream ended"),
             Err(e) => tracing::debug!(peer = to, error = %e, "raft stream task failed"),
@@ -390,6 +403,7 @@ pub async fn start(cfg: ServerConfig) -> Result<MetaHandle, StartError> {
                     transport,
                     replies: HashMap::new(),
                     watches: HashMap::new(),
+                    watch_requests: HashMap::new(),
                     next_id: 1,
                     start: start_instant,
                     metrics,
@@ -413,7 +427,9 @@ pub async fn start(cfg: ServerConfig) -> Result<MetaHandle, StartError> {
         timeout: Duration::from_millis(cfg.core.request_timeout_ms + 1000),
     };
     let raft_svc = RaftService {
+        me: cfg.id,
         inputs: inputs.clone(),
+        dir: dir.clone(),
         blocked: blocked.clone(),
         faults_enabled: cfg.enable_fault_injection,
     };
@@ -471,6 +487,31 @@ pub async fn start(cfg: ServerConfig) -> Result<MetaHandle, StartError> {
     })
 }
 
+fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionRefused;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// After a peer's inbound stream broke: is its process gone? A refused connection says so; a
+/// timeout (partition) does not.
+async fn probe_peer(peer: u64, dir: Arc<Directory>, inputs: std_mpsc::SyncSender<Input>) {
+    let Some(m) = dir.get(peer) else {
+        return;
+    };
+    let connect = tokio::net::TcpStream::connect(m.peer_addr.as_str());
+    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_millis(500), connect).await {
+        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            let _ = inputs.try_send(Input::PeerDown(peer));
+        }
+    }
+}
+
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
     tokio::net::TcpListener::bind(addr)
         .await
@@ -483,6 +524,8 @@ struct CoreLoop {
     transport: Transport,
     replies: HashMap<RequestId, Reply>,
     watches: HashMap<WatchId, WatchTx>,
+    /// Watch registrations awaiting the core's answer (dropped again if it refuses).
+    watch_requests: HashMap<RequestId, WatchId>,
     next_id: RequestId,
     start: Instant,
     metrics: Arc<Metrics>,
@@ -551,11 +594,16 @@ impl CoreLoop {
                 self.next_id += 1;
                 self.replies.insert(id, reply);
                 self.watches.insert(watch_id, tx);
+                self.watch_requests.insert(id, watch_id);
                 self.core
                     .handle_request(now, id, Request::Watch { watch_id, req });
             }
             Input::Raft(m) => self.core.handle_message(now, m),
             Input::Unreachable(p) => self.core.handle_unreachable(p),
+            Input::PeerDown(p) => {
+                self.core.handle_unreachable(p);
+                self.core.handle_peer_down(now, p);
+            }
             Input::SnapshotFailed(p) => self.core.handle_snapshot_status(p, false),
             Input::CancelWatch(w) => {
                 self.watches.remove(&w);
@@ -570,6 +618,11 @@ impl CoreLoop {
             match out {
                 Output::Send(m) => self.transport.send(m),
                 Output::Respond { id, result } => {
+                    if let Some(watch_id) = self.watch_requests.remove(&id) {
+                        if result.is_err() {
+                            self.watches.remove(&watch_id);
+                        }
+                    }
                     if let Some(reply) = self.replies.remove(&id) {
                         let _ = reply.send(result);
                     }
@@ -947,7 +1000,9 @@ impl Drop for WatchGuard {
 pub const FAULT_HEADER: &str = "x-continuum-fault";
 
 struct RaftService {
+    me: u64,
     inputs: std_mpsc::SyncSender<Input>,
+    dir: Arc<Directory>,
     blocked: Arc<Mutex<HashSet<u64>>>,
     faults_enabled: bool,
 }
@@ -962,14 +1017,32 @@ impl api::raft_server::Raft for RaftService {
             return self.set_fault(fault.to_str().unwrap_or_default());
         }
         let mut stream = req.into_inner();
-        while let Some(env) = stream.message().await? {
+        let mut sender = None;
+        loop {
+            let next = stream.message().await;
+            if !matches!(next, Ok(Some(_))) {
+                // The sender went away (it keeps its stream open while it runs): find out
+                // whether its process is gone.
+                if let Some(peer) = sender {
+                    tokio::spawn(probe_peer(peer, self.dir.clone(), self.inputs.clone()));
+                }
+            }
+            let env = match next {
+                Ok(Some(env)) => env,
+                Ok(None) => break,
+                Err(status) => return Err(status),
+            };
+            sender = Some(env.from);
             if self.blocked.lock().unwrap().contains(&env.from) {
                 continue;
             }
             let msg = Message::decode(env.message.as_slice())
                 .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
-            if msg.from != env.from {
-                return Err(Status::invalid_argument("raft message sender mismatch"));
+            if msg.from != env.from || msg.to != self.me || env.to != self.me {
+                return Err(Status::invalid_argument(format!(
+                    "raft message from {} to {} sent to member {}",
+                    msg.from, msg.to, self.me
+                )));
             }
             // A full queue drops the message; Raft retransmits.
             if let Err(std_mpsc::TrySendError::Disconnected(_)) =

@@ -166,6 +166,16 @@ impl Sim {
             let keep = self.rng.gen_range(0..=unsynced);
             self.members[i].engine.crash(keep);
             self.report.crashes += 1;
+            // Survivors usually notice the dead process (refused connections) and may campaign
+            // early; sometimes they do not (the notice can be lost).
+            let now = self.now_ms;
+            for j in 0..self.members.len() {
+                if j != i && self.rng.gen_bool(0.7) {
+                    if let Some(core) = self.members[j].core.as_mut() {
+                        core.handle_peer_down(now, i as u64 + 1);
+                    }
+                }
+            }
             // Requests on the crashed member are gone with it.
             self.outstanding.retain(|id, _| id % 16 != i as u64);
         }
