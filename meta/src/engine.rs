@@ -73,6 +73,9 @@ impl RocksEngine {
         // (`min_free_bytes`) has to cover it, so a member that refused writes for lack of
         // space can still restart and serve reads.
         opts.set_write_buffer_size(8 * 1024 * 1024);
+        // Reuse old WAL files: syncing a write into an already allocated file needs no
+        // metadata update, which halves fdatasync latency here (one sync per Raft Ready round).
+        opts.set_recycle_log_file_num(4);
         opts.set_max_background_jobs(2);
         let db = rocksdb::DB::open(&opts, path).map_err(|e| StoreError::Engine {
             reason: e.to_string(),
