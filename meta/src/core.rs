@@ -71,6 +71,9 @@ pub struct CoreConfig {
     /// A follower waiting this long for a snapshot gets a fresh one: the transport may have
     /// lost the message without noticing, and raft-rs would otherwise wait forever.
     pub snapshot_retry_ms: u64,
+    /// Persist log appends through `Output::Persist` (the driver writes them on another
+    /// thread, batching several Ready rounds into one fsync) instead of inline.
+    pub async_persist: bool,
 }
 
 impl CoreConfig {
@@ -86,6 +89,7 @@ impl CoreConfig {
             quota_bytes: 256 * 1024 * 1024,
             min_free_bytes: 64 * 1024 * 1024,
             snapshot_retry_ms: 30_000,
+            async_persist: false,
         }
     }
 }
@@ -150,10 +154,27 @@ pub enum Output {
     },
     /// The member table changed (addresses for the transport).
     Members(Vec<Member>),
-    /// A snapshot was sent to `to` (the driver reports delivery with `handle_snapshot_status`).
+    /// Write `batch` to the engine (synced if `sync`), in the order these outputs come, then
+    /// call [`MetaCore::handle_persisted`] with `number` (or `handle_persist_failed`). Only with
+    /// `CoreConfig::async_persist`; consecutive tasks may share one engine write.
+    Persist {
+        number: u64,
+        batch: crate::engine::WriteBatch,
+        sync: bool,
+    },
+    /// The member stopped (removed, or a storage failure); everything pending has failed.
     Stopped {
         reason: String,
     },
+}
+
+/// A log append handed to the driver and not yet durable.
+struct InFlight {
+    number: u64,
+    /// Last log index this append wrote, if it wrote entries.
+    last_index: Option<u64>,
+    /// Messages that may only leave once this is durable (votes, append acks).
+    messages: Vec<Message>,
 }
 
 struct PendingWrite {
@@ -210,6 +231,8 @@ pub struct MetaCore<E: Engine + Clone> {
     revoking: BTreeMap<u64, u64>,
     /// Leader only: peer → since when it has been waiting for a snapshot.
     snapshot_waits: BTreeMap<u64, u64>,
+    /// Appends handed to the driver, oldest first.
+    in_flight: VecDeque<InFlight>,
     watchers: BTreeMap<WatchId, Watcher>,
     role: StateRole,
     leader_id: u64,
@@ -283,6 +306,7 @@ impl<E: Engine + Clone> MetaCore<E> {
             lease_deadlines: BTreeMap::new(),
             revoking: BTreeMap::new(),
             snapshot_waits: BTreeMap::new(),
+            in_flight: VecDeque::new(),
             watchers: BTreeMap::new(),
             role: StateRole::Follower,
             leader_id: 0,
@@ -393,7 +417,11 @@ impl<E: Engine + Clone> MetaCore<E> {
         if self.stopped {
             return;
         }
-        self.node.tick();
+        // A follower with appends still in flight waits for them before its election clock
+        // moves: raft-rs requires the log to be persisted when a member campaigns.
+        if self.in_flight.is_empty() || self.is_leader() {
+            self.node.tick();
+        }
         self.db_size_bytes = self.node.store().engine().size_bytes();
         self.expire_requests();
         self.expire_leases();
@@ -493,7 +521,17 @@ impl<E: Engine + Clone> MetaCore<E> {
         }
         self.flush_read_batch();
         while self.node.has_ready() {
-            if let Err(e) = self.process_ready() {
+            // A snapshot replaces the log: install it only once earlier appends are durable,
+            // or one landing after it would bring back entries the snapshot covers.
+            if self.node.snap().is_some() && !self.in_flight.is_empty() {
+                break;
+            }
+            let result = if self.cfg.async_persist && self.node.snap().is_none() {
+                self.process_ready_async()
+            } else {
+                self.process_ready()
+            };
+            if let Err(e) = result {
                 self.stop(format!("storage failure: {e}"));
                 return;
             }
@@ -1116,6 +1154,76 @@ impl<E: Engine + Clone> MetaCore<E> {
         self.node.advance_apply();
         self.maybe_compact()?;
         Ok(())
+    }
+
+    /// One Ready round whose appends are persisted by the driver (see `Output::Persist`).
+    fn process_ready_async(&mut self) -> Result<(), StoreError> {
+        let mut rd = self.node.ready();
+        if let Some(ss) = rd.ss() {
+            let (role, leader) = (ss.raft_state, ss.leader_id);
+            self.on_role_change(role, leader);
+        }
+        self.send_all(rd.take_messages());
+        for rs in rd.take_read_states() {
+            let ctx = u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
+            if let Some(reads) = self.reads_in_flight.remove(&ctx) {
+                self.reads_ready
+                    .extend(reads.into_iter().map(|r| (rs.index, r)));
+            }
+        }
+        // Committed entries handed out here are durable locally already (raft-rs bounds them
+        // by the persisted index), so they can be applied while newer appends are in flight.
+        let committed = rd.take_committed_entries();
+        self.apply_entries(committed)?;
+        let entries = rd.take_entries();
+        let hs = rd.hs().cloned();
+        let sync = rd.must_sync();
+        let messages = rd.take_persisted_messages();
+        let number = rd.number();
+        // raft-rs reads these entries from storage once the Ready is advanced: stage first.
+        let batch = self.node.mut_store().stage_append(&entries, hs.as_ref());
+        self.node.advance_append_async(rd);
+        self.node.advance_apply();
+        self.in_flight.push_back(InFlight {
+            number,
+            last_index: entries.last().map(|e| e.index),
+            messages,
+        });
+        self.outputs.push_back(Output::Persist {
+            number,
+            batch,
+            sync,
+        });
+        self.maybe_compact()
+    }
+
+    /// The driver made the append `number` (and every earlier one) durable.
+    pub fn handle_persisted(&mut self, number: u64) {
+        if self.stopped {
+            return;
+        }
+        while self.in_flight.front().is_some_and(|t| t.number <= number) {
+            let Some(t) = self.in_flight.pop_front() else {
+                break;
+            };
+            if let Some(index) = t.last_index {
+                self.node.mut_store().mark_durable(index);
+            }
+            self.node.on_persist_ready(t.number);
+            self.send_all(t.messages);
+        }
+    }
+
+    /// The driver could not persist an append: stop (fail-stop), acknowledging nothing more.
+    pub fn handle_persist_failed(&mut self, reason: String) {
+        if !self.stopped {
+            self.stop(format!("storage failure: {reason}"));
+        }
+    }
+
+    /// Whether appends are waiting for the driver.
+    pub fn persist_in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     fn after_snapshot(&mut self) -> Result<(), StoreError> {

@@ -31,6 +31,8 @@ pub struct LogStore<E: Engine> {
     hard_state: HardState,
     truncated: pb::TruncatedState,
     last_index: u64,
+    /// Entries up to here are durable; later ones live in the cache until they are.
+    durable_last_index: u64,
     cache: VecDeque<Entry>,
     /// The state machine shares the engine; snapshots are cut from it.
     pub sm: StateMachine<E>,
@@ -54,7 +56,7 @@ impl<E: Engine + Clone> LogStore<E> {
         engine: E,
         bootstrap: Option<(ConfState, Vec<continuum_proto::meta::Member>)>,
     ) -> Result<Self, StoreError> {
-        let hard_state = match engine.get(keys::HARD_STATE)? {
+        let mut hard_state: HardState = match engine.get(keys::HARD_STATE)? {
             Some(b) => decode(keys::HARD_STATE, &b)?,
             None => HardState::default(),
         };
@@ -70,11 +72,18 @@ impl<E: Engine + Clone> LogStore<E> {
             .and_then(|(k, _)| keys::number_of(k))
             .unwrap_or(truncated.index);
         let sm = StateMachine::open(engine.clone(), bootstrap)?;
+        // With persistence off the core thread, an entry may be applied before the hard state
+        // carrying its commit index reaches the disk. Applied entries were committed and are
+        // in the local log, so the commit index is at least the applied index.
+        if hard_state.commit < sm.applied_index() {
+            hard_state.commit = sm.applied_index();
+        }
         let mut store = Self {
             engine,
             hard_state,
             truncated,
             last_index,
+            durable_last_index: last_index,
             cache: VecDeque::new(),
             sm,
         };
@@ -112,17 +121,33 @@ impl<E: Engine + Clone> LogStore<E> {
         self.truncated.index
     }
 
-    /// Persists new entries (replacing any conflicting suffix) and the hard state. `sync` must
-    /// be set when entries, term or vote change (raft-rs's `must_sync`); a commit-index-only
-    /// change need not reach the disk before anything depends on it (see `set_commit`).
+    /// Persists new entries (replacing any conflicting suffix) and the hard state, now. `sync`
+    /// must be set when entries, term or vote change (raft-rs's `must_sync`); a
+    /// commit-index-only change need not reach the disk before anything depends on it.
     pub fn append(
         &mut self,
         entries: &[Entry],
         hs: Option<&HardState>,
         sync: bool,
     ) -> Result<(), StoreError> {
+        let batch = self.stage_append(entries, hs);
+        if !batch.is_empty() {
+            assert!(sync || entries.is_empty(), "entries must be synced");
+            self.engine.write(batch, sync)?;
+        }
+        if let Some(last) = entries.last() {
+            self.mark_durable(last.index);
+        }
+        Ok(())
+    }
+
+    /// Makes `entries` (replacing any conflicting suffix) and `hs` visible to raft-rs at once,
+    /// from memory, and returns the write that makes them durable. raft-rs reads appended
+    /// entries from storage as soon as the Ready is advanced, before they are durable
+    /// (async ready), so the cache keeps every entry that is not yet durable.
+    pub fn stage_append(&mut self, entries: &[Entry], hs: Option<&HardState>) -> WriteBatch {
         let mut batch = WriteBatch::default();
-        if let Some(first) = entries.first() {
+        if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
             assert!(
                 first.index >= self.first_index() && first.index <= self.last_index + 1,
                 "append at {} leaves a gap (log is [{}, {}])",
@@ -136,19 +161,6 @@ impl<E: Engine + Clone> LogStore<E> {
             for e in entries {
                 batch.put(keys::log(e.index), e.encode_to_vec());
             }
-        }
-        if let Some(hs) = hs {
-            batch.put(keys::HARD_STATE.to_vec(), hs.encode_to_vec());
-        }
-        if batch.is_empty() {
-            return Ok(());
-        }
-        assert!(sync || entries.is_empty(), "entries must be synced");
-        self.engine.write(batch, sync)?;
-        if let Some(hs) = hs {
-            self.hard_state = hs.clone();
-        }
-        if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
             while self.cache.back().is_some_and(|e| e.index >= first.index) {
                 self.cache.pop_back();
             }
@@ -157,15 +169,39 @@ impl<E: Engine + Clone> LogStore<E> {
                 .back()
                 .is_some_and(|e| e.index + 1 != first.index)
             {
+                assert!(
+                    self.durable_last_index >= self.last_index.min(first.index - 1),
+                    "dropping a cache that holds entries not yet durable"
+                );
                 self.cache.clear();
             }
             self.cache.extend(entries.iter().cloned());
-            while self.cache.len() > ENTRY_CACHE_LEN {
-                self.cache.pop_front();
-            }
+            self.durable_last_index = self.durable_last_index.min(first.index - 1);
+            self.trim_cache();
             self.last_index = last.index;
         }
-        Ok(())
+        if let Some(hs) = hs {
+            batch.put(keys::HARD_STATE.to_vec(), hs.encode_to_vec());
+            self.hard_state = hs.clone();
+        }
+        batch
+    }
+
+    /// Entries up to `index` are durable (their cache copies may now be evicted).
+    pub fn mark_durable(&mut self, index: u64) {
+        self.durable_last_index = self.durable_last_index.max(index.min(self.last_index));
+        self.trim_cache();
+    }
+
+    fn trim_cache(&mut self) {
+        while self.cache.len() > ENTRY_CACHE_LEN
+            && self
+                .cache
+                .front()
+                .is_some_and(|e| e.index <= self.durable_last_index)
+        {
+            self.cache.pop_front();
+        }
     }
 
     /// Records a new commit index. Not synced: it is ordered before the apply writes that
@@ -231,6 +267,7 @@ impl<E: Engine + Clone> LogStore<E> {
         self.hard_state = hs;
         self.truncated = truncated;
         self.last_index = meta.index;
+        self.durable_last_index = meta.index;
         self.cache.clear();
         self.sm.reload()?;
         if self.sm.applied_index() != meta.index {

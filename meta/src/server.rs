@@ -79,6 +79,9 @@ enum Input {
     Unreachable(u64),
     /// The peer's process is gone (its Raft port refuses connections).
     PeerDown(u64),
+    /// Appends up to this Ready number are durable.
+    Persisted(u64),
+    PersistFailed(String),
     SnapshotFailed(u64),
     CancelWatch(WatchId),
     Shutdown,
@@ -363,8 +366,11 @@ pub async fn start(cfg: ServerConfig) -> Result<MetaHandle, StartError> {
         ))
     };
     let start_instant = Instant::now();
+    let mut core_cfg = cfg.core.clone();
+    core_cfg.async_persist = true;
+    let writer_engine = engine.clone();
     let core = MetaCore::open(
-        cfg.core.clone(),
+        core_cfg,
         engine,
         bootstrap,
         &crate::slog_bridge::logger(),
@@ -388,6 +394,17 @@ pub async fn start(cfg: ServerConfig) -> Result<MetaHandle, StartError> {
     };
     let stopped = Arc::new(tokio::sync::Notify::new());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (persist, persist_rx) = std_mpsc::channel();
+    {
+        let done = inputs.clone();
+        std::thread::Builder::new()
+            .name(format!("meta-log-{}", cfg.id))
+            .spawn(move || log_writer(writer_engine, persist_rx, done))
+            .map_err(|e| StartError::DataDir {
+                path: cfg.data_dir.clone(),
+                source: e,
+            })?;
+    }
     let core_thread = {
         let stop = stop.clone();
         let stopped = stopped.clone();
@@ -409,6 +426,7 @@ pub async fn start(cfg: ServerConfig) -> Result<MetaHandle, StartError> {
                     metrics,
                     data_dir,
                     stop,
+                    persist,
                 };
                 l.run(tick);
                 stopped.notify_waiters();
@@ -531,6 +549,41 @@ struct CoreLoop {
     metrics: Arc<Metrics>,
     data_dir: PathBuf,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Appends for the log writer thread.
+    persist: std_mpsc::Sender<PersistTask>,
+}
+
+type PersistTask = (u64, WriteBatch, bool);
+
+/// The log writer: makes appends durable off the core thread, in order. Tasks that queued up
+/// while the previous write synced go out together in one write and one fsync (group commit).
+fn log_writer<E: Engine>(
+    engine: E,
+    tasks: std_mpsc::Receiver<PersistTask>,
+    done: std_mpsc::SyncSender<Input>,
+) {
+    while let Ok(first) = tasks.recv() {
+        let (mut number, mut batch, mut sync) = first;
+        while let Ok((n, b, s)) = tasks.try_recv() {
+            number = n;
+            batch.ops.extend(b.ops);
+            sync |= s;
+        }
+        let result = if batch.is_empty() {
+            Ok(())
+        } else {
+            engine.write(batch, sync)
+        };
+        let input = match result {
+            Ok(()) => Input::Persisted(number),
+            Err(e) => Input::PersistFailed(e.to_string()),
+        };
+        let failed = matches!(input, Input::PersistFailed(_));
+        // Blocking send: completions must never be dropped (the core never waits on us).
+        if done.send(input).is_err() || failed {
+            return;
+        }
+    }
 }
 
 impl CoreLoop {
@@ -600,6 +653,8 @@ impl CoreLoop {
             }
             Input::Raft(m) => self.core.handle_message(now, m),
             Input::Unreachable(p) => self.core.handle_unreachable(p),
+            Input::Persisted(n) => self.core.handle_persisted(n),
+            Input::PersistFailed(reason) => self.core.handle_persist_failed(reason),
             Input::PeerDown(p) => {
                 self.core.handle_unreachable(p);
                 self.core.handle_peer_down(now, p);
@@ -660,6 +715,16 @@ impl CoreLoop {
                     self.core.handle_cancel_watch(watch_id);
                 }
                 Output::Members(ms) => self.transport.dir.update(&ms),
+                Output::Persist {
+                    number,
+                    batch,
+                    sync,
+                } => {
+                    if self.persist.send((number, batch, sync)).is_err() {
+                        self.core
+                            .handle_persist_failed("the log writer thread is gone".into());
+                    }
+                }
                 Output::Stopped { reason } => {
                     tracing::error!(%reason, "meta member stopped");
                     for (_, r) in self.replies.drain() {

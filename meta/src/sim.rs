@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::core::{CoreConfig, MetaCore, Output, Request, Response};
-use crate::engine::MemEngine;
+use crate::engine::{Engine, MemEngine};
 use crate::state::Applied;
 
 /// Knobs of one simulated run.
@@ -64,6 +64,8 @@ struct SimMember {
     engine: MemEngine,
     core: Option<MetaCore<MemEngine>>,
     next_tick_ms: u64,
+    /// Appends handed to this member's (simulated) log writer: (due time, number, batch, sync).
+    persists: std::collections::VecDeque<(u64, u64, crate::engine::WriteBatch, bool)>,
 }
 
 struct Flight {
@@ -126,6 +128,7 @@ impl Sim {
                 engine,
                 core: None,
                 next_tick_ms: jitter,
+                persists: std::collections::VecDeque::new(),
             });
             sim.start(i)?;
         }
@@ -152,6 +155,8 @@ impl Sim {
         cfg.snapshot_entries = self.cfg.snapshot_entries;
         cfg.request_timeout_ms = 3_000;
         cfg.snapshot_retry_ms = 2_000;
+        // Odd seeds persist appends on a simulated writer thread that lags behind the core.
+        cfg.async_persist = self.report.seed % 2 == 1;
         let engine = self.members[i].engine.clone();
         let mut core = MetaCore::open(cfg, engine, Some(self.bootstrap()), &logger(), self.now_ms)
             .map_err(|e| format!("member {} failed to open: {e}", i + 1))?;
@@ -161,6 +166,8 @@ impl Sim {
     }
 
     fn crash(&mut self, i: usize) {
+        // Appends the writer had not done yet are lost with the process.
+        self.members[i].persists.clear();
         if self.members[i].core.take().is_some() {
             let unsynced = self.members[i].engine.unsynced_batches();
             let keep = self.rng.gen_range(0..=unsynced);
@@ -244,6 +251,17 @@ impl Sim {
                 }
                 Output::Stopped { reason } => {
                     return Err(format!("member {} stopped: {reason}", i + 1));
+                }
+                Output::Persist {
+                    number,
+                    batch,
+                    sync,
+                } => {
+                    let after = self.members[i].persists.back().map(|p| p.0).unwrap_or(0);
+                    let due = (self.now_ms + self.rng.gen_range(0..4)).max(after);
+                    self.members[i]
+                        .persists
+                        .push_back((due, number, batch, sync));
                 }
                 _ => {}
             }
@@ -329,7 +347,32 @@ impl Sim {
             .map(|f| f.at_ms)
             .min()
             .unwrap_or(u64::MAX);
-        self.now_ms = next_tick.min(next_flight);
+        let next_persist = self
+            .members
+            .iter()
+            .filter_map(|m| m.persists.front().map(|p| p.0))
+            .min()
+            .unwrap_or(u64::MAX);
+        self.now_ms = next_tick.min(next_flight).min(next_persist);
+        if next_persist <= next_tick.min(next_flight) {
+            let i = self
+                .members
+                .iter()
+                .position(|m| m.persists.front().is_some_and(|p| p.0 == next_persist))
+                .expect("a persist is due");
+            let Some((_, number, batch, sync)) = self.members[i].persists.pop_front() else {
+                return Ok(());
+            };
+            let written = self.members[i].engine.write(batch, sync);
+            if let Some(core) = self.members[i].core.as_mut() {
+                match written {
+                    Ok(()) => core.handle_persisted(number),
+                    Err(e) => core.handle_persist_failed(e.to_string()),
+                }
+            }
+            self.drain(i)?;
+            return Ok(());
+        }
         if next_flight <= next_tick {
             let pos = self
                 .flights
@@ -440,7 +483,9 @@ impl Sim {
                 .iter()
                 .filter_map(|m| m.core.as_ref().map(|c| c.applied_index()))
                 .collect();
-            if indexes.iter().all(|i| *i == indexes[0]) && self.flights.is_empty() {
+            let quiet =
+                self.flights.is_empty() && self.members.iter().all(|m| m.persists.is_empty());
+            if indexes.iter().all(|i| *i == indexes[0]) && quiet {
                 break;
             }
             if self.now_ms > deadline {
