@@ -20,6 +20,10 @@ impl Drain for TracingDrain {
     type Err = slog::Never;
 
     fn log(&self, record: &Record, values: &OwnedKVList) -> Result<(), slog::Never> {
+        // raft-rs logs every message at debug/trace level: decide before formatting anything.
+        if !self.is_enabled(record.level()) {
+            return Ok(());
+        }
         let mut kv = Collect(String::new());
         let _ = record.kv().serialize(record, &mut kv);
         let _ = values.serialize(record, &mut kv);
@@ -32,6 +36,18 @@ impl Drain for TracingDrain {
             Level::Trace => tracing::trace!(target: "raft", "{msg}{}", kv.0),
         }
         Ok(())
+    }
+
+    fn is_enabled(&self, level: Level) -> bool {
+        match level {
+            Level::Critical | Level::Error => {
+                tracing::enabled!(target: "raft", tracing::Level::ERROR)
+            }
+            Level::Warning => tracing::enabled!(target: "raft", tracing::Level::WARN),
+            Level::Info => tracing::enabled!(target: "raft", tracing::Level::INFO),
+            Level::Debug => tracing::enabled!(target: "raft", tracing::Level::DEBUG),
+            Level::Trace => tracing::enabled!(target: "raft", tracing::Level::TRACE),
+        }
     }
 }
 
