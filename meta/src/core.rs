@@ -1113,13 +1113,8 @@ impl<E: Engine + Clone> MetaCore<E> {
 
     /// One Ready round in raft-rs's documented order.
     fn process_ready(&mut self) -> Result<(), StoreError> {
-        let mut rd = self.node.ready();
-        if let Some(ss) = rd.ss() {
-            let (role, leader) = (ss.raft_state, ss.leader_id);
-            self.on_role_change(role, leader);
-        }
         // 1. A leader may send before persisting (Raft thesis 10.2.1).
-        self.send_all(rd.take_messages());
+        let mut rd = self.start_ready();
         // 2. A snapshot from the leader replaces everything.
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
@@ -1128,13 +1123,7 @@ impl<E: Engine + Clone> MetaCore<E> {
             self.after_snapshot()?;
         }
         // 3. Confirmed read indexes.
-        for rs in rd.take_read_states() {
-            let ctx = u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
-            if let Some(reads) = self.reads_in_flight.remove(&ctx) {
-                self.reads_ready
-                    .extend(reads.into_iter().map(|r| (rs.index, r)));
-            }
-        }
+        self.confirm_reads(&mut rd);
         // 4. Entries and hard state (with the commit index) in one batch, synced when entries,
         //    term or vote changed. A commit-only change is ordered before the applies below in
         //    the same WAL, which is all `applied <= commit` needs.
@@ -1156,14 +1145,19 @@ impl<E: Engine + Clone> MetaCore<E> {
         Ok(())
     }
 
-    /// One Ready round whose appends are persisted by the driver (see `Output::Persist`).
-    fn process_ready_async(&mut self) -> Result<(), StoreError> {
+    /// Takes the next Ready, notes role changes and sends what may leave before persistence.
+    fn start_ready(&mut self) -> raft::Ready {
         let mut rd = self.node.ready();
         if let Some(ss) = rd.ss() {
             let (role, leader) = (ss.raft_state, ss.leader_id);
             self.on_role_change(role, leader);
         }
         self.send_all(rd.take_messages());
+        rd
+    }
+
+    /// Reads whose ReadIndex a quorum confirmed now wait for apply to reach it.
+    fn confirm_reads(&mut self, rd: &mut raft::Ready) {
         for rs in rd.take_read_states() {
             let ctx = u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
             if let Some(reads) = self.reads_in_flight.remove(&ctx) {
@@ -1171,6 +1165,12 @@ impl<E: Engine + Clone> MetaCore<E> {
                     .extend(reads.into_iter().map(|r| (rs.index, r)));
             }
         }
+    }
+
+    /// One Ready round whose appends are persisted by the driver (see `Output::Persist`).
+    fn process_ready_async(&mut self) -> Result<(), StoreError> {
+        let mut rd = self.start_ready();
+        self.confirm_reads(&mut rd);
         // Committed entries handed out here are durable locally already (raft-rs bounds them
         // by the persisted index), so they can be applied while newer appends are in flight.
         let committed = rd.take_committed_entries();
