@@ -49,7 +49,7 @@ pub struct MetaArgs {
     /// Raft tick interval in milliseconds. [default: 100]
     #[arg(long, value_name = "MS")]
     pub tick_ms: Option<u64>,
-    /// Ticks without a leader before a follower campaigns (randomised up to twice this).
+    /// Ticks without a leader before a follower campaigns (randomised up to 1.5 times this).
     /// [default: 10]
     #[arg(long, value_name = "TICKS")]
     pub election_ticks: Option<usize>,

@@ -20,9 +20,9 @@ use std::collections::{BTreeMap, VecDeque};
 
 use continuum_proto::limits;
 use continuum_proto::meta::{
-    self as api, DeleteRangeRequest, Event, LeaseGrantRequest, LeaseKeepAliveResponse,
-    LeaseRevokeRequest, LeaseTimeToLiveResponse, Member, PutRequest, RangeRequest, RangeResponse,
-    ResponseHeader, StatusResponse, TxnRequest, WatchRequest,
+    DeleteRangeRequest, Event, LeaseGrantRequest, LeaseKeepAliveResponse, LeaseRevokeRequest,
+    LeaseTimeToLiveResponse, Member, PutRequest, RangeRequest, RangeResponse, ResponseHeader,
+    StatusResponse, TxnRequest, WatchRequest,
 };
 use prost::Message as _;
 use raft::eraftpb::{
@@ -1221,11 +1221,6 @@ impl<E: Engine + Clone> MetaCore<E> {
         }
     }
 
-    /// Whether appends are waiting for the driver.
-    pub fn persist_in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
-
     fn after_snapshot(&mut self) -> Result<(), StoreError> {
         let members = self.sm().members()?;
         self.outputs.push_back(Output::Members(members));
@@ -1491,16 +1486,6 @@ pub fn role_name(role: StateRole) -> &'static str {
         StateRole::Follower => "follower",
         StateRole::Candidate => "candidate",
         StateRole::PreCandidate => "pre-candidate",
-    }
-}
-
-/// The response header of an API response (for drivers that need to patch it).
-pub fn api_header(resp: &Response) -> Option<&api::ResponseHeader> {
-    match resp {
-        Response::Range(r) => r.header.as_ref(),
-        Response::Status(s) => s.header.as_ref(),
-        Response::Members(h, _) => Some(h),
-        _ => None,
     }
 }
 
