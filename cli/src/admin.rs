@@ -455,14 +455,23 @@ pub async fn site(cmd: SiteCommand) -> anyhow::Result<()> {
             } else {
                 SiteKind::Edge
             };
-            ep.client()?
+            let created = ep
+                .client()?
                 .create_record(&Site {
                     schema_version: 0,
                     name: name.clone(),
                     kind: kind as i32,
                     description,
                 })
-                .await?;
+                .await;
+            match created {
+                Err(continuum_meta_client::Error::AlreadyExists { .. }) => {
+                    bail!("site {name} already exists")
+                }
+                other => {
+                    other?;
+                }
+            }
             println!("site {name} created");
         }
     }
