@@ -125,7 +125,7 @@ fn classify(status: Status) -> Failure {
                 .map(str::to_string),
         ),
         (_, "stopped") | (_, "busy") => Failure::Retry(None),
-        (_, "leader-changed") | (_, "timeout") => Failure::Unknown(message),
+        (_, "leader-changed") | (_, "timeout") | (_, "interrupted") => Failure::Unknown(message),
         (_, "no-space") => Failure::Fatal(Error::NoSpace { message }),
         (_, "compacted") => Failure::Fatal(Error::Compacted {
             compact_revision: parse_compact(&message),

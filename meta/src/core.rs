@@ -171,8 +171,8 @@ pub enum Output {
 /// A log append handed to the driver and not yet durable.
 struct InFlight {
     number: u64,
-    /// Last log index this append wrote, if it wrote entries.
-    last_index: Option<u64>,
+    /// Last log entry (index, term) this append wrote, if it wrote entries.
+    last: Option<(u64, u64)>,
     /// Messages that may only leave once this is durable (votes, append acks).
     messages: Vec<Message>,
 }
@@ -405,9 +405,13 @@ impl<E: Engine + Clone> MetaCore<E> {
         self.outputs.push_back(Output::Respond { id, result });
     }
 
+    /// "Not the leader", naming the leader when another member is known to lead. (A leader
+    /// that drops a proposal, e.g. while transferring leadership, names nobody, so clients
+    /// back off instead of retrying it in a loop.)
     fn not_leader(&self) -> MetaError {
         MetaError::NotLeader {
-            leader_id: (self.leader_id != 0).then_some(self.leader_id),
+            leader_id: (self.leader_id != 0 && self.leader_id != self.cfg.id)
+                .then_some(self.leader_id),
         }
     }
 
@@ -554,8 +558,9 @@ impl<E: Engine + Clone> MetaCore<E> {
         self.read_batch.clear();
         self.reads_in_flight.clear();
         self.reads_ready.clear();
+        // A proposed write may still commit through the other members: its outcome is unknown.
         for id in ids {
-            self.respond(id, Err(MetaError::Stopped));
+            self.respond(id, Err(MetaError::Interrupted));
         }
         self.outputs.push_back(Output::Stopped { reason });
     }
@@ -623,7 +628,9 @@ impl<E: Engine + Clone> MetaCore<E> {
     }
 
     fn flush_read_batch(&mut self) {
-        if self.read_batch.is_empty() {
+        // raft-rs drops a ReadIndex until the leader has committed an entry of its own term;
+        // keep the reads until then instead of letting them time out.
+        if self.read_batch.is_empty() || !self.node.raft.commit_to_current_term() {
             return;
         }
         let ctx = self.next_read_ctx;
@@ -1186,7 +1193,7 @@ impl<E: Engine + Clone> MetaCore<E> {
         self.node.advance_apply();
         self.in_flight.push_back(InFlight {
             number,
-            last_index: entries.last().map(|e| e.index),
+            last: entries.last().map(|e| (e.index, e.term)),
             messages,
         });
         self.outputs.push_back(Output::Persist {
@@ -1206,8 +1213,8 @@ impl<E: Engine + Clone> MetaCore<E> {
             let Some(t) = self.in_flight.pop_front() else {
                 break;
             };
-            if let Some(index) = t.last_index {
-                self.node.mut_store().mark_durable(index);
+            if let Some((index, term)) = t.last {
+                self.node.mut_store().mark_durable(index, term);
             }
             self.node.on_persist_ready(t.number);
             self.send_all(t.messages);

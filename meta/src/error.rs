@@ -45,8 +45,10 @@ pub enum MetaError {
     MembershipRejected { reason: String },
     #[error("database space exceeded: {reason}")]
     NoSpace { reason: String },
-    #[error("the member is shutting down")]
+    #[error("the member is stopped; the request was not applied")]
     Stopped,
+    #[error("the member stopped while the request was in flight; its outcome is unknown")]
+    Interrupted,
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -136,7 +136,7 @@ impl<E: Engine + Clone> LogStore<E> {
             self.engine.write(batch, sync)?;
         }
         if let Some(last) = entries.last() {
-            self.mark_durable(last.index);
+            self.mark_durable(last.index, last.term);
         }
         Ok(())
     }
@@ -187,10 +187,21 @@ impl<E: Engine + Clone> LogStore<E> {
         batch
     }
 
-    /// Entries up to `index` are durable (their cache copies may now be evicted).
-    pub fn mark_durable(&mut self, index: u64) {
-        self.durable_last_index = self.durable_last_index.max(index.min(self.last_index));
-        self.trim_cache();
+    /// The entry (`index`, `term`) and everything before it are durable, so their cache
+    /// copies may be evicted. If a later append has replaced that entry meanwhile (a conflict
+    /// with another leader's log), nothing is marked: the replacement is not durable yet, and
+    /// its own completion will mark it.
+    pub fn mark_durable(&mut self, index: u64, term: u64) {
+        let still_there = self
+            .cache
+            .front()
+            .filter(|f| index >= f.index)
+            .and_then(|f| self.cache.get((index - f.index) as usize))
+            .is_some_and(|e| e.index == index && e.term == term);
+        if still_there {
+            self.durable_last_index = self.durable_last_index.max(index);
+            self.trim_cache();
+        }
     }
 
     fn trim_cache(&mut self) {
@@ -405,5 +416,48 @@ impl<E: Engine + Clone> raft::Storage for LogStore<E> {
             ));
         }
         self.build_snapshot().map_err(to_raft)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::MemEngine;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_replaced_append_does_not_mark_its_replacement_durable() {
+        let mut store =
+            LogStore::open(MemEngine::new(), Some((ConfState::default(), vec![]))).unwrap();
+        let a: Vec<Entry> = (1..=3).map(|i| entry(i, 1)).collect();
+        let batch_a = store.stage_append(&a, None);
+        // Another leader's entries replace 2..=3 before A is durable.
+        let b: Vec<Entry> = (2..=4).map(|i| entry(i, 2)).collect();
+        let batch_b = store.stage_append(&b, None);
+        store.engine().write(batch_a, true).unwrap();
+        store.mark_durable(3, 1);
+        assert_eq!(
+            store.durable_last_index, 0,
+            "entry 3 of term 1 was replaced"
+        );
+        store.engine().write(batch_b, true).unwrap();
+        store.mark_durable(4, 2);
+        assert_eq!(store.durable_last_index, 4);
+        use raft::Storage;
+        assert_eq!(store.term(3).unwrap(), 2);
+        assert_eq!(
+            store
+                .entries(1, 5, None, GetEntriesContext::empty(false))
+                .unwrap()
+                .len(),
+            4
+        );
     }
 }

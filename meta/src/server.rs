@@ -157,11 +157,10 @@ impl Transport {
             Err(mpsc::error::TrySendError::Full(m)) => {
                 // Raft retransmits; a full queue means the peer is slow or gone.
                 tracing::debug!(peer = to, "raft queue full; dropping message");
-                if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
-                    let _ = self.inputs.try_send(Input::SnapshotFailed(to));
-                }
+                report_dropped(&m, to, &self.inputs);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(mpsc::error::TrySendError::Closed(m)) => {
+                report_dropped(&m, to, &self.inputs);
                 peers.remove(&to);
             }
         }
@@ -189,7 +188,8 @@ async fn peer_loop(
         let Some(member) = dir.get(to) else {
             // Unknown peer: drop what is queued until its address is known.
             match rx.recv().await {
-                Some(_) => {
+                Some(m) => {
+                    report_dropped(&m, to, &inputs);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -224,7 +224,9 @@ async fn peer_loop(
                     Input::Unreachable(to)
                 });
                 // Drain what queued meanwhile: stale Raft messages are worthless.
-                while rx.try_recv().is_ok() {}
+                while let Ok(m) = rx.try_recv() {
+                    report_dropped(&m, to, &inputs);
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
@@ -505,6 +507,13 @@ pub async fn start(cfg: ServerConfig) -> Result<MetaHandle, StartError> {
     })
 }
 
+/// A dropped snapshot must be reported, or raft-rs waits for it until `snapshot_retry_ms`.
+fn report_dropped(m: &Message, to: u64, inputs: &std_mpsc::SyncSender<Input>) {
+    if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+        let _ = inputs.try_send(Input::SnapshotFailed(to));
+    }
+}
+
 fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
@@ -728,7 +737,7 @@ impl CoreLoop {
                 Output::Stopped { reason } => {
                     tracing::error!(%reason, "meta member stopped");
                     for (_, r) in self.replies.drain() {
-                        let _ = r.send(Err(MetaError::Stopped));
+                        let _ = r.send(Err(MetaError::Interrupted));
                     }
                 }
             }
@@ -782,6 +791,7 @@ impl MetaService {
             }
             MetaError::NoSpace { .. } => (Status::resource_exhausted(msg), "no-space"),
             MetaError::Stopped => (Status::unavailable(msg), "stopped"),
+            MetaError::Interrupted => (Status::unavailable(msg), "interrupted"),
             MetaError::Store(StoreError::NoSpace { .. }) => {
                 (Status::resource_exhausted(msg), "no-space")
             }
@@ -829,7 +839,8 @@ impl MetaService {
     ) -> Result<Response, Status> {
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(r)) => r.map_err(|e| self.status_of(e)),
-            Ok(Err(_)) => Err(self.status_of(MetaError::Stopped)),
+            // The core went away with the request pending: it may have been proposed.
+            Ok(Err(_)) => Err(self.status_of(MetaError::Interrupted)),
             Err(_) => Err(self.status_of(MetaError::Timeout {
                 timeout_ms: self.timeout.as_millis() as u64,
             })),
