@@ -30,6 +30,9 @@ pub struct SimConfig {
     /// Mean virtual ms between fault events (partition, heal, crash, restart).
     pub fault_every_ms: u64,
     pub snapshot_entries: u64,
+    /// Deliberately broken storage, to show the checkers catch it: the simulated log writer
+    /// reports appends durable without syncing them (a crash then loses acknowledged entries).
+    pub break_log_sync: bool,
 }
 
 impl Default for SimConfig {
@@ -41,6 +44,7 @@ impl Default for SimConfig {
             max_delay_ms: 30,
             fault_every_ms: 1_500,
             snapshot_entries: 64,
+            break_log_sync: false,
         }
     }
 }
@@ -363,6 +367,7 @@ impl Sim {
             let Some((_, number, batch, sync)) = self.members[i].persists.pop_front() else {
                 return Ok(());
             };
+            let sync = sync && !self.cfg.break_log_sync;
             let written = self.members[i].engine.write(batch, sync);
             if let Some(core) = self.members[i].core.as_mut() {
                 match written {

@@ -87,3 +87,29 @@ fn same_seed_same_run() {
         )
     );
 }
+
+/// The checkers can fail: with a log writer that acknowledges appends it never synced, crashes
+/// lose acknowledged entries, and some seed must be caught (as a violation, or by raft-rs's
+/// own assertion that a committed entry vanished).
+#[test]
+fn a_writer_that_skips_fsync_is_caught() {
+    let cfg = SimConfig {
+        break_log_sync: true,
+        ..SimConfig::default()
+    };
+    let mut caught = None;
+    // Odd seeds use the (broken) asynchronous writer.
+    for seed in (1..400).step_by(2) {
+        let cfg = cfg.clone();
+        let outcome = std::panic::catch_unwind(move || sim::run(seed, cfg));
+        if !matches!(outcome, Ok(Ok(_))) {
+            caught = Some(seed);
+            break;
+        }
+    }
+    assert!(
+        caught.is_some(),
+        "no seed noticed a log writer that never syncs"
+    );
+    eprintln!("broken fsync caught by seed {caught:?}");
+}
