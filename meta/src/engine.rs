@@ -79,6 +79,14 @@ impl RocksEngine {
         // Let the state machine's unsynced writes enter the memtable while the log writer's
         // WAL sync is in flight, instead of queueing behind it.
         opts.set_enable_pipelined_write(true);
+        // Background compaction yields the CPU to the Raft loop (tail latency under load);
+        // extra memtables absorb a flush that runs late instead of stalling writes.
+        if let Ok(mut env) = rocksdb::Env::new() {
+            env.lower_thread_pool_cpu_priority();
+            env.lower_thread_pool_io_priority();
+            opts.set_env(&env);
+        }
+        opts.set_max_write_buffer_number(4);
         opts.set_max_background_jobs(2);
         let db = rocksdb::DB::open(&opts, path).map_err(|e| StoreError::Engine {
             reason: e.to_string(),
