@@ -9,6 +9,7 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
     m.insert("proto", BTreeSet::new());
     m.insert("meta", ["continuum-proto"].into());
     m.insert("meta-client", ["continuum-proto"].into());
+    m.insert("blockstore", ["continuum-proto"].into());
     // Dev-dependency: meta's tests use the client; the binary wires everything together.
     m.insert(
         "cli",

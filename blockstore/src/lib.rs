@@ -1,0 +1,13 @@
+//! Continuum's erasure-coded block store (issue 3, in progress; see docs/plans/issue-3.md).
+//!
+//! Built so far, each a pure, deterministic core with its own tests:
+//! - [`ec`]: the k+m Reed-Solomon codec (reed-solomon-erasure): encode, reconstruct from any k
+//!   shards, and parity deltas for partial-stripe writes;
+//! - [`placement`]: which block servers hold a stripe's shards — placement groups mapped by
+//!   weighted rendezvous hashing, every shard in a different failure domain;
+//!
+//! Still to come: the block server (RocksDB index + io_uring data files), the volume client
+//! (versions, epochs, reconciliation), repair and the scrubber.
+
+pub mod ec;
+pub mod placement;
