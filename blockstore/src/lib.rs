@@ -3,6 +3,8 @@
 //! Built so far, each a pure, deterministic core with its own tests:
 //! - [`ec`]: the k+m Reed-Solomon codec (reed-solomon-erasure): encode, reconstruct from any k
 //!   shards, and parity deltas for partial-stripe writes;
+//! - [`wire`]: the block protocol's frame layer (fixed header, prost header bytes, payload),
+//!   parsed without copies and without panics;
 //! - [`placement`]: which block servers hold a stripe's shards — placement groups mapped by
 //!   weighted rendezvous hashing, every shard in a different failure domain;
 //!
@@ -11,3 +13,4 @@
 
 pub mod ec;
 pub mod placement;
+pub mod wire;
