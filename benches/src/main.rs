@@ -10,6 +10,7 @@
 
 mod cluster;
 mod continuum;
+mod ec;
 mod etcd;
 mod hist;
 mod meta;
@@ -33,6 +34,8 @@ enum Command {
     /// Meta service vs etcd 3.4: put and linearizable get throughput and latency, and the
     /// time from kill -9 of the leader to the first committed write.
     Meta(meta::MetaArgs),
+    /// Erasure coding per core: Continuum's codec vs Intel ISA-L (encode and reconstruct).
+    Ec(ec::EcArgs),
 }
 
 #[tokio::main]
@@ -41,6 +44,7 @@ async fn main() -> Result<()> {
     let bench = async {
         match cli.command {
             Command::Meta(args) => meta::run(args).await,
+            Command::Ec(args) => ec::run(args),
         }
     };
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;

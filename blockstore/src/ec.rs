@@ -123,6 +123,38 @@ impl Codec {
             .map_err(|_| EcError::ShapeMismatch)
     }
 
+    /// Like [`Codec::reconstruct`], into caller-owned buffers (no allocation): `shards` holds
+    /// the whole stripe, `present[i]` says whether shard `i` holds valid data; missing ones are
+    /// overwritten.
+    pub fn reconstruct_in_place(
+        &self,
+        shards: &mut [&mut [u8]],
+        present: &[bool],
+    ) -> Result<(), EcError> {
+        if shards.len() != self.profile.width() || present.len() != shards.len() {
+            return Err(EcError::ShapeMismatch);
+        }
+        let count = present.iter().filter(|p| **p).count();
+        if count < self.profile.data {
+            return Err(EcError::TooFewShards {
+                present: count,
+                needed: self.profile.data,
+            });
+        }
+        let len = shards[0].len();
+        if shards.iter().any(|s| s.len() != len) {
+            return Err(EcError::ShapeMismatch);
+        }
+        let mut pairs: Vec<(&mut [u8], bool)> = shards
+            .iter_mut()
+            .zip(present)
+            .map(|(s, p)| (&mut **s, *p))
+            .collect();
+        self.rs
+            .reconstruct(&mut pairs)
+            .map_err(|_| EcError::ShapeMismatch)
+    }
+
     /// Updates `parity` for data shard `index` changing from `old` to `new`.
     pub fn apply_delta(
         &self,
@@ -247,6 +279,21 @@ mod tests {
             let after = stripe(&codec, &data);
             prop_assert_eq!(&parity[..], &after[profile.data..]);
         }
+    }
+
+    #[test]
+    fn in_place_reconstruction_restores_lost_shards() {
+        let codec = Codec::new(Profile { data: 8, parity: 3 }).unwrap();
+        let data: Vec<Vec<u8>> = (0..8).map(|i| vec![i as u8 * 7 + 1; 100]).collect();
+        let full = stripe(&codec, &data);
+        let mut bufs = full.clone();
+        for i in [0, 5, 9] {
+            bufs[i].fill(0xee);
+        }
+        let present: Vec<bool> = (0..11).map(|i| ![0, 5, 9].contains(&i)).collect();
+        let mut refs: Vec<&mut [u8]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
+        codec.reconstruct_in_place(&mut refs, &present).unwrap();
+        assert_eq!(bufs, full);
     }
 
     #[test]
