@@ -1,6 +1,7 @@
 //! Continuum's erasure-coded block store (issue 3, in progress; see docs/plans/issue-3.md).
 //!
 //! Built so far, each a pure, deterministic core with its own tests:
+//! - [`checksum`]: CRC-32 per 4 KiB block, computed before writes and verified after reads;
 //! - [`ec`]: the k+m Reed-Solomon codec (reed-solomon-erasure): encode, reconstruct from any k
 //!   shards, and parity deltas for partial-stripe writes;
 //! - [`wire`]: the block protocol's frame layer (fixed header, prost header bytes, payload),
@@ -11,6 +12,7 @@
 //! Still to come: the block server (RocksDB index + io_uring data files), the volume client
 //! (versions, epochs, reconciliation), repair and the scrubber.
 
+pub mod checksum;
 pub mod ec;
 pub mod placement;
 pub mod wire;
