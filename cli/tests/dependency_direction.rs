@@ -15,9 +15,15 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
         "cli",
         ["continuum-proto", "continuum-meta", "continuum-meta-client"].into(),
     );
+    // Benches measure library cores directly (the EC codec) and services over the wire.
     m.insert(
         "benches",
-        ["continuum-proto", "continuum-meta-client"].into(),
+        [
+            "continuum-proto",
+            "continuum-meta-client",
+            "continuum-blockstore",
+        ]
+        .into(),
     );
     m
 }
