@@ -6,6 +6,8 @@
 //!   shards, and parity deltas for partial-stripe writes;
 //! - [`wire`]: the block protocol's frame layer (fixed header, prost header bytes, payload),
 //!   parsed without copies and without panics;
+//! - [`layout`]: stripe maths — volume ranges to (stripe, shard, offset) segments, and per
+//!   stripe the cheapest update (full-stripe encode, parity delta, or re-encode from the rest);
 //! - [`placement`]: which block servers hold a stripe's shards — placement groups mapped by
 //!   weighted rendezvous hashing, every shard in a different failure domain;
 //!
@@ -14,5 +16,6 @@
 
 pub mod checksum;
 pub mod ec;
+pub mod layout;
 pub mod placement;
 pub mod wire;
