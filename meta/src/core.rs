@@ -1276,17 +1276,16 @@ impl<E: Engine + Clone> MetaCore<E> {
                 trace.push((e.index, e.term, h.finish()));
             }
             match e.get_entry_type() {
-                EntryType::EntryNormal if e.data.is_empty() => {
-                    self.node.mut_store().sm.apply_empty(e.index, e.term)?;
-                }
-                EntryType::EntryNormal => self.apply_normal(&e)?,
+                // Normal and conf-change entries complete their own pending write.
+                EntryType::EntryNormal if !e.data.is_empty() => self.apply_normal(&e)?,
                 EntryType::EntryConfChangeV2 => self.apply_conf_change(&e)?,
-                EntryType::EntryConfChange => {
-                    // Never proposed by this code base.
+                // An empty entry (a new leader's) or a v1 conf change (never proposed here)
+                // changes no state; a write pending at its index was replaced.
+                EntryType::EntryNormal | EntryType::EntryConfChange => {
                     self.node.mut_store().sm.apply_empty(e.index, e.term)?;
+                    self.complete_write(e.index, e.term, None);
                 }
             }
-            self.complete_write(e.index, e.term, None);
         }
         Ok(())
     }
