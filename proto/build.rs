@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "proto/meta.proto",
             "proto/meta_internal.proto",
             "proto/records.proto",
+            "proto/block.proto",
         ],
         &["proto"],
     )?;

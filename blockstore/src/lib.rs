@@ -14,8 +14,15 @@
 //! Still to come: the block server (RocksDB index + io_uring data files), the volume client
 //! (versions, epochs, reconciliation), repair and the scrubber.
 
+pub mod alloc;
 pub mod checksum;
+pub mod client;
+pub mod device;
 pub mod ec;
+pub mod index;
 pub mod layout;
 pub mod placement;
+pub mod protocol;
+pub mod server;
+pub mod store;
 pub mod wire;

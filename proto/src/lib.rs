@@ -20,6 +20,11 @@ pub mod pb {
                 tonic::include_proto!("continuum.meta.internal");
             }
         }
+        pub mod block {
+            pub mod v1 {
+                tonic::include_proto!("continuum.block.v1");
+            }
+        }
         pub mod records {
             pub mod v1 {
                 tonic::include_proto!("continuum.records.v1");
@@ -35,6 +40,10 @@ pub use pb::continuum::meta::v1 as meta;
 /// may use these: they are here only because they embed the client API's messages.
 #[doc(hidden)]
 pub use pb::continuum::meta::internal as meta_internal;
+
+/// The block protocol's messages (from `proto/block.proto`): frame headers between volume
+/// clients and block servers.
+pub use pb::continuum::block::v1 as block;
 
 /// Generated record messages (from `proto/records.proto`); [`records`] adds their keys.
 pub use pb::continuum::records::v1 as records_pb;

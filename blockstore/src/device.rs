@@ -1,0 +1,225 @@
+//! Where a block server keeps shard bytes: a data file addressed in 4 KiB blocks, behind the
+//! narrow [`Device`] trait.
+//!
+//! - [`UringDevice`]: the real one, a file driven through io_uring (tokio-uring). Space freed
+//!   by TRIM or by superseded versions is punched out of the file, so `du` shrinks with it.
+//! - [`MemDevice`]: the in-memory twin for tests and the simulator. It models what a real disk
+//!   does on power loss: writes since the last [`Device::sync`] are volatile, and
+//!   [`MemDevice::crash`] keeps each of them or not (a seeded choice), so a torn multi-block
+//!   write can leave some blocks new and some old. Recovery must still work because the store
+//!   never references a block from a durable index entry before the block itself is synced,
+//!   and every block carries a checksum that catches the rest.
+//!
+//! Both are single-threaded (the block server runs one io_uring reactor per process).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::io;
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::checksum::BLOCK_BYTES;
+
+/// A block device: byte offsets and lengths are multiples of [`BLOCK_BYTES`].
+#[allow(async_fn_in_trait)]
+pub trait Device {
+    /// Reads `len` bytes at `offset`.
+    async fn read(&self, offset: u64, len: usize) -> io::Result<BytesMut>;
+    /// Writes `data` at `offset`.
+    async fn write(&self, offset: u64, data: Bytes) -> io::Result<()>;
+    /// Makes every completed write durable.
+    async fn sync(&self) -> io::Result<()>;
+    /// Releases the space of `[offset, offset + len)`; it reads as zeros afterwards.
+    async fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Usable bytes.
+    fn capacity(&self) -> u64;
+}
+
+/// The data file, through io_uring.
+pub struct UringDevice {
+    file: tokio_uring::fs::File,
+    capacity: u64,
+}
+
+impl std::fmt::Debug for UringDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UringDevice({} bytes)", self.capacity)
+    }
+}
+
+impl UringDevice {
+    /// Opens (creating if needed) the data file at `path`, sized to `capacity` bytes (sparse).
+    /// Must be called inside a tokio-uring runtime.
+    pub fn open(path: &std::path::Path, capacity: u64) -> io::Result<Self> {
+        let capacity = capacity / BLOCK_BYTES as u64 * BLOCK_BYTES as u64;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        if file.metadata()?.len() < capacity {
+            file.set_len(capacity)?;
+        }
+        Ok(Self {
+            file: tokio_uring::fs::File::from_std(file),
+            capacity,
+        })
+    }
+}
+
+impl Device for UringDevice {
+    async fn read(&self, offset: u64, len: usize) -> io::Result<BytesMut> {
+        let buf = BytesMut::zeroed(len);
+        let (res, buf) = self.file.read_exact_at(buf, offset).await;
+        res?;
+        Ok(buf)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes) -> io::Result<()> {
+        let (res, _) = self.file.write_all_at(data, offset).await;
+        res
+    }
+
+    async fn sync(&self) -> io::Result<()> {
+        self.file.sync_data().await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        const PUNCH: i32 = 0x02 | 0x01; // FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        self.file.fallocate(offset, len, PUNCH).await
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
+
+#[derive(Default)]
+struct MemState {
+    /// Durable blocks (offset → 4 KiB).
+    durable: BTreeMap<u64, Bytes>,
+    /// Writes since the last sync, in order (offset → 4 KiB).
+    volatile: Vec<(u64, Option<Bytes>)>,
+    /// Current view (durable + volatile).
+    current: BTreeMap<u64, Bytes>,
+}
+
+/// In-memory [`Device`] with power-loss semantics (see the module doc). Clones share state.
+#[derive(Clone, Default)]
+pub struct MemDevice {
+    state: Rc<RefCell<MemState>>,
+    capacity: u64,
+}
+
+impl std::fmt::Debug for MemDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MemDevice({} bytes)", self.capacity)
+    }
+}
+
+impl MemDevice {
+    pub fn new(capacity: u64) -> Self {
+        Self {
+            state: Rc::default(),
+            capacity: capacity / BLOCK_BYTES as u64 * BLOCK_BYTES as u64,
+        }
+    }
+
+    /// Power loss: each unsynced block write survives or not by `keep(i)` (i = its position
+    /// among the unsynced writes), so multi-block writes can tear.
+    pub fn crash(&self, mut keep: impl FnMut(usize) -> bool) {
+        let mut s = self.state.borrow_mut();
+        let volatile = std::mem::take(&mut s.volatile);
+        for (i, (off, data)) in volatile.into_iter().enumerate() {
+            if keep(i) {
+                match data {
+                    Some(d) => s.durable.insert(off, d),
+                    None => s.durable.remove(&off),
+                };
+            }
+        }
+        s.current = s.durable.clone();
+    }
+
+    /// Flips one bit of the stored byte at `offset` (bit rot), in the durable and current view.
+    pub fn flip_bit(&self, offset: u64, bit: u8) {
+        let mut guard = self.state.borrow_mut();
+        let s = &mut *guard;
+        let block = offset / BLOCK_BYTES as u64 * BLOCK_BYTES as u64;
+        let within = (offset - block) as usize;
+        for map in [&mut s.durable, &mut s.current] {
+            let mut b = map
+                .get(&block)
+                .map(|b| BytesMut::from(&b[..]))
+                .unwrap_or_else(|| BytesMut::zeroed(BLOCK_BYTES));
+            b[within] ^= 1 << (bit % 8);
+            map.insert(block, b.freeze());
+        }
+    }
+
+    /// Blocks holding data (not zero-filled by discard or never written).
+    pub fn blocks_in_use(&self) -> usize {
+        self.state.borrow().current.len()
+    }
+
+    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
+        let aligned = offset.is_multiple_of(BLOCK_BYTES as u64) && len.is_multiple_of(BLOCK_BYTES as u64);
+        if !aligned || offset + len > self.capacity {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("I/O at {offset}+{len} outside the aligned device"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Device for MemDevice {
+    async fn read(&self, offset: u64, len: usize) -> io::Result<BytesMut> {
+        self.check(offset, len as u64)?;
+        let s = self.state.borrow();
+        let mut out = BytesMut::zeroed(len);
+        for (i, chunk) in out.chunks_mut(BLOCK_BYTES).enumerate() {
+            if let Some(b) = s.current.get(&(offset + (i * BLOCK_BYTES) as u64)) {
+                chunk.copy_from_slice(b);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes) -> io::Result<()> {
+        self.check(offset, data.len() as u64)?;
+        let mut s = self.state.borrow_mut();
+        for i in 0..data.len() / BLOCK_BYTES {
+            let off = offset + (i * BLOCK_BYTES) as u64;
+            let b = data.slice(i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES);
+            s.current.insert(off, b.clone());
+            s.volatile.push((off, Some(b)));
+        }
+        Ok(())
+    }
+
+    async fn sync(&self) -> io::Result<()> {
+        let mut s = self.state.borrow_mut();
+        s.volatile.clear();
+        s.durable = s.current.clone();
+        Ok(())
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len)?;
+        let mut s = self.state.borrow_mut();
+        for i in 0..len / BLOCK_BYTES as u64 {
+            let off = offset + i * BLOCK_BYTES as u64;
+            s.current.remove(&off);
+            s.volatile.push((off, None));
+        }
+        Ok(())
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}

@@ -1,0 +1,305 @@
+//! The block server's network driver: accepts block-protocol connections and runs each request
+//! against the [`Store`].
+//!
+//! Runs on one thread inside a tokio-uring runtime (disk I/O through io_uring; the sockets are
+//! tokio's, which that runtime also drives). Per connection: a reader cuts frames out of the
+//! stream without copying payloads, each request runs as its own local task (many in flight,
+//! at most [`MAX_IN_FLIGHT_PER_CONNECTION`]), and a writer sends responses as they complete, in
+//! any order, matched by request id. A corrupt frame closes the connection (the stream can no
+//! longer be trusted); a well-framed but invalid request gets an `INVALID` status.
+//!
+//! A background task flushes the store every `flush_interval_ms` when something is unsynced,
+//! which bounds what a power loss can take and frees superseded space.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::device::Device;
+use crate::index::Index;
+use crate::protocol::{self, pb};
+use crate::store::Store;
+use crate::wire::{FrameDecoder, FrameRepr, Kind, FIXED_LEN};
+
+/// Requests of one connection being served at once; the reader waits beyond it.
+pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 256;
+/// Most simultaneous connections of one block server.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Read-buffer reservation per connection.
+const READ_CHUNK: usize = 256 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub node_id: u64,
+    pub flush_interval_ms: u64,
+}
+
+/// Serves `listener` until it fails (the caller drops the future to stop).
+pub async fn serve<D: Device + 'static, I: Index + 'static>(
+    store: Rc<Store<D, I>>,
+    listener: tokio::net::TcpListener,
+    cfg: ServeConfig,
+) -> std::io::Result<()> {
+    let flusher = {
+        let store = store.clone();
+        let every = Duration::from_millis(cfg.flush_interval_ms.max(1));
+        tokio::task::spawn_local(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if store.flush_due() {
+                    if let Err(e) = store.flush().await {
+                        // A storage error leaves the node's state unknown: stop (fail-stop).
+                        tracing::error!(error = %e, "background flush failed; stopping");
+                        std::process::exit(70);
+                    }
+                }
+            }
+        })
+    };
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let result = loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => break Err(e),
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many connections; refusing");
+            continue;
+        };
+        let store = store.clone();
+        let node = cfg.node_id;
+        tokio::task::spawn_local(async move {
+            if let Err(e) = connection(store, stream, peer, node).await {
+                tracing::debug!(%peer, error = %e, "connection closed");
+            }
+            drop(permit);
+        });
+    };
+    flusher.abort();
+    result
+}
+
+async fn connection<D: Device + 'static, I: Index + 'static>(
+    store: Rc<Store<D, I>>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    node: u64,
+) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let (mut rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::channel::<FrameRepr>(MAX_IN_FLIGHT_PER_CONNECTION);
+    let writer = tokio::task::spawn_local(write_loop(wr, rx));
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut decoder = FrameDecoder;
+    let result = 'outer: loop {
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(frame)) if frame.kind == Kind::Request => {
+                    let permit = in_flight
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore never closed");
+                    let (store, tx) = (store.clone(), tx.clone());
+                    tokio::task::spawn_local(async move {
+                        let id = frame.request_id;
+                        let (resp, payload) = handle(&store, node, frame.header, frame.payload).await;
+                        let out = FrameRepr {
+                            kind: Kind::Response,
+                            request_id: id,
+                            header: resp.encode_to_vec().into(),
+                            payload,
+                        };
+                        let _ = tx.send(out).await;
+                        drop(permit);
+                    });
+                }
+                Ok(Some(_)) => {
+                    tracing::warn!(%peer, "a response frame from a client; closing");
+                    break 'outer Ok(());
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "corrupt frame; closing the connection");
+                    break 'outer Ok(());
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+async fn write_loop(
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<FrameRepr>,
+) -> std::io::Result<()> {
+    let mut wr = tokio::io::BufWriter::with_capacity(256 * 1024, wr);
+    let mut head = Vec::with_capacity(4096);
+    while let Some(f) = rx.recv().await {
+        head.resize(FIXED_LEN + f.header.len(), 0);
+        f.emit_head(&mut head);
+        wr.write_all(&head).await?;
+        wr.write_all(&f.payload).await?;
+        if rx.is_empty() {
+            wr.flush().await?;
+        }
+    }
+    wr.flush().await
+}
+
+fn ok(result: pb::response::Result) -> pb::Response {
+    pb::Response {
+        status: pb::Status::Ok as i32,
+        message: String::new(),
+        current: None,
+        result: Some(result),
+    }
+}
+
+fn done() -> pb::Response {
+    pb::Response::default()
+}
+
+/// Runs one request; returns the response and its payload.
+pub async fn handle<D: Device, I: Index>(
+    store: &Store<D, I>,
+    node: u64,
+    header: Bytes,
+    payload: Bytes,
+) -> (pb::Response, Bytes) {
+    let req = match pb::Request::decode(header) {
+        Ok(r) => r,
+        Err(_) => return (protocol::invalid_response("undecodable request header"), Bytes::new()),
+    };
+    let Some(op) = req.op else {
+        return (protocol::invalid_response("request without an operation"), Bytes::new());
+    };
+    let empty = Bytes::new();
+    let r = match op {
+        pb::request::Op::Write(w) => {
+            let req = match protocol::write_from_pb(&w) {
+                Ok(r) => r,
+                Err(reason) => return (protocol::invalid_response(reason), empty),
+            };
+            let stabilize = match protocol::object_versions_from_pb(&w.stabilize) {
+                Some(s) => s,
+                None => return (protocol::invalid_response("stabilize entry without an object"), empty),
+            };
+            match store.write(&req, payload).await {
+                Ok(out) => {
+                    if !stabilize.is_empty() {
+                        if let Err(e) = store.stabilize(req.epoch, &stabilize).await {
+                            return (protocol::error_response(&e), empty);
+                        }
+                    }
+                    Ok((
+                        ok(pb::response::Result::Write(pb::WriteResult {
+                            previous: Some(protocol::version_to_pb(out.previous)),
+                        })),
+                        out.old.unwrap_or_default(),
+                    ))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        pb::request::Op::Read(r) => {
+            let Some(object) = protocol::object_from_pb(r.object.as_ref()) else {
+                return (protocol::invalid_response("read without an object"), empty);
+            };
+            store.read(object, r.offset, r.length).await.map(|out| {
+                (
+                    ok(pb::response::Result::Read(pb::ReadResult {
+                        version: Some(protocol::version_to_pb(out.version)),
+                        crcs: out.crcs,
+                        data_versions: protocol::data_versions_to_pb(&out.data_versions),
+                    })),
+                    out.data,
+                )
+            })
+        }
+        pb::request::Op::Stabilize(s) => match protocol::object_versions_from_pb(&s.objects) {
+            Some(list) => store.stabilize(s.epoch, &list).await.map(|_| (done(), empty)),
+            None => return (protocol::invalid_response("stabilize entry without an object"), empty),
+        },
+        pb::request::Op::Rollback(s) => match protocol::object_versions_from_pb(&s.objects) {
+            Some(list) => store.rollback(s.epoch, &list).await.map(|_| (done(), empty)),
+            None => return (protocol::invalid_response("rollback entry without an object"), empty),
+        },
+        pb::request::Op::List(l) => {
+            let after = protocol::object_from_pb(l.after.as_ref());
+            store
+                .list(l.volume, after, l.limit as usize, l.unstable_only)
+                .map(|(objects, more)| {
+                    (
+                        ok(pb::response::Result::List(pb::ListResult {
+                            objects: objects.iter().map(protocol::info_to_pb).collect(),
+                            more,
+                        })),
+                        empty,
+                    )
+                })
+        }
+        pb::request::Op::Stat(s) => {
+            if s.objects.len() > crate::store::MAX_LIST_OBJECTS {
+                return (protocol::invalid_response("too many objects in one stat"), empty);
+            }
+            let objects: Vec<_> = s
+                .objects
+                .iter()
+                .filter_map(|o| protocol::object_from_pb(Some(o)))
+                .collect();
+            store.stat(&objects).map(|infos| {
+                (
+                    ok(pb::response::Result::Stat(pb::ListResult {
+                        objects: infos.iter().map(protocol::info_to_pb).collect(),
+                        more: false,
+                    })),
+                    empty,
+                )
+            })
+        }
+        pb::request::Op::Flush(_) => store.flush().await.map(|_| (done(), empty)),
+        pb::request::Op::DeleteVolume(d) => store
+            .delete_volume(d.volume, d.epoch)
+            .await
+            .map(|_| (done(), empty)),
+        pb::request::Op::Hello(_) => Ok((
+            ok(pb::response::Result::Hello(pb::HelloResult {
+                node_id: node,
+                capacity_bytes: store.capacity_bytes(),
+                used_bytes: store.used_bytes(),
+            })),
+            empty,
+        )),
+    };
+    match r {
+        Ok(x) => x,
+        Err(e) => {
+            if matches!(
+                e,
+                crate::store::StoreError::Io { .. } | crate::store::StoreError::Index(_)
+            ) {
+                tracing::error!(error = %e, "storage error");
+            }
+            (protocol::error_response(&e), Bytes::new())
+        }
+    }
+}

@@ -1,0 +1,1095 @@
+//! The shard store of one block server: versioned, checksummed shard objects on a [`Device`],
+//! their records in an [`Index`].
+//!
+//! An object is one shard of one stripe of one volume. Its record holds, per 4 KiB block, the
+//! device location (0 = zeros, no space used) and the CRC-32 of the block; its current
+//! [`Version`]; an undo entry per unstable version; and, on parity shards, the version of each
+//! data shard the parity reflects.
+//!
+//! Writes never overwrite in place (redirect-on-write): new blocks go to free space, and the
+//! blocks they replace stay allocated, referenced from the write's undo entry, until the writer
+//! says the version is stable ([`Store::stabilize`]) or undoes it ([`Store::rollback`]). This
+//! is what closes the EC write hole (DESIGN.md invariant 2): a stripe write that reached only
+//! some shards can be rolled back on each of them.
+//!
+//! Invariants (asserted or checked on every call):
+//! 1. Epoch fencing (DESIGN.md 1): every change carries the writer's epoch; one below the
+//!    highest seen for the volume is refused ([`StoreError::StaleEpoch`]); a higher one is
+//!    recorded in the same atomic index batch as the change it came with.
+//! 2. Versions only grow: a write's version must be above the object's, and its `base` must be
+//!    the object's current version (compare-and-swap), so a writer that is wrong about a shard
+//!    finds out instead of corrupting a stripe. Parity shards also check `data_base`.
+//! 3. Every block has exactly one owner (a record's current map or one undo entry); start-up
+//!    refuses a data directory where two claim one block.
+//! 4. A block freed in memory is reused only after the index change that dropped it is durable.
+//! 5. Every read verifies each block's CRC; a mismatch is an error, never data (DESIGN.md 4).
+//! 6. Durability (DESIGN.md 3): `fua` writes and [`Store::flush`] sync the device before the
+//!    index, so a durable record never points at blocks that were not yet written.
+//! 7. An undo entry is dropped only once the data of the version it protects is durable:
+//!    stabilization is queued and applied after a device sync (at the next flush, or by the
+//!    next write to an object with many undo entries). Otherwise a power loss could leave a
+//!    stable version whose blocks never reached the disk, with nothing to roll back to.
+//!
+//! The store is single-threaded (one io_uring reactor per block server); operations on one
+//! object are serialised by a per-object lock, operations on different objects interleave at
+//! device I/O.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+
+use crate::alloc::{runs_of, Allocator};
+use crate::checksum::{self, BLOCK_BYTES};
+use crate::device::Device;
+use crate::index::{Batch, Index, IndexError};
+
+/// Largest object (one shard of one stripe).
+pub const MAX_OBJECT_BYTES: u32 = crate::layout::MAX_UNIT_BYTES;
+/// Most objects one list call returns.
+pub const MAX_LIST_OBJECTS: usize = 4096;
+/// Most undo entries one object keeps; a writer that never stabilizes is refused beyond it.
+pub const MAX_UNSTABLE_VERSIONS: usize = 256;
+/// A write to an object with this many undo entries applies its queued stabilization first
+/// (syncing the device), so records stay small under sequential writes.
+const APPLY_STABLE_AT: usize = 32;
+
+const BLOCK: u64 = BLOCK_BYTES as u64;
+
+/// A shard write's version: (writer epoch, sequence within the epoch), ordered as a pair.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+impl Version {
+    /// "No version": the object does not exist.
+    pub const NONE: Version = Version { epoch: 0, seq: 0 };
+
+    pub fn new(epoch: u64, seq: u64) -> Self {
+        Self { epoch, seq }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.epoch, self.seq)
+    }
+}
+
+/// One shard of one stripe of one volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub volume: u64,
+    pub stripe: u64,
+    pub shard: u32,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.volume, self.stripe, self.shard)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteMode {
+    /// The payload replaces the range.
+    Data,
+    /// The payload is XORed into the range (parity delta).
+    Xor,
+    /// The range becomes zeros and frees its space.
+    Zero,
+    /// The payload is the whole object (repair); `base` is not checked.
+    Install,
+}
+
+/// A shard write (payload separate, see [`Store::write`]).
+#[derive(Clone, Debug)]
+pub struct WriteReq {
+    pub object: ObjectKey,
+    pub epoch: u64,
+    pub version: Version,
+    pub base: Version,
+    pub mode: WriteMode,
+    pub offset: u32,
+    pub length: u32,
+    /// CRC-32 per 4 KiB of the payload (empty for `Zero`).
+    pub crcs: Vec<u32>,
+    pub fua: bool,
+    pub write_set: u32,
+    pub data_base: Vec<(u32, Version)>,
+    pub data_after: Vec<(u32, Version)>,
+    pub return_old: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteOutcome {
+    pub previous: Version,
+    /// The range as it was, when `return_old` was asked.
+    pub old: Option<Bytes>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadOutcome {
+    /// `Version::NONE` when the object does not exist (then `data` is zeros).
+    pub version: Version,
+    pub data: Bytes,
+    pub crcs: Vec<u32>,
+    pub data_versions: Vec<(u32, Version)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UndoInfo {
+    pub version: Version,
+    pub previous: Version,
+    pub write_set: u32,
+}
+
+/// What [`Store::list`] and [`Store::stat`] say about an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub object: ObjectKey,
+    pub version: Version,
+    pub unstable: Vec<UndoInfo>,
+    pub data_versions: Vec<(u32, Version)>,
+    /// Bytes the object covers (highest written block, in bytes).
+    pub length: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("volume {volume}: epoch {epoch} is stale, a writer with epoch {highest} exists")]
+    StaleEpoch {
+        volume: u64,
+        epoch: u64,
+        highest: u64,
+    },
+    #[error("object {object}: expected version {expected}, current is {current}")]
+    VersionMismatch {
+        object: ObjectKey,
+        expected: Version,
+        current: Version,
+    },
+    #[error("object {object}: version {version} is not above the current {current}")]
+    VersionNotNewer {
+        object: ObjectKey,
+        version: Version,
+        current: Version,
+    },
+    #[error("object {object}: parity records data shard {shard} at {recorded}, writer expected {expected}")]
+    DataVersionMismatch {
+        object: ObjectKey,
+        shard: u32,
+        expected: Version,
+        recorded: Version,
+    },
+    #[error("object {object}: stored block {block} fails its checksum")]
+    ChecksumMismatch { object: ObjectKey, block: u32 },
+    #[error("object {object}: payload block {block} does not match its checksum (corrupted in transit)")]
+    BadPayload { object: ObjectKey, block: u32 },
+    #[error("no space: {needed} blocks needed, {free} free")]
+    NoSpace { needed: u64, free: u64 },
+    #[error("object {object}: {limit} unstable versions pending; stabilize first")]
+    TooManyUnstable { object: ObjectKey, limit: usize },
+    #[error("invalid request: {reason} (offset {offset}, length {length}, payload {payload})")]
+    Invalid {
+        reason: &'static str,
+        offset: u32,
+        length: u32,
+        payload: usize,
+    },
+    #[error("device I/O failed: {source}")]
+    Io {
+        #[from]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("corrupt record at {key:?}: {reason}")]
+    CorruptRecord { key: Vec<u8>, reason: String },
+    #[error("data directory corrupt: block {block} is claimed twice (second by {object})")]
+    DoubleClaim { block: u64, object: ObjectKey },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+// ---- On-disk records (private to the block server; prost for forward compatibility). ----
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct DvRecord {
+    #[prost(uint32, tag = "1")]
+    shard: u32,
+    #[prost(uint64, tag = "2")]
+    epoch: u64,
+    #[prost(uint64, tag = "3")]
+    seq: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct UndoRecord {
+    #[prost(uint64, tag = "1")]
+    epoch: u64,
+    #[prost(uint64, tag = "2")]
+    seq: u64,
+    #[prost(uint64, tag = "3")]
+    prev_epoch: u64,
+    #[prost(uint64, tag = "4")]
+    prev_seq: u64,
+    #[prost(uint32, tag = "5")]
+    write_set: u32,
+    /// Blocks this version replaced: their index, location and CRC before it.
+    #[prost(uint32, repeated, tag = "6")]
+    idx: Vec<u32>,
+    #[prost(uint64, repeated, tag = "7")]
+    locs: Vec<u64>,
+    #[prost(fixed32, repeated, tag = "8")]
+    crcs: Vec<u32>,
+    /// Block count before this version.
+    #[prost(uint32, tag = "9")]
+    prev_len: u32,
+    #[prost(message, repeated, tag = "10")]
+    prev_data_versions: Vec<DvRecord>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ObjectRecord {
+    #[prost(uint64, tag = "1")]
+    epoch: u64,
+    #[prost(uint64, tag = "2")]
+    seq: u64,
+    /// Per 4 KiB block: device block number (0 = zeros).
+    #[prost(uint64, repeated, tag = "3")]
+    locs: Vec<u64>,
+    #[prost(fixed32, repeated, tag = "4")]
+    crcs: Vec<u32>,
+    #[prost(message, repeated, tag = "5")]
+    undo: Vec<UndoRecord>,
+    #[prost(message, repeated, tag = "6")]
+    data_versions: Vec<DvRecord>,
+}
+
+impl ObjectRecord {
+    fn version(&self) -> Version {
+        Version::new(self.epoch, self.seq)
+    }
+    fn set_version(&mut self, v: Version) {
+        self.epoch = v.epoch;
+        self.seq = v.seq;
+    }
+    fn data_version(&self, shard: u32) -> Version {
+        self.data_versions
+            .iter()
+            .find(|d| d.shard == shard)
+            .map(|d| Version::new(d.epoch, d.seq))
+            .unwrap_or_default()
+    }
+    fn set_data_version(&mut self, shard: u32, v: Version) {
+        match self.data_versions.iter_mut().find(|d| d.shard == shard) {
+            Some(d) => {
+                d.epoch = v.epoch;
+                d.seq = v.seq;
+            }
+            None => {
+                self.data_versions.push(DvRecord {
+                    shard,
+                    epoch: v.epoch,
+                    seq: v.seq,
+                });
+                self.data_versions.sort_by_key(|d| d.shard);
+            }
+        }
+    }
+    fn all_locs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.locs
+            .iter()
+            .copied()
+            .chain(self.undo.iter().flat_map(|u| u.locs.iter().copied()))
+            .filter(|l| *l != 0)
+    }
+    fn is_empty(&self) -> bool {
+        self.version() == Version::NONE && self.undo.is_empty() && self.locs.iter().all(|l| *l == 0)
+    }
+}
+
+fn dv_list(d: &[DvRecord]) -> Vec<(u32, Version)> {
+    d.iter()
+        .map(|d| (d.shard, Version::new(d.epoch, d.seq)))
+        .collect()
+}
+
+// ---- Key layout of the index. ----
+
+const OBJECT_PREFIX: u8 = b'o';
+const EPOCH_PREFIX: u8 = b'e';
+
+fn object_key(o: &ObjectKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(21);
+    k.push(OBJECT_PREFIX);
+    k.extend_from_slice(&o.volume.to_be_bytes());
+    k.extend_from_slice(&o.stripe.to_be_bytes());
+    k.extend_from_slice(&o.shard.to_be_bytes());
+    k
+}
+
+fn parse_object_key(k: &[u8]) -> Option<ObjectKey> {
+    if k.len() != 21 || k[0] != OBJECT_PREFIX {
+        return None;
+    }
+    Some(ObjectKey {
+        volume: u64::from_be_bytes(k[1..9].try_into().ok()?),
+        stripe: u64::from_be_bytes(k[9..17].try_into().ok()?),
+        shard: u32::from_be_bytes(k[17..21].try_into().ok()?),
+    })
+}
+
+fn volume_range(volume: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut from = vec![OBJECT_PREFIX];
+    from.extend_from_slice(&volume.to_be_bytes());
+    let mut to = from.clone();
+    to.extend_from_slice(&[0xff; 13]);
+    (from, to)
+}
+
+fn epoch_key(volume: u64) -> Vec<u8> {
+    let mut k = vec![EPOCH_PREFIX];
+    k.extend_from_slice(&volume.to_be_bytes());
+    k
+}
+
+/// Counters a block server exports as metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub reads: Cell<u64>,
+    pub read_bytes: Cell<u64>,
+    pub writes: Cell<u64>,
+    pub written_bytes: Cell<u64>,
+    pub checksum_errors: Cell<u64>,
+    pub stale_epoch_refusals: Cell<u64>,
+    pub version_mismatches: Cell<u64>,
+    pub stabilized: Cell<u64>,
+    pub rolled_back: Cell<u64>,
+    pub flushes: Cell<u64>,
+}
+
+fn bump(c: &Cell<u64>, by: u64) {
+    c.set(c.get() + by);
+}
+
+/// Shard store over a device and an index (see the module doc).
+pub struct Store<D: Device, I: Index> {
+    device: D,
+    index: I,
+    alloc: RefCell<Allocator>,
+    locks: RefCell<HashMap<ObjectKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Index writes since the last sync (a flush is due when non-zero).
+    unsynced: Cell<u64>,
+    /// Stabilizations waiting for a device sync: object → highest version to stabilize.
+    pending_stable: RefCell<HashMap<ObjectKey, Version>>,
+    pub stats: Stats,
+}
+
+impl<D: Device, I: Index> std::fmt::Debug for Store<D, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = self.alloc.borrow();
+        write!(
+            f,
+            "Store({} of {} blocks free)",
+            a.free_blocks(),
+            a.total_blocks()
+        )
+    }
+}
+
+fn decode_record(key: &[u8], bytes: &[u8]) -> Result<ObjectRecord> {
+    let rec = ObjectRecord::decode(bytes).map_err(|e| StoreError::CorruptRecord {
+        key: key.to_vec(),
+        reason: e.to_string(),
+    })?;
+    let consistent = rec.locs.len() == rec.crcs.len()
+        && rec
+            .undo
+            .iter()
+            .all(|u| u.idx.len() == u.locs.len() && u.idx.len() == u.crcs.len());
+    if !consistent {
+        return Err(StoreError::CorruptRecord {
+            key: key.to_vec(),
+            reason: "block lists of different lengths".into(),
+        });
+    }
+    Ok(rec)
+}
+
+/// Why a request is malformed, if it is.
+fn validate(req: &WriteReq, payload: usize) -> Option<&'static str> {
+    let blocks = (req.length / BLOCK_BYTES as u32) as usize;
+    if !req.offset.is_multiple_of(BLOCK_BYTES as u32) || !req.length.is_multiple_of(BLOCK_BYTES as u32) {
+        return Some("offset and length must be multiples of 4 KiB");
+    }
+    if req.length == 0 {
+        return Some("empty write");
+    }
+    if u64::from(req.offset) + u64::from(req.length) > u64::from(MAX_OBJECT_BYTES) {
+        return Some("write beyond the largest object");
+    }
+    match req.mode {
+        WriteMode::Zero if payload != 0 => Some("a zero write carries no payload"),
+        WriteMode::Zero => None,
+        WriteMode::Install if req.offset != 0 => Some("an install covers the object from offset 0"),
+        _ if payload != req.length as usize => Some("payload length differs from the write's length"),
+        _ if req.crcs.len() != blocks => Some("one checksum per 4 KiB block is required"),
+        _ => None,
+    }
+}
+
+impl<D: Device, I: Index> Store<D, I> {
+    /// Opens a store: scans every record to rebuild the free-space map.
+    pub fn open(device: D, index: I) -> Result<Self> {
+        let blocks = device.capacity() / BLOCK;
+        let mut alloc = Allocator::new(blocks);
+        let (from, to) = (vec![OBJECT_PREFIX], vec![OBJECT_PREFIX + 1]);
+        let mut cursor = from;
+        loop {
+            let page = index.scan(&cursor, &to, MAX_LIST_OBJECTS)?;
+            let Some((last, _)) = page.last() else { break };
+            let mut next = last.clone();
+            next.push(0);
+            for (k, v) in &page {
+                let rec = decode_record(k, v)?;
+                let object = parse_object_key(k).ok_or_else(|| StoreError::CorruptRecord {
+                    key: k.clone(),
+                    reason: "malformed object key".into(),
+                })?;
+                for loc in rec.all_locs() {
+                    if !alloc.mark_used(loc) {
+                        return Err(StoreError::DoubleClaim { block: loc, object });
+                    }
+                }
+            }
+            cursor = next;
+        }
+        Ok(Self {
+            device,
+            index,
+            alloc: RefCell::new(alloc),
+            locks: RefCell::default(),
+            unsynced: Cell::new(0),
+            pending_stable: RefCell::default(),
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.alloc.borrow().total_blocks() * BLOCK
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        let a = self.alloc.borrow();
+        (a.total_blocks() - a.free_blocks()) * BLOCK
+    }
+
+    /// Whether a flush would do anything (unsynced index writes or space waiting to be freed).
+    pub fn flush_due(&self) -> bool {
+        self.unsynced.get() > 0
+            || self.alloc.borrow().deferred_blocks() > 0
+            || !self.pending_stable.borrow().is_empty()
+    }
+
+    async fn lock(&self, object: ObjectKey) -> ObjectGuard<'_, D, I> {
+        let m = self.locks.borrow_mut().entry(object).or_default().clone();
+        let guard = m.clone().lock_owned().await;
+        ObjectGuard {
+            store: self,
+            object,
+            _guard: Some(guard),
+        }
+    }
+
+    fn load(&self, object: &ObjectKey) -> Result<ObjectRecord> {
+        let key = object_key(object);
+        match self.index.get(&key)? {
+            Some(v) => decode_record(&key, &v),
+            None => Ok(ObjectRecord::default()),
+        }
+    }
+
+    fn highest_epoch(&self, volume: u64) -> Result<u64> {
+        let key = epoch_key(volume);
+        Ok(match self.index.get(&key)? {
+            Some(v) if v.len() == 8 => u64::from_be_bytes(v[..8].try_into().unwrap_or_default()),
+            Some(_) => {
+                return Err(StoreError::CorruptRecord {
+                    key,
+                    reason: "epoch is not 8 bytes".into(),
+                })
+            }
+            None => 0,
+        })
+    }
+
+    /// Checks the epoch; returns the index change that records a higher one, if any.
+    fn fence(&self, volume: u64, epoch: u64) -> Result<Option<(Vec<u8>, Option<Vec<u8>>)>> {
+        let highest = self.highest_epoch(volume)?;
+        if epoch < highest {
+            bump(&self.stats.stale_epoch_refusals, 1);
+            return Err(StoreError::StaleEpoch {
+                volume,
+                epoch,
+                highest,
+            });
+        }
+        Ok((epoch > highest).then(|| (epoch_key(volume), Some(epoch.to_be_bytes().to_vec()))))
+    }
+
+    /// Reads blocks `[first, first + n)` of `rec` and verifies them; zeros where nothing is
+    /// stored.
+    async fn read_blocks(
+        &self,
+        object: &ObjectKey,
+        rec: &ObjectRecord,
+        first: usize,
+        n: usize,
+    ) -> Result<BytesMut> {
+        let mut out = BytesMut::zeroed(n * BLOCK_BYTES);
+        let mut i = 0;
+        while i < n {
+            let idx = first + i;
+            let loc = rec.locs.get(idx).copied().unwrap_or(0);
+            if loc == 0 {
+                i += 1;
+                continue;
+            }
+            // Coalesce blocks that are contiguous on the device too.
+            let mut run = 1;
+            while i + run < n && rec.locs.get(idx + run).copied() == Some(loc + run as u64) {
+                run += 1;
+            }
+            let data = self.device.read(loc * BLOCK, run * BLOCK_BYTES).await?;
+            for j in 0..run {
+                let block = &data[j * BLOCK_BYTES..(j + 1) * BLOCK_BYTES];
+                if crc32fast::hash(block) != rec.crcs[idx + j] {
+                    bump(&self.stats.checksum_errors, 1);
+                    return Err(StoreError::ChecksumMismatch {
+                        object: *object,
+                        block: (idx + j) as u32,
+                    });
+                }
+            }
+            out[i * BLOCK_BYTES..(i + run) * BLOCK_BYTES].copy_from_slice(&data);
+            i += run;
+        }
+        Ok(out)
+    }
+
+    fn allocate(&self, n: u64) -> Result<Vec<crate::alloc::Run>> {
+        let mut a = self.alloc.borrow_mut();
+        a.allocate(n).ok_or(StoreError::NoSpace {
+            needed: n,
+            free: a.free_blocks(),
+        })
+    }
+
+    /// Allocates, flushing first when that would free space. `locked` is the object the caller
+    /// holds the lock of (its own queued stabilization waits: applying it would need the lock).
+    async fn allocate_or_flush(&self, n: u64, locked: ObjectKey) -> Result<Vec<crate::alloc::Run>> {
+        match self.allocate(n) {
+            Err(StoreError::NoSpace { .. }) if self.flush_due() => {
+                self.flush_except(Some(locked)).await?;
+                self.allocate(n)
+            }
+            r => r,
+        }
+    }
+
+    /// Commits `batch` (synced when `sync`), then hands `freed` to the allocator.
+    async fn commit(&self, batch: Batch, sync: bool, freed: Vec<u64>) -> Result<()> {
+        if sync {
+            self.device.sync().await?;
+        }
+        self.index.write(batch, sync)?;
+        {
+            let mut a = self.alloc.borrow_mut();
+            for b in freed {
+                a.defer_free(b);
+            }
+        }
+        if sync {
+            self.after_sync().await?;
+        } else {
+            bump(&self.unsynced, 1);
+        }
+        Ok(())
+    }
+
+    /// After a durable index write: deferred blocks become free and their space is discarded.
+    async fn after_sync(&self) -> Result<()> {
+        self.unsynced.set(0);
+        let freed = self.alloc.borrow_mut().release_deferred();
+        for r in runs_of(&freed) {
+            self.device.discard(r.start * BLOCK, r.len * BLOCK).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes one shard range (see [`WriteReq`] and the module's invariants).
+    pub async fn write(&self, req: &WriteReq, payload: Bytes) -> Result<WriteOutcome> {
+        if let Some(reason) = validate(req, payload.len()) {
+            return Err(StoreError::Invalid {
+                reason,
+                offset: req.offset,
+                length: req.length,
+                payload: payload.len(),
+            });
+        }
+        let object = req.object;
+        if req.mode != WriteMode::Zero {
+            // Verify the payload right before it is written (CONVENTIONS: checksums).
+            if let Err(checksum::ChecksumError::Mismatch { block, .. }) =
+                checksum::verify(&payload, &req.crcs)
+            {
+                return Err(StoreError::BadPayload {
+                    object,
+                    block: block as u32,
+                });
+            }
+        }
+        let _g = self.lock(object).await;
+        let epoch_change = self.fence(object.volume, req.epoch)?;
+        let mut rec = self.load(&object)?;
+        let current = rec.version();
+        if req.version <= current {
+            bump(&self.stats.version_mismatches, 1);
+            return Err(StoreError::VersionNotNewer {
+                object,
+                version: req.version,
+                current,
+            });
+        }
+        if req.mode != WriteMode::Install && req.base != current {
+            bump(&self.stats.version_mismatches, 1);
+            return Err(StoreError::VersionMismatch {
+                object,
+                expected: req.base,
+                current,
+            });
+        }
+        for &(shard, expected) in &req.data_base {
+            let recorded = rec.data_version(shard);
+            if recorded != expected {
+                bump(&self.stats.version_mismatches, 1);
+                return Err(StoreError::DataVersionMismatch {
+                    object,
+                    shard,
+                    expected,
+                    recorded,
+                });
+            }
+        }
+        let first = (req.offset / BLOCK_BYTES as u32) as usize;
+        let n = (req.length / BLOCK_BYTES as u32) as usize;
+        // This object's queued stabilization is applied now when its record grows long or the
+        // space it holds is needed (the device sync first: invariant 7).
+        let mut freed = Vec::new();
+        let low_space = req.mode != WriteMode::Zero && self.alloc.borrow().free_blocks() < n as u64;
+        if rec.undo.len() >= APPLY_STABLE_AT || low_space {
+            let queued = self.pending_stable.borrow_mut().remove(&object);
+            if let Some(upto) = queued {
+                self.device.sync().await?;
+                freed = drop_stable(&mut rec, upto).1;
+                if low_space {
+                    let change = vec![self.record_change(&object, &rec)];
+                    self.commit(change, true, std::mem::take(&mut freed)).await?;
+                }
+            }
+        }
+        if rec.undo.len() >= MAX_UNSTABLE_VERSIONS {
+            return Err(StoreError::TooManyUnstable {
+                object,
+                limit: MAX_UNSTABLE_VERSIONS,
+            });
+        }
+        let need_old = req.return_old || req.mode == WriteMode::Xor;
+        let old = if need_old {
+            Some(self.read_blocks(&object, &rec, first, n).await?)
+        } else {
+            None
+        };
+        // The new bytes and their checksums.
+        let (new, crcs): (Option<Bytes>, Vec<u32>) = match req.mode {
+            WriteMode::Zero => (None, vec![0; n]),
+            WriteMode::Data | WriteMode::Install => (Some(payload), req.crcs.clone()),
+            WriteMode::Xor => {
+                let mut b = old.clone().unwrap_or_default();
+                for (x, y) in b.iter_mut().zip(payload.iter()) {
+                    *x ^= y;
+                }
+                let crcs = checksum::compute(&b);
+                (Some(b.freeze()), crcs)
+            }
+        };
+        // Redirect-on-write: the new bytes go to fresh blocks.
+        let mut locs = vec![0u64; n];
+        if let Some(data) = &new {
+            let runs = self.allocate_or_flush(n as u64, object).await?;
+            let mut at = 0usize;
+            let mut written = Ok(());
+            for r in &runs {
+                let len = r.len as usize;
+                let piece = data.slice(at * BLOCK_BYTES..(at + len) * BLOCK_BYTES);
+                if written.is_ok() {
+                    written = self.device.write(r.start * BLOCK, piece).await;
+                }
+                for (j, l) in locs[at..at + len].iter_mut().enumerate() {
+                    *l = r.start + j as u64;
+                }
+                at += len;
+            }
+            if let Err(e) = written {
+                // Nothing references the new blocks: free them (no index change to wait for).
+                let mut a = self.alloc.borrow_mut();
+                for &l in &locs {
+                    a.defer_free(l);
+                }
+                return Err(e.into());
+            }
+        }
+        // The undo entry: what this version replaces.
+        let prev_len = rec.locs.len();
+        let touched: Vec<usize> = if req.mode == WriteMode::Install {
+            (0..prev_len.max(n)).collect()
+        } else {
+            (first..first + n).collect()
+        };
+        let mut undo = UndoRecord {
+            epoch: req.version.epoch,
+            seq: req.version.seq,
+            prev_epoch: current.epoch,
+            prev_seq: current.seq,
+            write_set: req.write_set,
+            prev_len: prev_len as u32,
+            prev_data_versions: rec.data_versions.clone(),
+            ..Default::default()
+        };
+        for &i in &touched {
+            undo.idx.push(i as u32);
+            undo.locs.push(rec.locs.get(i).copied().unwrap_or(0));
+            undo.crcs.push(rec.crcs.get(i).copied().unwrap_or(0));
+        }
+        let new_len = if req.mode == WriteMode::Install {
+            n
+        } else {
+            prev_len.max(first + n)
+        };
+        rec.locs.resize(prev_len.max(new_len), 0);
+        rec.crcs.resize(prev_len.max(new_len), 0);
+        for &i in &touched {
+            let (l, c) = if i >= first && i < first + n {
+                (locs[i - first], crcs[i - first])
+            } else {
+                (0, 0)
+            };
+            rec.locs[i] = l;
+            rec.crcs[i] = c;
+        }
+        rec.locs.truncate(new_len);
+        rec.crcs.truncate(new_len);
+        rec.undo.push(undo);
+        rec.set_version(req.version);
+        for &(shard, v) in &req.data_after {
+            rec.set_data_version(shard, v);
+        }
+        let mut batch: Batch = vec![(object_key(&object), Some(rec.encode_to_vec()))];
+        batch.extend(epoch_change);
+        self.commit(batch, req.fua, freed).await?;
+        bump(&self.stats.writes, 1);
+        bump(&self.stats.written_bytes, u64::from(req.length));
+        Ok(WriteOutcome {
+            previous: current,
+            old: if req.return_old {
+                old.map(BytesMut::freeze)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Reads `[offset, offset + length)` of an object at its current version, verifying every
+    /// block. A missing object reads as zeros with `Version::NONE`.
+    pub async fn read(&self, object: ObjectKey, offset: u32, length: u32) -> Result<ReadOutcome> {
+        let aligned = offset.is_multiple_of(BLOCK_BYTES as u32) && length.is_multiple_of(BLOCK_BYTES as u32);
+        if !aligned || u64::from(offset) + u64::from(length) > u64::from(MAX_OBJECT_BYTES) {
+            return Err(StoreError::Invalid {
+                reason: "reads are 4 KiB-aligned and within the largest object",
+                offset,
+                length,
+                payload: 0,
+            });
+        }
+        let _g = self.lock(object).await;
+        let rec = self.load(&object)?;
+        let first = (offset / BLOCK_BYTES as u32) as usize;
+        let n = (length / BLOCK_BYTES as u32) as usize;
+        let data = self.read_blocks(&object, &rec, first, n).await?.freeze();
+        let crcs = (first..first + n)
+            .map(|i| match rec.locs.get(i) {
+                Some(&l) if l != 0 => rec.crcs[i],
+                _ => crc32fast::hash(&data[(i - first) * BLOCK_BYTES..(i - first + 1) * BLOCK_BYTES]),
+            })
+            .collect();
+        bump(&self.stats.reads, 1);
+        bump(&self.stats.read_bytes, u64::from(length));
+        Ok(ReadOutcome {
+            version: rec.version(),
+            data,
+            crcs,
+            data_versions: dv_list(&rec.data_versions),
+        })
+    }
+
+    /// Marks versions up to `version` of each object stable: their undo data is released
+    /// once their blocks are durable (invariant 7: at the next flush).
+    pub async fn stabilize(&self, epoch: u64, objects: &[(ObjectKey, Version)]) -> Result<()> {
+        for &(object, version) in objects {
+            if let Some(change) = self.fence(object.volume, epoch)? {
+                self.commit(vec![change], false, Vec::new()).await?;
+            }
+            let mut pending = self.pending_stable.borrow_mut();
+            let v = pending.entry(object).or_default();
+            *v = (*v).max(version);
+        }
+        Ok(())
+    }
+
+    /// Applies queued stabilizations (the device was synced after they were queued).
+    async fn apply_stable(&self, queued: HashMap<ObjectKey, Version>) -> Result<()> {
+        for (object, version) in queued {
+            let _g = self.lock(object).await;
+            let mut rec = self.load(&object)?;
+            let (done, freed) = drop_stable(&mut rec, version);
+            if done == 0 {
+                continue;
+            }
+            self.commit(vec![self.record_change(&object, &rec)], false, freed)
+                .await?;
+            bump(&self.stats.stabilized, done);
+        }
+        Ok(())
+    }
+
+    /// Undoes versions at or above `version` of each object, newest first, restoring what
+    /// they replaced.
+    pub async fn rollback(&self, epoch: u64, objects: &[(ObjectKey, Version)]) -> Result<()> {
+        for &(object, version) in objects {
+            let _g = self.lock(object).await;
+            let epoch_change = self.fence(object.volume, epoch)?;
+            let mut rec = self.load(&object)?;
+            let mut freed = Vec::new();
+            let mut undone = 0;
+            while let Some(u) = rec.undo.last() {
+                if Version::new(u.epoch, u.seq) < version {
+                    break;
+                }
+                let u = rec.undo.pop().expect("checked above");
+                for ((&i, &l), &c) in u.idx.iter().zip(&u.locs).zip(&u.crcs) {
+                    let i = i as usize;
+                    if i >= rec.locs.len() {
+                        rec.locs.resize(i + 1, 0);
+                        rec.crcs.resize(i + 1, 0);
+                    }
+                    freed.push(rec.locs[i]);
+                    rec.locs[i] = l;
+                    rec.crcs[i] = c;
+                }
+                let prev_len = u.prev_len as usize;
+                for l in rec.locs.iter().skip(prev_len) {
+                    assert_eq!(*l, 0, "object {object}: blocks beyond the undone length");
+                }
+                rec.locs.truncate(prev_len);
+                rec.crcs.truncate(prev_len);
+                rec.set_version(Version::new(u.prev_epoch, u.prev_seq));
+                rec.data_versions = u.prev_data_versions;
+                undone += 1;
+            }
+            {
+                // A queued stabilization of what is undone is void.
+                let mut pending = self.pending_stable.borrow_mut();
+                if pending.get(&object).is_some_and(|p| *p >= version) {
+                    pending.remove(&object);
+                }
+            }
+            if undone == 0 && epoch_change.is_none() {
+                continue;
+            }
+            freed.retain(|l| *l != 0);
+            let mut batch = vec![self.record_change(&object, &rec)];
+            batch.extend(epoch_change);
+            self.commit(batch, false, freed).await?;
+            bump(&self.stats.rolled_back, undone);
+        }
+        Ok(())
+    }
+
+    fn record_change(&self, object: &ObjectKey, rec: &ObjectRecord) -> (Vec<u8>, Option<Vec<u8>>) {
+        let key = object_key(object);
+        if rec.is_empty() {
+            (key, None)
+        } else {
+            (key, Some(rec.encode_to_vec()))
+        }
+    }
+
+    fn info(object: ObjectKey, rec: &ObjectRecord) -> ObjectInfo {
+        ObjectInfo {
+            object,
+            version: rec.version(),
+            unstable: rec
+                .undo
+                .iter()
+                .map(|u| UndoInfo {
+                    version: Version::new(u.epoch, u.seq),
+                    previous: Version::new(u.prev_epoch, u.prev_seq),
+                    write_set: u.write_set,
+                })
+                .collect(),
+            data_versions: dv_list(&rec.data_versions),
+            length: (rec.locs.len() * BLOCK_BYTES) as u32,
+        }
+    }
+
+    /// Objects of `volume` after `after` (exclusive), up to `limit`; whether more follow.
+    pub fn list(
+        &self,
+        volume: u64,
+        after: Option<ObjectKey>,
+        limit: usize,
+        unstable_only: bool,
+    ) -> Result<(Vec<ObjectInfo>, bool)> {
+        let limit = limit.clamp(1, MAX_LIST_OBJECTS);
+        let (from, to) = volume_range(volume);
+        let mut cursor = match after {
+            Some(a) => {
+                let mut k = object_key(&a);
+                k.push(0);
+                k.max(from)
+            }
+            None => from,
+        };
+        let mut out = Vec::new();
+        loop {
+            let page = self.index.scan(&cursor, &to, MAX_LIST_OBJECTS)?;
+            let Some((last, _)) = page.last() else {
+                return Ok((out, false));
+            };
+            let mut next = last.clone();
+            next.push(0);
+            for (k, v) in &page {
+                let rec = decode_record(k, v)?;
+                if unstable_only && rec.undo.is_empty() {
+                    continue;
+                }
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
+                let object = parse_object_key(k).ok_or_else(|| StoreError::CorruptRecord {
+                    key: k.clone(),
+                    reason: "malformed object key".into(),
+                })?;
+                out.push(Self::info(object, &rec));
+            }
+            cursor = next;
+        }
+    }
+
+    /// What the store knows of each object (absent ones have `Version::NONE`).
+    pub fn stat(&self, objects: &[ObjectKey]) -> Result<Vec<ObjectInfo>> {
+        objects
+            .iter()
+            .map(|o| Ok(Self::info(*o, &self.load(o)?)))
+            .collect()
+    }
+
+    /// Makes everything written so far durable (NBD FLUSH), then frees superseded space.
+    pub async fn flush(&self) -> Result<()> {
+        self.flush_except(None).await
+    }
+
+    async fn flush_except(&self, locked: Option<ObjectKey>) -> Result<()> {
+        // Stabilizations queued before the device sync may be applied after it (invariant 7).
+        let queued = {
+            let mut pending = self.pending_stable.borrow_mut();
+            let mut queued = std::mem::take(&mut *pending);
+            if let Some((o, v)) = locked.and_then(|o| queued.remove_entry(&o)) {
+                pending.insert(o, v);
+            }
+            queued
+        };
+        self.device.sync().await?;
+        self.apply_stable(queued).await?;
+        self.index.sync()?;
+        self.after_sync().await?;
+        bump(&self.stats.flushes, 1);
+        Ok(())
+    }
+
+    /// Deletes every object of `volume` (its space is freed at the next flush).
+    pub async fn delete_volume(&self, volume: u64, epoch: u64) -> Result<usize> {
+        let epoch_change = self.fence(volume, epoch)?;
+        let mut deleted = 0;
+        loop {
+            let (page, more) = self.list(volume, None, MAX_LIST_OBJECTS, false)?;
+            for info in &page {
+                let _g = self.lock(info.object).await;
+                let rec = self.load(&info.object)?;
+                let freed: Vec<u64> = rec.all_locs().collect();
+                self.commit(vec![(object_key(&info.object), None)], false, freed)
+                    .await?;
+                deleted += 1;
+            }
+            if !more {
+                break;
+            }
+        }
+        if let Some(change) = epoch_change {
+            self.commit(vec![change], false, Vec::new()).await?;
+        }
+        Ok(deleted)
+    }
+}
+
+/// Drops the undo entries of versions up to `upto`; returns how many and the blocks they held.
+fn drop_stable(rec: &mut ObjectRecord, upto: Version) -> (u64, Vec<u64>) {
+    let keep_from = rec
+        .undo
+        .iter()
+        .position(|u| Version::new(u.epoch, u.seq) > upto)
+        .unwrap_or(rec.undo.len());
+    let done: Vec<UndoRecord> = rec.undo.drain(..keep_from).collect();
+    let freed = done
+        .iter()
+        .flat_map(|u| u.locs.iter().copied())
+        .filter(|l| *l != 0)
+        .collect();
+    (done.len() as u64, freed)
+}
+
+/// Holds an object's lock; drops the lock table entry when no one else waits on it.
+struct ObjectGuard<'a, D: Device, I: Index> {
+    store: &'a Store<D, I>,
+    object: ObjectKey,
+    _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl<D: Device, I: Index> Drop for ObjectGuard<'_, D, I> {
+    fn drop(&mut self) {
+        self._guard = None;
+        let mut locks = self.store.locks.borrow_mut();
+        if let Some(m) = locks.get(&self.object) {
+            // Only the table holds it: nobody waits.
+            if Arc::strong_count(m) == 1 {
+                locks.remove(&self.object);
+            }
+        }
+    }
+}
