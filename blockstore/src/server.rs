@@ -303,3 +303,121 @@ pub async fn handle<D: Device, I: Index>(
         }
     }
 }
+
+/// Settings of a block server process.
+#[derive(Clone, Debug)]
+pub struct BlockServerConfig {
+    pub node_id: u64,
+    pub data_dir: std::path::PathBuf,
+    pub listen: SocketAddr,
+    /// Size of the data file (sparse; only written blocks use disk space).
+    pub capacity_bytes: u64,
+    pub flush_interval_ms: u64,
+}
+
+/// A block server running on its own io_uring thread.
+#[derive(Debug)]
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl RunningServer {
+    /// Stops serving, flushes the store and waits for the thread.
+    pub fn stop(mut self) -> Result<(), String> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), String> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| "block server thread panicked".to_string())?,
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until the server stops by itself (it only does on an error).
+    pub fn wait(mut self) -> Result<(), String> {
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| "block server thread panicked".to_string())?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// Opens the data directory (`data` file through io_uring, `index` RocksDB) and serves on
+/// `cfg.listen` from a new thread; returns once it accepts connections.
+pub fn start(cfg: BlockServerConfig) -> Result<RunningServer, String> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", cfg.data_dir.display()))?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(format!("block-{}", cfg.node_id))
+        .spawn(move || {
+            tokio_uring::start(async move {
+                let opened = open_and_bind(&cfg).await;
+                let (store, listener) = match opened {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.clone()));
+                        return Err(e);
+                    }
+                };
+                let addr = listener.local_addr().map_err(|e| e.to_string())?;
+                let _ = ready_tx.send(Ok(addr));
+                let serve_cfg = ServeConfig {
+                    node_id: cfg.node_id,
+                    flush_interval_ms: cfg.flush_interval_ms,
+                };
+                let result = tokio::select! {
+                    r = serve(store.clone(), listener, serve_cfg) => r.map_err(|e| format!("serving: {e}")),
+                    _ = stop_rx => Ok(()),
+                };
+                store.flush().await.map_err(|e| format!("final flush: {e}"))?;
+                result
+            })
+        })
+        .map_err(|e| format!("cannot start the block server thread: {e}"))?;
+    match ready_rx.recv() {
+        Ok(Ok(addr)) => Ok(RunningServer {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => Err(thread
+            .join()
+            .map_err(|_| "block server thread panicked".to_string())?
+            .err()
+            .unwrap_or_else(|| "block server stopped during start-up".into())),
+    }
+}
+
+type UringStore = Store<crate::device::UringDevice, crate::index::RocksIndex>;
+
+async fn open_and_bind(
+    cfg: &BlockServerConfig,
+) -> Result<(Rc<UringStore>, tokio::net::TcpListener), String> {
+    let index = crate::index::RocksIndex::open(&cfg.data_dir.join("index"))
+        .map_err(|e| format!("opening the index: {e}"))?;
+    let device = crate::device::UringDevice::open(&cfg.data_dir.join("data"), cfg.capacity_bytes)
+        .map_err(|e| format!("opening the data file: {e}"))?;
+    let store = Store::open(device, index).map_err(|e| format!("opening the store: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    Ok((Rc::new(store), listener))
+}
