@@ -268,6 +268,12 @@ impl BlockClient {
         self.call(op, Bytes::new()).await.map(|_| ())
     }
 
+    /// Fences `volume` at `epoch` on this server (durable when it answers).
+    pub async fn fence(&self, volume: u64, epoch: u64) -> Result<(), ShardError> {
+        let op = pb::request::Op::Fence(pb::Fence { volume, epoch });
+        self.call(op, Bytes::new()).await.map(|_| ())
+    }
+
     pub async fn hello(&self) -> Result<pb::HelloResult, ShardError> {
         let (resp, _) = self
             .call(pb::request::Op::Hello(pb::Hello {}), Bytes::new())

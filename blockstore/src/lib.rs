@@ -23,6 +23,8 @@ pub mod index;
 pub mod layout;
 pub mod placement;
 pub mod protocol;
+pub mod reconcile;
 pub mod server;
 pub mod store;
+pub mod volume;
 pub mod wire;

@@ -281,6 +281,10 @@ pub async fn handle<D: Device, I: Index>(
             .delete_volume(d.volume, d.epoch)
             .await
             .map(|_| (done(), empty)),
+        pb::request::Op::Fence(f) => store
+            .fence_volume(f.volume, f.epoch)
+            .await
+            .map(|_| (done(), empty)),
         pb::request::Op::Hello(_) => Ok((
             ok(pb::response::Result::Hello(pb::HelloResult {
                 node_id: node,

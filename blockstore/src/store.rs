@@ -659,7 +659,14 @@ impl<D: Device, I: Index> Store<D, I> {
         let epoch_change = self.fence(object.volume, req.epoch)?;
         let mut rec = self.load(&object)?;
         let current = rec.version();
-        if req.version <= current {
+        // An install may repeat the current version: it rewrites a shard whose content was
+        // found corrupt (bit rot) without changing what version it holds.
+        let older = if req.mode == WriteMode::Install {
+            req.version < current
+        } else {
+            req.version <= current
+        };
+        if older {
             bump(&self.stats.version_mismatches, 1);
             return Err(StoreError::VersionNotNewer {
                 object,
@@ -729,22 +736,43 @@ impl<D: Device, I: Index> Store<D, I> {
                 (Some(b.freeze()), crcs)
             }
         };
-        // Redirect-on-write: the new bytes go to fresh blocks.
+        // Redirect-on-write: the new bytes go to fresh blocks; all-zero blocks take no space
+        // (thin provisioning: location 0 reads as zeros).
         let mut locs = vec![0u64; n];
+        let mut crcs = crcs;
         if let Some(data) = &new {
-            let runs = self.allocate_or_flush(n as u64, object).await?;
-            let mut at = 0usize;
+            let nonzero: Vec<usize> = (0..n)
+                .filter(|&i| data[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES].iter().any(|b| *b != 0))
+                .collect();
+            let runs = if nonzero.is_empty() {
+                Vec::new()
+            } else {
+                self.allocate_or_flush(nonzero.len() as u64, object).await?
+            };
+            let blocks = runs.iter().flat_map(|r| r.start..r.start + r.len);
+            for (&i, loc) in nonzero.iter().zip(blocks) {
+                locs[i] = loc;
+            }
+            for i in 0..n {
+                if locs[i] == 0 {
+                    crcs[i] = 0;
+                }
+            }
+            // One device write per stretch contiguous in both the payload and the device.
             let mut written = Ok(());
-            for r in &runs {
-                let len = r.len as usize;
-                let piece = data.slice(at * BLOCK_BYTES..(at + len) * BLOCK_BYTES);
-                if written.is_ok() {
-                    written = self.device.write(r.start * BLOCK, piece).await;
+            let mut i = 0;
+            while i < n && written.is_ok() {
+                if locs[i] == 0 {
+                    i += 1;
+                    continue;
                 }
-                for (j, l) in locs[at..at + len].iter_mut().enumerate() {
-                    *l = r.start + j as u64;
+                let mut j = i + 1;
+                while j < n && locs[j] == locs[j - 1] + 1 {
+                    j += 1;
                 }
-                at += len;
+                let piece = data.slice(i * BLOCK_BYTES..j * BLOCK_BYTES);
+                written = self.device.write(locs[i] * BLOCK, piece).await;
+                i = j;
             }
             if let Err(e) = written {
                 // Nothing references the new blocks: free them (no index change to wait for).
@@ -797,6 +825,9 @@ impl<D: Device, I: Index> Store<D, I> {
         rec.crcs.truncate(new_len);
         rec.undo.push(undo);
         rec.set_version(req.version);
+        if req.mode == WriteMode::Install {
+            rec.data_versions.clear();
+        }
         for &(shard, v) in &req.data_after {
             rec.set_data_version(shard, v);
         }
@@ -1030,6 +1061,14 @@ impl<D: Device, I: Index> Store<D, I> {
         self.index.sync()?;
         self.after_sync().await?;
         bump(&self.stats.flushes, 1);
+        Ok(())
+    }
+
+    /// Records `epoch` as the volume's highest, durably; refused when a higher one exists.
+    pub async fn fence_volume(&self, volume: u64, epoch: u64) -> Result<()> {
+        if let Some(change) = self.fence(volume, epoch)? {
+            self.commit(vec![change], true, Vec::new()).await?;
+        }
         Ok(())
     }
 

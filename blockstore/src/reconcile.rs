@@ -1,0 +1,320 @@
+//! Pure decisions about one stripe from what its shards report (sans-IO; table-tested).
+//!
+//! - [`assess`]: which version each shard position should hold and which positions are stale
+//!   (missed a write, lost, or replaced), from the shards' current versions and the parity
+//!   shards' record of each data shard's version.
+//! - [`reconcile`]: what a new writer does with unstable versions left by a previous one
+//!   (DESIGN.md invariant 2): the writer serialises writes per stripe, so only the stripe's
+//!   highest version can be unacknowledged; every lower unstable version is committed. The
+//!   highest one is rolled forward when at least k shards hold the stripe state it created (the
+//!   shards it wrote plus the untouched, current data shards), and rolled back otherwise.
+
+use crate::ec::Profile;
+use crate::store::{ObjectInfo, Version};
+
+/// The state of one stripe as the writer tracks it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StripeView {
+    /// Per position (data shards, then parity): the version it should hold.
+    pub expected: Vec<Version>,
+    /// Positions whose content is not current (missing, unreachable, behind or corrupt).
+    pub stale: u64,
+}
+
+impl StripeView {
+    pub fn is_stale(&self, pos: usize) -> bool {
+        self.stale & (1 << pos) != 0
+    }
+    pub fn set_stale(&mut self, pos: usize, stale: bool) {
+        if stale {
+            self.stale |= 1 << pos;
+        } else {
+            self.stale &= !(1 << pos);
+        }
+    }
+    pub fn current(&self) -> usize {
+        self.expected.len() - self.stale.count_ones() as usize
+    }
+}
+
+/// Assesses a stripe from its shards' infos (`None`: unreachable).
+///
+/// A stale position never takes a write (every shard write is a compare-and-swap on the
+/// version the writer expects, and writers skip positions they know are stale), so a stale
+/// shard's version is always older than its true one, and the truth is the newest any shard
+/// says: for data shard i the newer of its own version and every parity's record of it; for
+/// parity (which every stripe write touches) the newest version in the stripe. Unstable
+/// leftovers of failed writes must be reconciled first ([`reconcile`]), or they would count.
+pub fn assess(profile: Profile, infos: &[Option<ObjectInfo>]) -> StripeView {
+    let k = profile.data;
+    let width = profile.width();
+    assert_eq!(infos.len(), width, "one info per shard position");
+    let newest = infos.iter().flatten().map(|i| i.version).max().unwrap_or_default();
+    let mut expected = vec![Version::NONE; width];
+    let mut stale = 0u64;
+    for pos in 0..width {
+        let observed = infos[pos].as_ref().map(|i| i.version);
+        let want = if pos < k {
+            infos[k..]
+                .iter()
+                .flatten()
+                .flat_map(|p| p.data_versions.iter())
+                .filter(|(s, _)| *s as usize == pos)
+                .map(|(_, v)| *v)
+                .chain(observed)
+                .max()
+                .unwrap_or_default()
+        } else {
+            newest
+        };
+        expected[pos] = want;
+        if observed != Some(want) {
+            stale |= 1 << pos;
+        }
+    }
+    StripeView { expected, stale }
+}
+
+/// What to do with a stripe's unstable versions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// (position, version): stabilize up to the version.
+    pub stabilize: Vec<(usize, Version)>,
+    /// (position, version): undo the version and everything above it.
+    pub rollback: Vec<(usize, Version)>,
+    /// The highest version is rolled forward: these positions of its write set lack it and
+    /// must be rebuilt (from the shards that have it) at this version.
+    pub roll_forward: Option<(Version, Vec<usize>)>,
+}
+
+/// Decides a stripe's reconciliation (see the module doc). `infos[pos]` is `None` when the
+/// position is unreachable.
+pub fn reconcile(profile: Profile, infos: &[Option<ObjectInfo>]) -> Decision {
+    let k = profile.data;
+    let mut d = Decision::default();
+    let top = infos.iter().flatten().map(|i| i.version).max().unwrap_or_default();
+    // The write set of the top version, if it is unstable somewhere (the union over its
+    // holders: a repair's install of that version carries an empty set).
+    let top_undo: Option<u32> = infos
+        .iter()
+        .flatten()
+        .flat_map(|i| i.unstable.iter())
+        .filter(|u| u.version == top)
+        .map(|u| u.write_set)
+        .reduce(|a, b| a | b);
+    let stable_somewhere = infos
+        .iter()
+        .flatten()
+        .any(|i| i.version == top && !i.unstable.iter().any(|u| u.version == top));
+    // Every unstable version below the top is committed.
+    for (pos, info) in infos.iter().enumerate() {
+        let Some(info) = info else { continue };
+        if let Some(below) = info.unstable.iter().map(|u| u.version).filter(|v| *v < top).max() {
+            d.stabilize.push((pos, below));
+        }
+    }
+    let Some(write_set) = top_undo else {
+        return d;
+    };
+    let holders: Vec<usize> = (0..infos.len())
+        .filter(|&p| infos[p].as_ref().is_some_and(|i| i.version == top))
+        .collect();
+    if stable_somewhere {
+        d.stabilize.extend(holders.iter().map(|&p| (p, top)));
+        return d;
+    }
+    // Untouched data shards are current unless a parity records a newer version of them.
+    let view = assess(profile, infos);
+    let in_set = |p: usize| write_set & (1 << p) != 0;
+    let available = (0..infos.len())
+        .filter(|&p| match &infos[p] {
+            None => false,
+            Some(i) if in_set(p) => i.version == top,
+            Some(_) => p < k && !view.is_stale(p),
+        })
+        .count();
+    if available >= k {
+        let missing: Vec<usize> = (0..infos.len())
+            .filter(|&p| in_set(p) && infos[p].as_ref().is_some_and(|i| i.version != top))
+            .collect();
+        d.stabilize.extend(holders.iter().map(|&p| (p, top)));
+        d.roll_forward = Some((top, missing));
+    } else {
+        d.rollback.extend(holders.iter().map(|&p| (p, top)));
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ObjectKey, UndoInfo};
+
+    const P: Profile = Profile::DEFAULT; // 4+2: positions 0..4 data, 4, 5 parity
+
+    fn v(s: u64) -> Version {
+        Version::new(1, s)
+    }
+
+    /// A shard at version `ver`, unstable versions `unstable` (with `set`), and for parity the
+    /// recorded data versions.
+    fn info(ver: u64, unstable: &[(u64, u32)], dv: &[(u32, u64)]) -> Option<ObjectInfo> {
+        Some(ObjectInfo {
+            object: ObjectKey {
+                volume: 1,
+                stripe: 0,
+                shard: 0,
+            },
+            version: if ver == 0 { Version::NONE } else { v(ver) },
+            unstable: unstable
+                .iter()
+                .map(|&(s, set)| UndoInfo {
+                    version: v(s),
+                    previous: Version::NONE,
+                    write_set: set,
+                })
+                .collect(),
+            data_versions: dv.iter().map(|&(s, x)| (s, v(x))).collect(),
+            length: 4096,
+        })
+    }
+
+    #[test]
+    fn assess_finds_shards_that_missed_writes() {
+        // Data 1 was written at 5 while its server was away: parity says 5, it holds 2.
+        let infos = vec![
+            info(1, &[], &[]),
+            info(2, &[], &[]),
+            info(3, &[], &[]),
+            None,
+            info(5, &[], &[(0, 1), (1, 5), (2, 3)]),
+            info(5, &[], &[(0, 1), (1, 5), (2, 3)]),
+        ];
+        let view = assess(P, &infos);
+        assert_eq!(view.expected[1], v(5));
+        assert_eq!(view.expected[3], Version::NONE);
+        assert_eq!(view.stale, 0b1010, "data 1 is behind, data 3 unreachable");
+        assert_eq!(view.current(), 4);
+        // A parity behind the other parity is stale too.
+        let infos = vec![
+            info(1, &[], &[]),
+            info(0, &[], &[]),
+            info(0, &[], &[]),
+            info(0, &[], &[]),
+            info(1, &[], &[(0, 1)]),
+            info(0, &[], &[]),
+        ];
+        assert_eq!(assess(P, &infos).stale, 0b100000);
+        // Both parity missed the newest write (their servers were away): the data shard holds
+        // the truth, the parity is behind.
+        let infos = vec![
+            info(9, &[], &[]),
+            info(2, &[], &[]),
+            info(0, &[], &[]),
+            info(0, &[], &[]),
+            info(5, &[], &[(0, 5), (1, 2)]),
+            info(5, &[], &[(0, 5), (1, 2)]),
+        ];
+        let view = assess(P, &infos);
+        assert_eq!(view.expected[0], v(9));
+        assert_eq!(view.expected[4], v(9));
+        assert_eq!(view.stale, 0b110000);
+        // A never-written stripe is all current.
+        let empty = vec![info(0, &[], &[]); 6];
+        assert_eq!(assess(P, &empty).stale, 0);
+    }
+
+    #[test]
+    fn reconcile_rolls_forward_with_k_and_back_without() {
+        // Write 7 touched data 1 + both parity (set 0b110010).
+        let set = 0b110010;
+        let dv_old = [(0, 1), (1, 2), (2, 3), (3, 4)];
+        let dv_new = [(0, 1), (1, 7), (2, 3), (3, 4)];
+        // (case, infos, expected decision)
+        let cases: Vec<(&str, Vec<Option<ObjectInfo>>, Decision)> = vec![
+            (
+                "all shards got it: forward, nothing to rebuild",
+                vec![
+                    info(1, &[], &[]),
+                    info(7, &[(7, set)], &[]),
+                    info(3, &[], &[]),
+                    info(4, &[], &[]),
+                    info(7, &[(7, set)], &dv_new),
+                    info(7, &[(7, set)], &dv_new),
+                ],
+                Decision {
+                    stabilize: vec![(1, v(7)), (4, v(7)), (5, v(7))],
+                    rollback: vec![],
+                    roll_forward: Some((v(7), vec![])),
+                },
+            ),
+            (
+                "only the data shard got it, every data shard is there: forward, rebuild parity",
+                vec![
+                    info(1, &[], &[]),
+                    info(7, &[(7, set)], &[]),
+                    info(3, &[], &[]),
+                    info(4, &[], &[]),
+                    info(6, &[], &dv_old),
+                    info(6, &[], &dv_old),
+                ],
+                Decision {
+                    stabilize: vec![(1, v(7))],
+                    rollback: vec![],
+                    roll_forward: Some((v(7), vec![4, 5])),
+                },
+            ),
+            (
+                "only the data shard got it and another data shard is lost: back",
+                vec![
+                    info(1, &[], &[]),
+                    info(7, &[(7, set)], &[]),
+                    None,
+                    info(4, &[], &[]),
+                    info(6, &[], &dv_old),
+                    info(6, &[], &dv_old),
+                ],
+                Decision {
+                    stabilize: vec![],
+                    rollback: vec![(1, v(7))],
+                    roll_forward: None,
+                },
+            ),
+            (
+                "data + one parity got it, one data lost: 0,3 + 1 + p0 = 4, forward",
+                vec![
+                    info(1, &[], &[]),
+                    info(7, &[(7, set)], &[]),
+                    None,
+                    info(4, &[], &[]),
+                    info(7, &[(7, set)], &dv_new),
+                    info(6, &[], &dv_old),
+                ],
+                Decision {
+                    stabilize: vec![(1, v(7)), (4, v(7))],
+                    rollback: vec![],
+                    roll_forward: Some((v(7), vec![5])),
+                },
+            ),
+            (
+                "lower unstable versions are committed; the top is stable somewhere",
+                vec![
+                    info(3, &[(3, 0b110001)], &[]),
+                    info(7, &[], &[]),
+                    info(3, &[], &[]),
+                    info(4, &[], &[]),
+                    info(7, &[(3, 0b110001), (7, set)], &dv_new),
+                    info(7, &[(3, 0b110001)], &dv_new),
+                ],
+                Decision {
+                    stabilize: vec![(0, v(3)), (4, v(3)), (5, v(3)), (1, v(7)), (4, v(7)), (5, v(7))],
+                    rollback: vec![],
+                    roll_forward: None,
+                },
+            ),
+        ];
+        for (name, infos, want) in cases {
+            assert_eq!(reconcile(P, &infos), want, "{name}");
+        }
+    }
+}

@@ -1,0 +1,1233 @@
+//! The volume client: a volume's bytes over erasure-coded shards on many block servers. The
+//! NBD gateway and repair use it; it is the volume's only writer while it holds the writer
+//! lease (epoch) it was opened with.
+//!
+//! How it keeps the invariants of DESIGN.md:
+//! - **Epoch fencing (1).** Every shard write, stabilize and rollback carries the epoch; a block
+//!   server that has seen a newer writer refuses, and the volume then fails every later write
+//!   with [`VolumeError::Fenced`]: a stale writer never overwrites newer data.
+//! - **No write hole (2).** Writes to one stripe are serialised (a per-stripe lock). A stripe
+//!   write creates version `(epoch, seq)` on every shard it touches (the touched data shards
+//!   and all parity), each a compare-and-swap on the shard's expected version; the blocks it
+//!   replaces stay on the servers until the version is stabilized, which is queued only once
+//!   every shard answered. If fewer than k shards end up holding the new stripe state the
+//!   write is rolled back and fails. A writer that crashes mid-stripe leaves unstable versions
+//!   that the next writer reconciles ([`crate::reconcile`]) before it serves any I/O.
+//! - **Durability (3).** FUA writes are synced on every shard before they are acknowledged;
+//!   [`Volume::flush`] syncs every server written since the last flush.
+//! - **Checksums (4).** Servers verify on read; this client verifies again after the network.
+//!   A shard that fails is read around (reconstructed from others), marked stale and rebuilt.
+//! - **Degraded, never down (5).** Reads reconstruct from any k current shards; writes skip
+//!   missing shards (their parity still records the change) as long as k stay current.
+//! - **Placement (7).** Stripe → placement group → k+m servers in distinct failure domains.
+//!
+//! Per stripe the client keeps a [`StripeView`] (the version each position should hold, and
+//! which positions are stale), learned from the shards on first touch and kept up to date by
+//! its own writes; the cache is bounded and can always be re-learned.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::join_all;
+
+use crate::checksum::{self, BLOCK_BYTES};
+use crate::client::{BlockClient, ShardError};
+use crate::ec::{Codec, EcError, Profile};
+use crate::layout::{Layout, Segment};
+use crate::placement::{self, DomainLevel, PlacementError, Server};
+use crate::protocol::pb;
+use crate::reconcile::{self, StripeView};
+use crate::store::{ObjectInfo, ObjectKey, Version, WriteMode, WriteReq};
+
+/// Stripes whose view is cached; beyond it the cache is emptied (views are re-learned).
+pub const MAX_CACHED_STRIPES: usize = 64 * 1024;
+/// Stabilizations piggybacked on one shard write.
+const MAX_PIGGYBACK: usize = 64;
+/// Stale stripes the background task rebuilds per round (every 500 ms).
+const HEAL_PER_ROUND: usize = 64;
+/// How long an unreachable server is skipped before it is tried again.
+const RETRY_UNREACHABLE: Duration = Duration::from_secs(2);
+
+/// One block server as the volume sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerInfo {
+    pub id: u64,
+    pub addr: String,
+    pub site: String,
+    pub rack: String,
+    pub host: String,
+    pub weight: f64,
+    /// In the cluster map (its lease is alive); a server that is not is replaced in placement.
+    pub up: bool,
+}
+
+/// What a volume is: its size and how it is spread.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VolumeSpec {
+    pub id: u64,
+    pub size_bytes: u64,
+    pub profile: Profile,
+    /// Bytes of one shard in one stripe.
+    pub unit: u32,
+    pub pg_count: u32,
+    pub level: DomainLevel,
+}
+
+impl VolumeSpec {
+    /// Default layout: 4+2, 64 KiB units, 128 placement groups, host failure domains.
+    pub fn new(id: u64, size_bytes: u64) -> Self {
+        Self {
+            id,
+            size_bytes,
+            profile: Profile::DEFAULT,
+            unit: 64 * 1024,
+            pg_count: placement::DEFAULT_PG_COUNT,
+            level: DomainLevel::Host,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("I/O at {offset}+{len} is outside the volume of {size} bytes")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("volume size {size} must be a positive multiple of 4096")]
+    BadSize { size: u64 },
+    #[error("volume {volume}: a writer with a newer epoch than {epoch} exists; this one is fenced")]
+    Fenced { volume: u64, epoch: u64 },
+    #[error("volume {volume} stripe {stripe}: only {current} current shards, {needed} needed")]
+    Unavailable {
+        volume: u64,
+        stripe: u64,
+        current: usize,
+        needed: usize,
+    },
+    #[error("placement: {0}")]
+    Placement(#[from] PlacementError),
+    #[error("erasure code: {0}")]
+    Ec(#[from] EcError),
+    #[error("layout: {0}")]
+    Layout(#[from] crate::layout::LayoutError),
+    #[error("volume {volume}: the writer stopped at a failpoint (test crash)")]
+    Crashed { volume: u64 },
+    #[error("block server {server} is not in the cluster map")]
+    UnknownServer { server: u64 },
+}
+
+pub type Result<T> = std::result::Result<T, VolumeError>;
+
+/// Counters of one open volume.
+#[derive(Debug, Default)]
+pub struct VolumeStats {
+    pub degraded_reads: AtomicU64,
+    pub checksum_errors: AtomicU64,
+    pub shards_rebuilt: AtomicU64,
+    pub bytes_rebuilt: AtomicU64,
+    pub rolled_forward: AtomicU64,
+    pub rolled_back: AtomicU64,
+    pub stripes_scrubbed: AtomicU64,
+    pub parity_repaired: AtomicU64,
+}
+
+/// Test hooks (crash points); off unless a test sets them.
+#[derive(Debug, Default)]
+pub struct Failpoints {
+    /// When non-zero: a stripe write sends only this many shard writes, then the writer
+    /// "crashes" (every later call fails with [`VolumeError::Crashed`]).
+    pub crash_after_shard_writes: AtomicUsize,
+}
+
+struct ClusterMap {
+    servers: Vec<Server>,
+    clients: HashMap<u64, BlockClient>,
+}
+
+/// An open volume (see the module doc).
+pub struct Volume {
+    spec: VolumeSpec,
+    layout: Layout,
+    codec: Codec,
+    epoch: u64,
+    seq: AtomicU64,
+    timeout: Duration,
+    cluster: Mutex<ClusterMap>,
+    unreachable: Mutex<HashMap<u64, Instant>>,
+    views: Mutex<HashMap<u64, StripeView>>,
+    locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per server: stabilizations to send (piggybacked or by the background task).
+    to_stabilize: Mutex<HashMap<u64, Vec<(ObjectKey, Version)>>>,
+    /// Servers written since the last flush.
+    dirty: Mutex<BTreeSet<u64>>,
+    fenced: AtomicBool,
+    crashed: AtomicBool,
+    pub stats: VolumeStats,
+    pub failpoints: Failpoints,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Volume({}, epoch {})", self.spec.id, self.epoch)
+    }
+}
+
+fn to_placement(s: &ServerInfo) -> Server {
+    Server {
+        id: s.id,
+        site: s.site.clone(),
+        rack: s.rack.clone(),
+        host: s.host.clone(),
+        weight: s.weight,
+        up: s.up,
+    }
+}
+
+/// One shard's part of a stripe write.
+struct ShardWrite {
+    pos: usize,
+    req: WriteReq,
+    payload: Bytes,
+}
+
+impl Volume {
+    /// Opens `spec` as its writer with `epoch` (the writer lease's, already bumped in meta),
+    /// and reconciles what a previous writer left unstable before returning.
+    pub async fn open(
+        spec: VolumeSpec,
+        epoch: u64,
+        servers: &[ServerInfo],
+        timeout: Duration,
+    ) -> Result<Arc<Volume>> {
+        if spec.size_bytes == 0 || !spec.size_bytes.is_multiple_of(BLOCK_BYTES as u64) {
+            return Err(VolumeError::BadSize {
+                size: spec.size_bytes,
+            });
+        }
+        let layout = Layout::new(spec.profile, spec.unit)?;
+        let codec = Codec::new(spec.profile)?;
+        let vol = Arc::new(Volume {
+            spec,
+            layout,
+            codec,
+            epoch,
+            seq: AtomicU64::new(1),
+            timeout,
+            cluster: Mutex::new(ClusterMap {
+                servers: Vec::new(),
+                clients: HashMap::new(),
+            }),
+            unreachable: Mutex::default(),
+            views: Mutex::default(),
+            locks: Mutex::default(),
+            to_stabilize: Mutex::default(),
+            dirty: Mutex::default(),
+            fenced: AtomicBool::new(false),
+            crashed: AtomicBool::new(false),
+            stats: VolumeStats::default(),
+            failpoints: Failpoints::default(),
+        });
+        vol.set_servers(servers);
+        vol.fence_all().await?;
+        vol.reconcile_all().await?;
+        let weak = Arc::downgrade(&vol);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            for round in 0u64.. {
+                tick.tick().await;
+                let Some(vol) = weak.upgrade() else { break };
+                if vol.check().is_err() {
+                    break;
+                }
+                vol.send_stabilizations().await;
+                if round % 10 == 0 {
+                    vol.heal(HEAL_PER_ROUND).await;
+                }
+            }
+        });
+        Ok(vol)
+    }
+
+    pub fn spec(&self) -> &VolumeSpec {
+        &self.spec
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Replaces the cluster map (servers joining, leaving, declared down). Cached stripe views
+    /// are dropped: placement may have moved.
+    pub fn set_servers(&self, servers: &[ServerInfo]) {
+        let mut c = self.cluster.lock().expect("poisoned");
+        c.servers = servers.iter().map(to_placement).collect();
+        for s in servers {
+            let stale = c.clients.get(&s.id).is_none_or(|cl| cl.addr() != s.addr);
+            if stale {
+                c.clients
+                    .insert(s.id, BlockClient::new(s.addr.clone(), self.timeout));
+            }
+        }
+        drop(c);
+        self.views.lock().expect("poisoned").clear();
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.crashed.load(Ordering::Acquire) {
+            return Err(VolumeError::Crashed {
+                volume: self.spec.id,
+            });
+        }
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(VolumeError::Fenced {
+                volume: self.spec.id,
+                epoch: self.epoch,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.spec.size_bytes) {
+            return Err(VolumeError::OutOfRange {
+                offset,
+                len,
+                size: self.spec.size_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn object(&self, stripe: u64, pos: usize) -> ObjectKey {
+        ObjectKey {
+            volume: self.spec.id,
+            stripe,
+            shard: pos as u32,
+        }
+    }
+
+    /// The servers of a stripe's positions.
+    fn placement(&self, stripe: u64) -> Result<Vec<u64>> {
+        let c = self.cluster.lock().expect("poisoned");
+        Ok(placement::place_stripe(
+            self.spec.id,
+            stripe,
+            self.spec.pg_count,
+            self.spec.profile.width(),
+            &c.servers,
+            self.spec.level,
+        )?)
+    }
+
+    fn client(&self, server: u64) -> Result<BlockClient> {
+        self.cluster
+            .lock()
+            .expect("poisoned")
+            .clients
+            .get(&server)
+            .cloned()
+            .ok_or(VolumeError::UnknownServer { server })
+    }
+
+    fn reachable(&self, server: u64) -> bool {
+        let mut u = self.unreachable.lock().expect("poisoned");
+        match u.get(&server) {
+            Some(t) if t.elapsed() < RETRY_UNREACHABLE => false,
+            Some(_) => {
+                // Tried again from now on.
+                u.remove(&server);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Forgets which servers were unreachable, so the next I/O tries them at once (they are
+    /// otherwise retried after a short back-off).
+    pub fn retry_unreachable(&self) {
+        self.unreachable.lock().expect("poisoned").clear();
+    }
+
+    /// Notes what a shard error says about the server; returns a fencing error if any.
+    fn note_error(&self, server: u64, e: &ShardError) -> Result<()> {
+        match e {
+            ShardError::Transport { .. } | ShardError::Protocol { .. } => {
+                self.unreachable
+                    .lock()
+                    .expect("poisoned")
+                    .insert(server, Instant::now());
+            }
+            ShardError::Status {
+                status: pb::Status::StaleEpoch,
+                ..
+            } => {
+                self.fenced.store(true, Ordering::Release);
+                return Err(VolumeError::Fenced {
+                    volume: self.spec.id,
+                    epoch: self.epoch,
+                });
+            }
+            ShardError::Status {
+                status: pb::Status::ChecksumMismatch,
+                ..
+            } => {
+                self.stats.checksum_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            ShardError::Status { .. } => {}
+        }
+        Ok(())
+    }
+
+    async fn lock_stripe(&self, stripe: u64) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = self
+            .locks
+            .lock()
+            .expect("poisoned")
+            .entry(stripe)
+            .or_default()
+            .clone();
+        let g = m.lock_owned().await;
+        // Drop idle lock entries now and then (bounded table).
+        let mut locks = self.locks.lock().expect("poisoned");
+        if locks.len() > MAX_CACHED_STRIPES {
+            locks.retain(|_, m| Arc::strong_count(m) > 1);
+        }
+        g
+    }
+
+    /// Stats every position of a stripe (a fresh view).
+    async fn learn(&self, stripe: u64, servers: &[u64]) -> Result<Vec<Option<ObjectInfo>>> {
+        let futs = servers.iter().enumerate().map(|(pos, &srv)| async move {
+            if !self.reachable(srv) {
+                return Ok(None);
+            }
+            let client = self.client(srv)?;
+            match client.stat(&[self.object(stripe, pos)]).await {
+                Ok(mut infos) if infos.len() == 1 => Ok(infos.pop()),
+                Ok(_) => Ok(None),
+                Err(e) => {
+                    self.note_error(srv, &e)?;
+                    Ok(None)
+                }
+            }
+        });
+        join_all(futs).await.into_iter().collect()
+    }
+
+    async fn view(&self, stripe: u64, servers: &[u64]) -> Result<StripeView> {
+        if let Some(v) = self.views.lock().expect("poisoned").get(&stripe) {
+            return Ok(v.clone());
+        }
+        let infos = self.learn(stripe, servers).await?;
+        let view = reconcile::assess(self.spec.profile, &infos);
+        self.remember(stripe, view.clone());
+        Ok(view)
+    }
+
+    fn remember(&self, stripe: u64, view: StripeView) {
+        let mut views = self.views.lock().expect("poisoned");
+        if views.len() >= MAX_CACHED_STRIPES {
+            views.clear();
+        }
+        views.insert(stripe, view);
+    }
+
+    // ---- Reads ----
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.check()?;
+        self.check_range(offset, len)?;
+        let start = offset / BLOCK_BYTES as u64 * BLOCK_BYTES as u64;
+        let end = (offset + len).div_ceil(BLOCK_BYTES as u64) * BLOCK_BYTES as u64;
+        let segs = self.layout.segments(start, end - start);
+        let groups = Layout::by_stripe(&segs);
+        let parts = join_all(
+            groups
+                .iter()
+                .map(|(stripe, r)| self.read_stripe(*stripe, &segs[r.clone()])),
+        )
+        .await;
+        let mut out = BytesMut::with_capacity((end - start) as usize);
+        for p in parts {
+            for b in p? {
+                out.extend_from_slice(&b);
+            }
+        }
+        let skip = (offset - start) as usize;
+        Ok(out.freeze().slice(skip..skip + len as usize))
+    }
+
+    async fn read_stripe(&self, stripe: u64, segs: &[Segment]) -> Result<Vec<Bytes>> {
+        let _g = self.lock_stripe(stripe).await;
+        let servers = self.placement(stripe)?;
+        let mut view = self.view(stripe, &servers).await?;
+        let reads = segs.iter().map(|s| self.read_shard(stripe, &servers, &view, s.shard, s.shard_offset, s.len));
+        let results = join_all(reads).await;
+        let mut out = Vec::with_capacity(segs.len());
+        let mut changed = false;
+        for (s, r) in segs.iter().zip(results) {
+            match r? {
+                Some(b) => out.push(b),
+                None => {
+                    changed = true;
+                    view.set_stale(s.shard, true);
+                    self.stats.degraded_reads.fetch_add(1, Ordering::Relaxed);
+                    let width = self.spec.profile.width();
+                    let mut shards = self
+                        .gather_with(stripe, &servers, &mut view, s.shard_offset, s.len, &[s.shard], vec![None; width])
+                        .await?;
+                    out.push(Bytes::from(shards[s.shard].take().expect("reconstructed")));
+                }
+            }
+        }
+        if changed {
+            self.remember(stripe, view);
+        }
+        Ok(out)
+    }
+
+    /// Reads one position's range if it is current and answers with the expected version;
+    /// `None` when it must be read around.
+    async fn read_shard(
+        &self,
+        stripe: u64,
+        servers: &[u64],
+        view: &StripeView,
+        pos: usize,
+        offset: u32,
+        len: u32,
+    ) -> Result<Option<Bytes>> {
+        if view.is_stale(pos) || !self.reachable(servers[pos]) {
+            return Ok(None);
+        }
+        let client = self.client(servers[pos])?;
+        match client.read(self.object(stripe, pos), offset, len).await {
+            Ok(r) if r.version == view.expected[pos] => Ok(Some(r.data)),
+            Ok(_) => Ok(None),
+            Err(e) => {
+                self.note_error(servers[pos], &e)?;
+                Ok(None)
+            }
+        }
+    }
+
+    // ---- Writes ----
+
+    /// Writes `data` at `offset`; with `fua`, durable on every shard before it returns.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.check()?;
+        self.check_range(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let (start, data) = self.align(offset, data).await?;
+        self.write_aligned(start, Some(data.clone()), data.len() as u64, fua)
+            .await
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros and stop using space (NBD TRIM and
+    /// WRITE_ZEROES). Unaligned edges are written as zero bytes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check()?;
+        self.check_range(offset, len)?;
+        let b = BLOCK_BYTES as u64;
+        let (start, end) = (offset.div_ceil(b) * b, (offset + len) / b * b);
+        if start >= end {
+            return self.write(offset, Bytes::from(vec![0u8; len as usize]), fua).await;
+        }
+        if offset < start {
+            self.write(offset, Bytes::from(vec![0u8; (start - offset) as usize]), fua)
+                .await?;
+        }
+        if offset + len > end {
+            self.write(end, Bytes::from(vec![0u8; (offset + len - end) as usize]), fua)
+                .await?;
+        }
+        self.write_aligned(start, None, end - start, fua).await
+    }
+
+    /// Widens an unaligned write to 4 KiB blocks by reading the edges.
+    async fn align(&self, offset: u64, data: Bytes) -> Result<(u64, Bytes)> {
+        let b = BLOCK_BYTES as u64;
+        let start = offset / b * b;
+        let end = (offset + data.len() as u64).div_ceil(b) * b;
+        if start == offset && end == offset + data.len() as u64 {
+            return Ok((offset, data));
+        }
+        let mut buf = BytesMut::from(&self.read(start, end - start).await?[..]);
+        let at = (offset - start) as usize;
+        buf[at..at + data.len()].copy_from_slice(&data);
+        Ok((start, buf.freeze()))
+    }
+
+    /// `data: None` writes zeros (freeing space).
+    async fn write_aligned(&self, offset: u64, data: Option<Bytes>, len: u64, fua: bool) -> Result<()> {
+        let segs = self.layout.segments(offset, len);
+        let groups = Layout::by_stripe(&segs);
+        let results = join_all(groups.iter().map(|(stripe, r)| {
+            let segs = &segs[r.clone()];
+            let payloads: Vec<Option<Bytes>> = segs
+                .iter()
+                .map(|s| {
+                    data.as_ref().map(|d| {
+                        let at = (s.volume_offset - offset) as usize;
+                        d.slice(at..at + s.len as usize)
+                    })
+                })
+                .collect();
+            self.write_stripe(*stripe, segs, payloads, fua)
+        }))
+        .await;
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(())
+    }
+
+    fn next_version(&self) -> Version {
+        Version::new(self.epoch, self.seq.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn take_piggyback(&self, server: u64) -> Vec<(ObjectKey, Version)> {
+        let mut q = self.to_stabilize.lock().expect("poisoned");
+        match q.get_mut(&server) {
+            Some(list) => {
+                let n = list.len().min(MAX_PIGGYBACK);
+                list.drain(..n).collect()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Sends one shard write unless the crash failpoint says the writer died before it.
+    async fn send_write(
+        &self,
+        server: u64,
+        w: &ShardWrite,
+        budget: &AtomicUsize,
+    ) -> Result<std::result::Result<crate::store::WriteOutcome, ShardError>> {
+        if self.failpoints.crash_after_shard_writes.load(Ordering::Relaxed) > 0 {
+            let left = budget.fetch_sub(1, Ordering::AcqRel);
+            if left == 0 {
+                budget.store(0, Ordering::Release);
+                self.crashed.store(true, Ordering::Release);
+                return Err(VolumeError::Crashed {
+                    volume: self.spec.id,
+                });
+            }
+        }
+        let client = self.client(server)?;
+        let piggy = self.take_piggyback(server);
+        let r = client.write(&w.req, w.payload.clone(), &piggy).await;
+        if r.is_err() {
+            // Not delivered (or unknown): queue them again.
+            let mut q = self.to_stabilize.lock().expect("poisoned");
+            q.entry(server).or_default().extend(piggy);
+        }
+        self.dirty.lock().expect("poisoned").insert(server);
+        Ok(r)
+    }
+
+    async fn write_stripe(
+        &self,
+        stripe: u64,
+        segs: &[Segment],
+        payloads: Vec<Option<Bytes>>,
+        fua: bool,
+    ) -> Result<()> {
+        let _g = self.lock_stripe(stripe).await;
+        let servers = self.placement(stripe)?;
+        // A shard that fails mid-write is rolled back on the others and the write is redone
+        // without it (at most once per position).
+        for _ in 0..=self.spec.profile.width() {
+            self.check()?;
+            let view = self.view(stripe, &servers).await?;
+            if self.write_stripe_once(stripe, segs, &payloads, fua, &servers, view).await? {
+                return Ok(());
+            }
+        }
+        let view = self.view(stripe, &servers).await?;
+        Err(VolumeError::Unavailable {
+            volume: self.spec.id,
+            stripe,
+            current: view.current(),
+            needed: self.spec.profile.data,
+        })
+    }
+
+    /// One attempt at a stripe write; `Ok(false)` when a shard failed and the attempt was
+    /// undone (the caller retries with that shard marked stale).
+    async fn write_stripe_once(
+        &self,
+        stripe: u64,
+        segs: &[Segment],
+        payloads: &[Option<Bytes>],
+        fua: bool,
+        servers: &[u64],
+        mut view: StripeView,
+    ) -> Result<bool> {
+        let k = self.spec.profile.data;
+        let width = self.spec.profile.width();
+        let version = self.next_version();
+        let budget = AtomicUsize::new(self.failpoints.crash_after_shard_writes.load(Ordering::Relaxed));
+        // The parity range: the union of the touched ranges.
+        let r_start = segs.iter().map(|s| s.shard_offset).min().unwrap_or(0);
+        let r_end = segs.iter().map(|s| s.shard_offset + s.len).max().unwrap_or(0);
+        let r_len = (r_end - r_start) as usize;
+        let touched: Vec<usize> = segs.iter().map(|s| s.shard).collect();
+        let mut write_set: u32 = (k..width).map(|p| 1u32 << p).sum();
+        for &t in &touched {
+            write_set |= 1 << t;
+        }
+        let full = self.layout.plan(segs) == crate::layout::WritePlan::FullStripe;
+        let old_view = view.clone();
+        // Widens a segment's bytes to the parity range (zeros outside the segment).
+        let widen = |i: usize, bytes: Option<&[u8]>| -> Vec<u8> {
+            let s = &segs[i];
+            let mut out = vec![0u8; r_len];
+            if let Some(b) = bytes {
+                let at = (s.shard_offset - r_start) as usize;
+                out[at..at + s.len as usize].copy_from_slice(b);
+            }
+            out
+        };
+
+        // Phase 0 (partial writes): old bytes of touched shards that cannot return them are
+        // reconstructed from the stripe as it is.
+        let mut olds: HashMap<usize, Bytes> = HashMap::new();
+        let missing: Vec<usize> = touched
+            .iter()
+            .copied()
+            .filter(|&t| view.is_stale(t) || !self.reachable(servers[t]))
+            .collect();
+        if !full && !missing.is_empty() {
+            let mut pre = view.clone();
+            let all = self
+                .gather_with(stripe, servers, &mut pre, r_start, r_len as u32, &missing, vec![None; width])
+                .await?;
+            for &m in &missing {
+                let i = touched.iter().position(|&t| t == m).expect("touched");
+                let at = (segs[i].shard_offset - r_start) as usize;
+                let b = all[m].as_ref().expect("reconstructed");
+                olds.insert(m, Bytes::copy_from_slice(&b[at..at + segs[i].len as usize]));
+            }
+            for &m in &missing {
+                view.set_stale(m, true);
+            }
+        }
+
+        // Phase 1: the current data shards (returning their old bytes unless the stripe is
+        // rewritten whole).
+        let mut acked: Vec<usize> = Vec::new();
+        let data_writes: Vec<ShardWrite> = segs
+            .iter()
+            .zip(payloads)
+            .filter(|(s, _)| !view.is_stale(s.shard))
+            .map(|(s, p)| {
+                let (mode, payload, crcs) = match p {
+                    Some(b) => (WriteMode::Data, b.clone(), checksum::compute(b)),
+                    None => (WriteMode::Zero, Bytes::new(), Vec::new()),
+                };
+                ShardWrite {
+                    pos: s.shard,
+                    req: WriteReq {
+                        object: self.object(stripe, s.shard),
+                        epoch: self.epoch,
+                        version,
+                        base: view.expected[s.shard],
+                        mode,
+                        offset: s.shard_offset,
+                        length: s.len,
+                        crcs,
+                        fua,
+                        write_set,
+                        data_base: vec![],
+                        data_after: vec![],
+                        return_old: !full,
+                    },
+                    payload,
+                }
+            })
+            .collect();
+        let failed = self
+            .send_all(stripe, servers, &data_writes, &budget, &mut acked, |pos, old| {
+                if let Some(old) = old {
+                    olds.insert(pos, old);
+                }
+            })
+            .await?;
+        if !failed.is_empty() {
+            self.undo(stripe, servers, version, &acked).await;
+            let mut retry = old_view;
+            for f in failed {
+                retry.set_stale(f, true);
+            }
+            self.remember(stripe, retry);
+            return Ok(false);
+        }
+
+        // Phase 2: parity, from the new data (full stripe) or from the deltas.
+        let parity: Vec<Vec<u8>> = if full {
+            let data: Vec<Vec<u8>> = (0..k).map(|i| widen(i, payloads[i].as_deref())).collect();
+            let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+            let mut p = vec![vec![0u8; r_len]; width - k];
+            let mut prefs: Vec<&mut [u8]> = p.iter_mut().map(Vec::as_mut_slice).collect();
+            self.codec.encode(&refs, &mut prefs)?;
+            p
+        } else {
+            let mut delta = vec![vec![0u8; r_len]; width - k];
+            for (i, s) in segs.iter().enumerate() {
+                let o = widen(i, Some(&olds[&s.shard]));
+                let zeros = vec![0u8; s.len as usize];
+                let n = widen(i, Some(payloads[i].as_deref().unwrap_or(&zeros)));
+                let mut refs: Vec<&mut [u8]> = delta.iter_mut().map(Vec::as_mut_slice).collect();
+                self.codec.apply_delta(s.shard, &o, &n, &mut refs)?;
+            }
+            delta
+        };
+        let data_base: Vec<(u32, Version)> = touched.iter().map(|&t| (t as u32, old_view.expected[t])).collect();
+        let data_after: Vec<(u32, Version)> = touched.iter().map(|&t| (t as u32, version)).collect();
+        let parity_writes: Vec<ShardWrite> = (k..width)
+            .filter(|&pos| !view.is_stale(pos))
+            .map(|pos| {
+                let payload = Bytes::from(parity[pos - k].clone());
+                ShardWrite {
+                    pos,
+                    req: WriteReq {
+                        object: self.object(stripe, pos),
+                        epoch: self.epoch,
+                        version,
+                        base: old_view.expected[pos],
+                        mode: if full { WriteMode::Data } else { WriteMode::Xor },
+                        offset: r_start,
+                        length: r_len as u32,
+                        crcs: checksum::compute(&payload),
+                        fua,
+                        write_set,
+                        data_base: if full { vec![] } else { data_base.clone() },
+                        data_after: data_after.clone(),
+                        return_old: false,
+                    },
+                    payload,
+                }
+            })
+            .collect();
+        let failed = self
+            .send_all(stripe, servers, &parity_writes, &budget, &mut acked, |_, _| {})
+            .await?;
+        for f in failed {
+            view.set_stale(f, true);
+        }
+        // Every position of the write set should now hold `version`.
+        for pos in 0..width {
+            if write_set & (1 << pos) != 0 {
+                view.expected[pos] = version;
+            }
+        }
+        if view.current() < k {
+            self.undo(stripe, servers, version, &acked).await;
+            let current = view.current();
+            self.remember(stripe, old_view);
+            return Err(VolumeError::Unavailable {
+                volume: self.spec.id,
+                stripe,
+                current,
+                needed: k,
+            });
+        }
+        {
+            let mut q = self.to_stabilize.lock().expect("poisoned");
+            for &pos in &acked {
+                q.entry(servers[pos]).or_default().push((self.object(stripe, pos), version));
+            }
+        }
+        self.remember(stripe, view);
+        Ok(true)
+    }
+
+    /// Sends shard writes in parallel (skipping unreachable servers). Acked positions are
+    /// pushed to `acked` and their old bytes passed to `on_ok`; returns the positions that
+    /// failed. A fencing refusal is an error.
+    async fn send_all(
+        &self,
+        _stripe: u64,
+        servers: &[u64],
+        writes: &[ShardWrite],
+        budget: &AtomicUsize,
+        acked: &mut Vec<usize>,
+        mut on_ok: impl FnMut(usize, Option<Bytes>),
+    ) -> Result<Vec<usize>> {
+        let mut failed: Vec<usize> = writes
+            .iter()
+            .filter(|w| !self.reachable(servers[w.pos]))
+            .map(|w| w.pos)
+            .collect();
+        let sendable: Vec<&ShardWrite> = writes.iter().filter(|w| !failed.contains(&w.pos)).collect();
+        let results = join_all(sendable.iter().map(|w| self.send_write(servers[w.pos], w, budget))).await;
+        let mut fence = None;
+        for (w, r) in sendable.iter().zip(results) {
+            match r? {
+                Ok(out) => {
+                    acked.push(w.pos);
+                    on_ok(w.pos, out.old);
+                }
+                Err(e) => {
+                    failed.push(w.pos);
+                    if let Err(f) = self.note_error(servers[w.pos], &e) {
+                        fence = Some(f);
+                    }
+                }
+            }
+        }
+        match fence {
+            Some(f) => Err(f),
+            None => Ok(failed),
+        }
+    }
+
+    /// Reads `[offset, offset+len)` of enough current positions to reconstruct `want` (some
+    /// may be `known` already; they count towards k) and returns every position's bytes.
+    /// Positions that fail or answer with an unexpected version are marked stale in `view`.
+    #[allow(clippy::too_many_arguments)]
+    async fn gather_with(
+        &self,
+        stripe: u64,
+        servers: &[u64],
+        view: &mut StripeView,
+        offset: u32,
+        len: u32,
+        want: &[usize],
+        known: Vec<Option<Vec<u8>>>,
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        let k = self.spec.profile.data;
+        let width = self.spec.profile.width();
+        let mut shards = known;
+        let mut tried: Vec<bool> = shards.iter().map(Option::is_some).collect();
+        loop {
+            let have = shards.iter().filter(|s| s.is_some()).count();
+            if have >= k {
+                break;
+            }
+            let candidates: Vec<usize> = (0..width)
+                .filter(|&p| !tried[p] && !want.contains(&p) && !view.is_stale(p))
+                .take(k - have)
+                .collect();
+            if candidates.is_empty() {
+                return Err(VolumeError::Unavailable {
+                    volume: self.spec.id,
+                    stripe,
+                    current: have,
+                    needed: k,
+                });
+            }
+            let results = join_all(
+                candidates
+                    .iter()
+                    .map(|&p| self.read_shard(stripe, servers, view, p, offset, len)),
+            )
+            .await;
+            for (&p, r) in candidates.iter().zip(results) {
+                tried[p] = true;
+                match r? {
+                    Some(b) => shards[p] = Some(b.to_vec()),
+                    None => view.set_stale(p, true),
+                }
+            }
+        }
+        for w in want {
+            shards[*w] = None;
+        }
+        self.codec.reconstruct(&mut shards)?;
+        Ok(shards)
+    }
+
+    /// Rolls `version` back on the positions that took it (best effort; reconciliation by
+    /// the next writer finishes what fails here).
+    async fn undo(&self, stripe: u64, servers: &[u64], version: Version, acked: &[usize]) {
+        let futs = acked.iter().map(|&pos| async move {
+            let Ok(c) = self.client(servers[pos]) else { return };
+            if let Err(e) = c.rollback(self.epoch, &[(self.object(stripe, pos), version)]).await {
+                let _ = self.note_error(servers[pos], &e);
+            }
+        });
+        join_all(futs).await;
+        self.stats.rolled_back.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sends queued stabilizations to their servers.
+    pub async fn send_stabilizations(&self) {
+        let queued: Vec<(u64, Vec<(ObjectKey, Version)>)> =
+            std::mem::take(&mut *self.to_stabilize.lock().expect("poisoned")).into_iter().collect();
+        let futs = queued.into_iter().map(|(srv, list)| async move {
+            if list.is_empty() {
+                return;
+            }
+            let sent = match self.client(srv) {
+                Ok(c) => c.stabilize(self.epoch, &list).await.map_err(|e| {
+                    let _ = self.note_error(srv, &e);
+                }),
+                Err(_) => Err(()),
+            };
+            if sent.is_err() {
+                self.to_stabilize.lock().expect("poisoned").entry(srv).or_default().extend(list);
+            }
+        });
+        join_all(futs).await;
+    }
+
+    /// Everything written before is durable on every shard (NBD FLUSH).
+    pub async fn flush(&self) -> Result<()> {
+        self.check()?;
+        let dirty: Vec<u64> = std::mem::take(&mut *self.dirty.lock().expect("poisoned")).into_iter().collect();
+        let results = join_all(dirty.iter().map(|&srv| async move {
+            let c = self.client(srv)?;
+            match c.flush().await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    // An unreachable server's shards are stale for this writer; they are
+                    // rebuilt, so the flush stands on the others (degraded within m).
+                    self.note_error(srv, &e)?;
+                    Ok(())
+                }
+            }
+        }))
+        .await;
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(())
+    }
+
+    // ---- Reconciliation and repair ----
+
+    /// Records this writer's epoch on every server in the map before the first write, so a
+    /// previous writer's later writes are refused everywhere (DESIGN.md invariant 1).
+    async fn fence_all(&self) -> Result<()> {
+        let servers: Vec<(u64, BlockClient)> = {
+            let c = self.cluster.lock().expect("poisoned");
+            c.servers
+                .iter()
+                .filter(|s| s.up)
+                .filter_map(|s| c.clients.get(&s.id).map(|cl| (s.id, cl.clone())))
+                .collect()
+        };
+        let results = join_all(servers.iter().map(|(id, c)| async move {
+            match c.fence(self.spec.id, self.epoch).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    tracing::warn!(volume = self.spec.id, server = id, error = %e, "cannot fence");
+                    self.note_error(*id, &e)
+                }
+            }
+        }))
+        .await;
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(())
+    }
+
+    /// Rebuilds up to `limit` cached stripes that have stale positions on reachable servers
+    /// (bit rot found by reads, shards a short outage made miss writes).
+    pub async fn heal(&self, limit: usize) -> usize {
+        let candidates: Vec<u64> = {
+            let views = self.views.lock().expect("poisoned");
+            views
+                .iter()
+                .filter(|(_, v)| v.stale != 0)
+                .map(|(s, _)| *s)
+                .take(limit)
+                .collect()
+        };
+        let mut rebuilt = 0;
+        for stripe in candidates {
+            match self.repair_stripe(stripe).await {
+                Ok(n) => rebuilt += n,
+                Err(e) => tracing::debug!(volume = self.spec.id, stripe, error = %e, "heal deferred"),
+            }
+        }
+        rebuilt
+    }
+
+    /// Reconciles every stripe with unstable versions (see [`crate::reconcile`]).
+    async fn reconcile_all(&self) -> Result<()> {
+        let servers: Vec<(u64, BlockClient)> = {
+            let c = self.cluster.lock().expect("poisoned");
+            c.servers
+                .iter()
+                .filter(|s| s.up)
+                .filter_map(|s| c.clients.get(&s.id).map(|cl| (s.id, cl.clone())))
+                .collect()
+        };
+        let mut stripes = BTreeSet::new();
+        for (id, c) in &servers {
+            let mut after = None;
+            loop {
+                match c.list(self.spec.id, after, 1024, true).await {
+                    Ok((page, more)) => {
+                        stripes.extend(page.iter().map(|i| i.object.stripe));
+                        after = page.last().map(|i| i.object);
+                        if !more {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        self.note_error(*id, &e)?;
+                        break;
+                    }
+                }
+            }
+        }
+        for stripe in stripes {
+            self.reconcile_stripe(stripe).await?;
+        }
+        Ok(())
+    }
+
+    async fn reconcile_stripe(&self, stripe: u64) -> Result<()> {
+        let _g = self.lock_stripe(stripe).await;
+        self.settle_stripe(stripe).await.map(|_| ())
+    }
+
+    /// Reconciles a stripe's unstable versions, then rebuilds its stale positions (the caller
+    /// holds the stripe lock).
+    async fn settle_stripe(&self, stripe: u64) -> Result<usize> {
+        let servers = self.placement(stripe)?;
+        let infos = self.learn(stripe, &servers).await?;
+        let d = reconcile::reconcile(self.spec.profile, &infos);
+        for &(pos, v) in &d.rollback {
+            let c = self.client(servers[pos])?;
+            if let Err(e) = c.rollback(self.epoch, &[(self.object(stripe, pos), v)]).await {
+                self.note_error(servers[pos], &e)?;
+            }
+        }
+        if !d.rollback.is_empty() {
+            self.stats.rolled_back.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some((_, missing)) = &d.roll_forward {
+            if !missing.is_empty() {
+                self.stats.rolled_forward.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        for &(pos, v) in &d.stabilize {
+            let c = self.client(servers[pos])?;
+            if let Err(e) = c.stabilize(self.epoch, &[(self.object(stripe, pos), v)]).await {
+                self.note_error(servers[pos], &e)?;
+            }
+        }
+        // Whatever is still behind (the rolled-forward positions among them) is rebuilt, and
+        // so are shards the cached view knows to be corrupt (right version, bad bytes).
+        let infos = self.learn(stripe, &servers).await?;
+        let mut view = reconcile::assess(self.spec.profile, &infos);
+        if let Some(cached) = self.views.lock().expect("poisoned").get(&stripe) {
+            for p in 0..view.expected.len() {
+                if cached.is_stale(p) && cached.expected[p] == view.expected[p] {
+                    view.set_stale(p, true);
+                }
+            }
+        }
+        let n = self.rebuild_stale(stripe, &servers, &mut view).await?;
+        self.remember(stripe, view);
+        Ok(n)
+    }
+
+    /// Rebuilds every stale but reachable position of a stripe from the current ones.
+    async fn rebuild_stale(&self, stripe: u64, servers: &[u64], view: &mut StripeView) -> Result<usize> {
+        let width = self.spec.profile.width();
+        let k = self.spec.profile.data;
+        let targets: Vec<usize> = (0..width)
+            .filter(|&p| view.is_stale(p) && self.reachable(servers[p]))
+            .collect();
+        if targets.is_empty() {
+            return Ok(0);
+        }
+        let unit = self.spec.unit;
+        let mut source = view.clone();
+        let all = self.gather_with(stripe, servers, &mut source, 0, unit, &targets, vec![None; width]).await?;
+        let data_versions: Vec<(u32, Version)> = (0..k).map(|p| (p as u32, view.expected[p])).collect();
+        let mut rebuilt = 0;
+        for &p in &targets {
+            let content = Bytes::from(all[p].clone().expect("reconstructed"));
+            let req = WriteReq {
+                object: self.object(stripe, p),
+                epoch: self.epoch,
+                version: view.expected[p],
+                base: Version::NONE,
+                mode: WriteMode::Install,
+                offset: 0,
+                length: unit,
+                crcs: checksum::compute(&content),
+                fua: true,
+                write_set: 0,
+                data_base: vec![],
+                data_after: if p >= k { data_versions.clone() } else { vec![] },
+                return_old: false,
+            };
+            let c = self.client(servers[p])?;
+            match c.write(&req, content, &[]).await {
+                Ok(_) => {
+                    // An install is durable (fua) and complete: stabilize it at once.
+                    let _ = c.stabilize(self.epoch, &[(req.object, req.version)]).await;
+                    view.set_stale(p, false);
+                    rebuilt += 1;
+                    self.stats.shards_rebuilt.fetch_add(1, Ordering::Relaxed);
+                    self.stats.bytes_rebuilt.fetch_add(u64::from(unit), Ordering::Relaxed);
+                }
+                Err(e) => self.note_error(servers[p], &e)?,
+            }
+        }
+        Ok(rebuilt)
+    }
+
+    /// Re-learns a stripe from its shards, settles unstable leftovers (reconciliation) and
+    /// rebuilds what is stale; returns the positions rebuilt. Used after placement changes,
+    /// when servers come back, and for shards that reads found corrupt.
+    pub async fn repair_stripe(&self, stripe: u64) -> Result<usize> {
+        self.check()?;
+        let _g = self.lock_stripe(stripe).await;
+        self.settle_stripe(stripe).await
+    }
+
+    /// What the shards of a stripe report, where they are, and the cached view (diagnostics:
+    /// `continuum volume inspect`, test failures).
+    pub async fn inspect_stripe(
+        &self,
+        stripe: u64,
+    ) -> Result<(Vec<u64>, Vec<Option<ObjectInfo>>, Option<StripeView>)> {
+        let servers = self.placement(stripe)?;
+        let infos = self.learn(stripe, &servers).await?;
+        let cached = self.views.lock().expect("poisoned").get(&stripe).cloned();
+        Ok((servers, infos, cached))
+    }
+
+    /// Stripes that have at least one object on some reachable server.
+    pub async fn stripes_in_use(&self) -> Result<BTreeSet<u64>> {
+        let servers: Vec<(u64, BlockClient)> = {
+            let c = self.cluster.lock().expect("poisoned");
+            c.servers
+                .iter()
+                .filter(|s| s.up)
+                .filter_map(|s| c.clients.get(&s.id).map(|cl| (s.id, cl.clone())))
+                .collect()
+        };
+        let mut stripes = BTreeSet::new();
+        for (id, c) in &servers {
+            if !self.reachable(*id) {
+                continue;
+            }
+            let mut after = None;
+            loop {
+                match c.list(self.spec.id, after, 4096, false).await {
+                    Ok((page, more)) => {
+                        stripes.extend(page.iter().map(|i| i.object.stripe));
+                        after = page.last().map(|i| i.object);
+                        if !more {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        self.note_error(*id, &e)?;
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(stripes)
+    }
+}
