@@ -71,7 +71,10 @@ impl Allocator {
     }
 
     fn mark_free(&mut self, b: u64) {
-        assert!(b > 0 && b < self.blocks && self.is_used(b), "double free of block {b}");
+        assert!(
+            b > 0 && b < self.blocks && self.is_used(b),
+            "double free of block {b}"
+        );
         self.words[(b / 64) as usize] &= !(1 << (b % 64));
         self.free += 1;
     }
@@ -152,15 +155,27 @@ impl Allocator {
         }
     }
 
-    /// Frees every deferred block (call after a durable index write); returns them so the
-    /// caller can discard their space on the device.
+    /// Frees every deferred block (call after a durable index write); returns them.
     pub fn release_deferred(&mut self) -> Vec<u64> {
+        let d = self.take_deferred();
+        self.release(&d);
+        d
+    }
+
+    /// The deferred blocks, sorted, still marked used: the caller discards their space on the
+    /// device first and then [`Allocator::release`]s them, so no new data lands in a block
+    /// whose discard is still in flight.
+    pub fn take_deferred(&mut self) -> Vec<u64> {
         let mut d = std::mem::take(&mut self.deferred);
-        for &b in &d {
-            self.mark_free(b);
-        }
         d.sort_unstable();
         d
+    }
+
+    /// Frees blocks taken with [`Allocator::take_deferred`].
+    pub fn release(&mut self, blocks: &[u64]) {
+        for &b in blocks {
+            self.mark_free(b);
+        }
     }
 }
 

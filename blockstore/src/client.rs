@@ -166,7 +166,10 @@ impl BlockClient {
                 addr: self.addr.clone(),
                 status: pb::Status::from_i32(resp.status).unwrap_or(pb::Status::IoError),
                 message: resp.message,
-                current: resp.current.as_ref().map(|v| protocol::version_from_pb(Some(v))),
+                current: resp
+                    .current
+                    .as_ref()
+                    .map(|v| protocol::version_from_pb(Some(v))),
             });
         }
         Ok((resp, frame.payload))
@@ -268,10 +271,15 @@ impl BlockClient {
         self.call(op, Bytes::new()).await.map(|_| ())
     }
 
-    /// Fences `volume` at `epoch` on this server (durable when it answers).
-    pub async fn fence(&self, volume: u64, epoch: u64) -> Result<(), ShardError> {
+    /// Fences `volume` at `epoch` on this server (durable when it answers); returns the
+    /// volume's highest epoch there before.
+    pub async fn fence(&self, volume: u64, epoch: u64) -> Result<u64, ShardError> {
         let op = pb::request::Op::Fence(pb::Fence { volume, epoch });
-        self.call(op, Bytes::new()).await.map(|_| ())
+        let (resp, _) = self.call(op, Bytes::new()).await?;
+        match resp.result {
+            Some(pb::response::Result::Fence(f)) => Ok(f.previous_epoch),
+            _ => Err(self.malformed("fence result missing")),
+        }
     }
 
     pub async fn hello(&self) -> Result<pb::HelloResult, ShardError> {

@@ -165,7 +165,8 @@ impl MemDevice {
     }
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
-        let aligned = offset.is_multiple_of(BLOCK_BYTES as u64) && len.is_multiple_of(BLOCK_BYTES as u64);
+        let aligned =
+            offset.is_multiple_of(BLOCK_BYTES as u64) && len.is_multiple_of(BLOCK_BYTES as u64);
         if !aligned || offset + len > self.capacity {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,

@@ -53,7 +53,12 @@ pub fn data_versions_from_pb(d: &[pb::DataVersion]) -> Vec<(u32, Version)> {
 
 pub fn object_versions_from_pb(list: &[pb::ObjectVersion]) -> Option<Vec<(ObjectKey, Version)>> {
     list.iter()
-        .map(|ov| Some((object_from_pb(ov.object.as_ref())?, version_from_pb(ov.version.as_ref()))))
+        .map(|ov| {
+            Some((
+                object_from_pb(ov.object.as_ref())?,
+                version_from_pb(ov.version.as_ref()),
+            ))
+        })
         .collect()
 }
 
@@ -158,7 +163,8 @@ pub fn info_from_pb(i: &pb::ObjectInfo) -> Option<ObjectInfo> {
 pub fn error_response(e: &StoreError) -> pb::Response {
     let (status, current) = match e {
         StoreError::StaleEpoch { .. } => (pb::Status::StaleEpoch, None),
-        StoreError::VersionMismatch { current, .. } | StoreError::VersionNotNewer { current, .. } => {
+        StoreError::VersionMismatch { current, .. }
+        | StoreError::VersionNotNewer { current, .. } => {
             (pb::Status::VersionMismatch, Some(*current))
         }
         StoreError::DataVersionMismatch { .. } => (pb::Status::VersionMismatch, None),

@@ -49,7 +49,12 @@ pub fn assess(profile: Profile, infos: &[Option<ObjectInfo>]) -> StripeView {
     let k = profile.data;
     let width = profile.width();
     assert_eq!(infos.len(), width, "one info per shard position");
-    let newest = infos.iter().flatten().map(|i| i.version).max().unwrap_or_default();
+    let newest = infos
+        .iter()
+        .flatten()
+        .map(|i| i.version)
+        .max()
+        .unwrap_or_default();
     let mut expected = vec![Version::NONE; width];
     let mut stale = 0u64;
     for pos in 0..width {
@@ -88,43 +93,93 @@ pub struct Decision {
 }
 
 /// Decides a stripe's reconciliation (see the module doc). `infos[pos]` is `None` when the
-/// position is unreachable.
-pub fn reconcile(profile: Profile, infos: &[Option<ObjectInfo>]) -> Decision {
+/// position is unreachable. Unstable versions of epochs below `foreign_below` are leftovers
+/// that an earlier writer served I/O without (it could not see them): they are rolled back,
+/// never forward, so a block never changes from old to new without a write.
+pub fn reconcile(profile: Profile, infos: &[Option<ObjectInfo>], foreign_below: u64) -> Decision {
     let k = profile.data;
     let mut d = Decision::default();
-    let top = infos.iter().flatten().map(|i| i.version).max().unwrap_or_default();
-    // The write set of the top version, if it is unstable somewhere (the union over its
-    // holders: a repair's install of that version carries an empty set).
-    let top_undo: Option<u32> = infos
+    let mut infos: Vec<Option<ObjectInfo>> = infos.to_vec();
+    let top = infos
+        .iter()
+        .flatten()
+        .map(|i| i.version)
+        .max()
+        .unwrap_or_default();
+    // The record of a data shard's version in the parity that holds the stripe's top version
+    // (a parity behind the top missed writes and cannot tell a leftover from a write it missed).
+    let record = |infos: &[Option<ObjectInfo>], pos: usize| -> Option<Version> {
+        infos[k..]
+            .iter()
+            .flatten()
+            .filter(|p| p.version == top)
+            .flat_map(|p| p.data_versions.iter())
+            .filter(|(s, _)| *s as usize == pos)
+            .map(|(_, v)| *v)
+            .max()
+    };
+    for pos in 0..infos.len() {
+        let Some(info) = infos[pos].clone() else {
+            continue;
+        };
+        // Unstable versions below a shard's own current one are committed: the writer based a
+        // later compare-and-swap write on them.
+        if let Some(below) = info
+            .unstable
+            .iter()
+            .map(|u| u.version)
+            .filter(|v| *v < info.version)
+            .max()
+        {
+            d.stabilize.push((pos, below));
+        }
+        // A data shard whose current version is unstable and below the stripe's top: committed
+        // if the parity recorded it, otherwise a leftover of a write that failed elsewhere.
+        let own = info.unstable.iter().find(|u| u.version == info.version);
+        if let (Some(u), true, true) = (own, info.version < top, pos < k) {
+            match record(&infos, pos) {
+                Some(r) if r >= info.version && info.version.epoch >= foreign_below => {
+                    d.stabilize.push((pos, info.version))
+                }
+                Some(_) if infos[k..].iter().flatten().any(|p| p.version == top) => {
+                    d.rollback.push((pos, info.version));
+                    let i = infos[pos].as_mut().expect("present");
+                    i.version = u.previous;
+                    i.unstable.retain(|x| x.version < u.version);
+                }
+                _ => {}
+            }
+        }
+    }
+    // The top version, if it is unstable somewhere: its write set is the union over its
+    // holders (a repair's install of that version carries an empty set).
+    let top_set: Option<u32> = infos
         .iter()
         .flatten()
         .flat_map(|i| i.unstable.iter())
         .filter(|u| u.version == top)
         .map(|u| u.write_set)
         .reduce(|a, b| a | b);
-    let stable_somewhere = infos
-        .iter()
-        .flatten()
-        .any(|i| i.version == top && !i.unstable.iter().any(|u| u.version == top));
-    // Every unstable version below the top is committed.
-    for (pos, info) in infos.iter().enumerate() {
-        let Some(info) = info else { continue };
-        if let Some(below) = info.unstable.iter().map(|u| u.version).filter(|v| *v < top).max() {
-            d.stabilize.push((pos, below));
-        }
-    }
-    let Some(write_set) = top_undo else {
+    let Some(write_set) = top_set else {
         return d;
     };
     let holders: Vec<usize> = (0..infos.len())
         .filter(|&p| infos[p].as_ref().is_some_and(|i| i.version == top))
         .collect();
+    let stable_somewhere = infos
+        .iter()
+        .flatten()
+        .any(|i| i.version == top && !i.unstable.iter().any(|u| u.version == top));
     if stable_somewhere {
         d.stabilize.extend(holders.iter().map(|&p| (p, top)));
         return d;
     }
+    if top.epoch < foreign_below {
+        d.rollback.extend(holders.iter().map(|&p| (p, top)));
+        return d;
+    }
     // Untouched data shards are current unless a parity records a newer version of them.
-    let view = assess(profile, infos);
+    let view = assess(profile, &infos);
     let in_set = |p: usize| write_set & (1 << p) != 0;
     let available = (0..infos.len())
         .filter(|&p| match &infos[p] {
@@ -230,6 +285,7 @@ mod tests {
         let set = 0b110010;
         let dv_old = [(0, 1), (1, 2), (2, 3), (3, 4)];
         let dv_new = [(0, 1), (1, 7), (2, 3), (3, 4)];
+        let dv_new3 = [(0, 3), (1, 7), (2, 3), (3, 4)];
         // (case, infos, expected decision)
         let cases: Vec<(&str, Vec<Option<ObjectInfo>>, Decision)> = vec![
             (
@@ -303,18 +359,61 @@ mod tests {
                     info(7, &[], &[]),
                     info(3, &[], &[]),
                     info(4, &[], &[]),
-                    info(7, &[(3, 0b110001), (7, set)], &dv_new),
-                    info(7, &[(3, 0b110001)], &dv_new),
+                    info(7, &[(3, 0b110001), (7, set)], &dv_new3),
+                    info(7, &[(3, 0b110001)], &dv_new3),
                 ],
                 Decision {
-                    stabilize: vec![(0, v(3)), (4, v(3)), (5, v(3)), (1, v(7)), (4, v(7)), (5, v(7))],
+                    stabilize: vec![
+                        (0, v(3)),
+                        (4, v(3)),
+                        (5, v(3)),
+                        (1, v(7)),
+                        (4, v(7)),
+                        (5, v(7)),
+                    ],
                     rollback: vec![],
                     roll_forward: None,
                 },
             ),
         ];
         for (name, infos, want) in cases {
-            assert_eq!(reconcile(P, &infos), want, "{name}");
+            assert_eq!(reconcile(P, &infos, 1), want, "{name}");
         }
+        // A data shard left holding a write that failed elsewhere (the parity never recorded
+        // it) is rolled back even though newer writes happened.
+        let leftover = vec![
+            info(3, &[(3, 0b110001)], &[]),
+            info(7, &[], &[]),
+            info(3, &[], &[]),
+            info(4, &[], &[]),
+            info(7, &[], &dv_new),
+            info(7, &[], &dv_new),
+        ];
+        assert_eq!(
+            reconcile(P, &leftover, 1),
+            Decision {
+                stabilize: vec![],
+                rollback: vec![(0, v(3))],
+                roll_forward: None
+            }
+        );
+        // A previous writer served I/O without seeing epoch 1's unstable write: back, even
+        // with k shards holding it.
+        let unseen = vec![
+            info(1, &[], &[]),
+            info(7, &[(7, set)], &[]),
+            info(3, &[], &[]),
+            info(4, &[], &[]),
+            info(6, &[], &dv_old),
+            info(6, &[], &dv_old),
+        ];
+        assert_eq!(
+            reconcile(P, &unseen, 2),
+            Decision {
+                stabilize: vec![],
+                rollback: vec![(1, v(7))],
+                roll_forward: None
+            }
+        );
     }
 }

@@ -111,7 +111,8 @@ async fn connection<D: Device + 'static, I: Index + 'static>(
                     let (store, tx) = (store.clone(), tx.clone());
                     tokio::task::spawn_local(async move {
                         let id = frame.request_id;
-                        let (resp, payload) = handle(&store, node, frame.header, frame.payload).await;
+                        let (resp, payload) =
+                            handle(&store, node, frame.header, frame.payload).await;
                         let out = FrameRepr {
                             kind: Kind::Response,
                             request_id: id,
@@ -187,10 +188,18 @@ pub async fn handle<D: Device, I: Index>(
 ) -> (pb::Response, Bytes) {
     let req = match pb::Request::decode(header) {
         Ok(r) => r,
-        Err(_) => return (protocol::invalid_response("undecodable request header"), Bytes::new()),
+        Err(_) => {
+            return (
+                protocol::invalid_response("undecodable request header"),
+                Bytes::new(),
+            )
+        }
     };
     let Some(op) = req.op else {
-        return (protocol::invalid_response("request without an operation"), Bytes::new());
+        return (
+            protocol::invalid_response("request without an operation"),
+            Bytes::new(),
+        );
     };
     let empty = Bytes::new();
     let r = match op {
@@ -201,7 +210,12 @@ pub async fn handle<D: Device, I: Index>(
             };
             let stabilize = match protocol::object_versions_from_pb(&w.stabilize) {
                 Some(s) => s,
-                None => return (protocol::invalid_response("stabilize entry without an object"), empty),
+                None => {
+                    return (
+                        protocol::invalid_response("stabilize entry without an object"),
+                        empty,
+                    )
+                }
             };
             match store.write(&req, payload).await {
                 Ok(out) => {
@@ -236,12 +250,28 @@ pub async fn handle<D: Device, I: Index>(
             })
         }
         pb::request::Op::Stabilize(s) => match protocol::object_versions_from_pb(&s.objects) {
-            Some(list) => store.stabilize(s.epoch, &list).await.map(|_| (done(), empty)),
-            None => return (protocol::invalid_response("stabilize entry without an object"), empty),
+            Some(list) => store
+                .stabilize(s.epoch, &list)
+                .await
+                .map(|_| (done(), empty)),
+            None => {
+                return (
+                    protocol::invalid_response("stabilize entry without an object"),
+                    empty,
+                )
+            }
         },
         pb::request::Op::Rollback(s) => match protocol::object_versions_from_pb(&s.objects) {
-            Some(list) => store.rollback(s.epoch, &list).await.map(|_| (done(), empty)),
-            None => return (protocol::invalid_response("rollback entry without an object"), empty),
+            Some(list) => store
+                .rollback(s.epoch, &list)
+                .await
+                .map(|_| (done(), empty)),
+            None => {
+                return (
+                    protocol::invalid_response("rollback entry without an object"),
+                    empty,
+                )
+            }
         },
         pb::request::Op::List(l) => {
             let after = protocol::object_from_pb(l.after.as_ref());
@@ -259,7 +289,10 @@ pub async fn handle<D: Device, I: Index>(
         }
         pb::request::Op::Stat(s) => {
             if s.objects.len() > crate::store::MAX_LIST_OBJECTS {
-                return (protocol::invalid_response("too many objects in one stat"), empty);
+                return (
+                    protocol::invalid_response("too many objects in one stat"),
+                    empty,
+                );
             }
             let objects: Vec<_> = s
                 .objects
@@ -281,10 +314,14 @@ pub async fn handle<D: Device, I: Index>(
             .delete_volume(d.volume, d.epoch)
             .await
             .map(|_| (done(), empty)),
-        pb::request::Op::Fence(f) => store
-            .fence_volume(f.volume, f.epoch)
-            .await
-            .map(|_| (done(), empty)),
+        pb::request::Op::Fence(f) => store.fence_volume(f.volume, f.epoch).await.map(|previous| {
+            (
+                ok(pb::response::Result::Fence(pb::FenceResult {
+                    previous_epoch: previous,
+                })),
+                empty,
+            )
+        }),
         pb::request::Op::Hello(_) => Ok((
             ok(pb::response::Result::Hello(pb::HelloResult {
                 node_id: node,
@@ -338,7 +375,9 @@ impl RunningServer {
             let _ = s.send(());
         }
         match self.thread.take() {
-            Some(t) => t.join().map_err(|_| "block server thread panicked".to_string())?,
+            Some(t) => t
+                .join()
+                .map_err(|_| "block server thread panicked".to_string())?,
             None => Ok(()),
         }
     }
@@ -346,7 +385,9 @@ impl RunningServer {
     /// Waits until the server stops by itself (it only does on an error).
     pub fn wait(mut self) -> Result<(), String> {
         match self.thread.take() {
-            Some(t) => t.join().map_err(|_| "block server thread panicked".to_string())?,
+            Some(t) => t
+                .join()
+                .map_err(|_| "block server thread panicked".to_string())?,
             None => Ok(()),
         }
     }

@@ -21,7 +21,8 @@
 //!    finds out instead of corrupting a stripe. Parity shards also check `data_base`.
 //! 3. Every block has exactly one owner (a record's current map or one undo entry); start-up
 //!    refuses a data directory where two claim one block.
-//! 4. A block freed in memory is reused only after the index change that dropped it is durable.
+//! 4. A block freed in memory is reused only after the index change that dropped it is durable
+//!    and its space was discarded on the device.
 //! 5. Every read verifies each block's CRC; a mismatch is an error, never data (DESIGN.md 4).
 //! 6. Durability (DESIGN.md 3): `fua` writes and [`Store::flush`] sync the device before the
 //!    index, so a durable record never points at blocks that were not yet written.
@@ -188,7 +189,9 @@ pub enum StoreError {
     },
     #[error("object {object}: stored block {block} fails its checksum")]
     ChecksumMismatch { object: ObjectKey, block: u32 },
-    #[error("object {object}: payload block {block} does not match its checksum (corrupted in transit)")]
+    #[error(
+        "object {object}: payload block {block} does not match its checksum (corrupted in transit)"
+    )]
     BadPayload { object: ObjectKey, block: u32 },
     #[error("no space: {needed} blocks needed, {free} free")]
     NoSpace { needed: u64, free: u64 },
@@ -425,7 +428,9 @@ fn decode_record(key: &[u8], bytes: &[u8]) -> Result<ObjectRecord> {
 /// Why a request is malformed, if it is.
 fn validate(req: &WriteReq, payload: usize) -> Option<&'static str> {
     let blocks = (req.length / BLOCK_BYTES as u32) as usize;
-    if !req.offset.is_multiple_of(BLOCK_BYTES as u32) || !req.length.is_multiple_of(BLOCK_BYTES as u32) {
+    if !req.offset.is_multiple_of(BLOCK_BYTES as u32)
+        || !req.length.is_multiple_of(BLOCK_BYTES as u32)
+    {
         return Some("offset and length must be multiples of 4 KiB");
     }
     if req.length == 0 {
@@ -438,7 +443,9 @@ fn validate(req: &WriteReq, payload: usize) -> Option<&'static str> {
         WriteMode::Zero if payload != 0 => Some("a zero write carries no payload"),
         WriteMode::Zero => None,
         WriteMode::Install if req.offset != 0 => Some("an install covers the object from offset 0"),
-        _ if payload != req.length as usize => Some("payload length differs from the write's length"),
+        _ if payload != req.length as usize => {
+            Some("payload length differs from the write's length")
+        }
         _ if req.crcs.len() != blocks => Some("one checksum per 4 KiB block is required"),
         _ => None,
     }
@@ -626,11 +633,18 @@ impl<D: Device, I: Index> Store<D, I> {
     /// After a durable index write: deferred blocks become free and their space is discarded.
     async fn after_sync(&self) -> Result<()> {
         self.unsynced.set(0);
-        let freed = self.alloc.borrow_mut().release_deferred();
+        // Discard first, free after: a block handed out again while its discard is in flight
+        // would lose the new data to the hole punch.
+        let freed = self.alloc.borrow_mut().take_deferred();
+        let mut result = Ok(());
         for r in runs_of(&freed) {
-            self.device.discard(r.start * BLOCK, r.len * BLOCK).await?;
+            if let Err(e) = self.device.discard(r.start * BLOCK, r.len * BLOCK).await {
+                result = Err(e);
+                break;
+            }
         }
-        Ok(())
+        self.alloc.borrow_mut().release(&freed);
+        result.map_err(StoreError::from)
     }
 
     /// Writes one shard range (see [`WriteReq`] and the module's invariants).
@@ -707,7 +721,8 @@ impl<D: Device, I: Index> Store<D, I> {
                 freed = drop_stable(&mut rec, upto).1;
                 if low_space {
                     let change = vec![self.record_change(&object, &rec)];
-                    self.commit(change, true, std::mem::take(&mut freed)).await?;
+                    self.commit(change, true, std::mem::take(&mut freed))
+                        .await?;
                 }
             }
         }
@@ -742,7 +757,11 @@ impl<D: Device, I: Index> Store<D, I> {
         let mut crcs = crcs;
         if let Some(data) = &new {
             let nonzero: Vec<usize> = (0..n)
-                .filter(|&i| data[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES].iter().any(|b| *b != 0))
+                .filter(|&i| {
+                    data[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES]
+                        .iter()
+                        .any(|b| *b != 0)
+                })
                 .collect();
             let runs = if nonzero.is_empty() {
                 Vec::new()
@@ -849,7 +868,8 @@ impl<D: Device, I: Index> Store<D, I> {
     /// Reads `[offset, offset + length)` of an object at its current version, verifying every
     /// block. A missing object reads as zeros with `Version::NONE`.
     pub async fn read(&self, object: ObjectKey, offset: u32, length: u32) -> Result<ReadOutcome> {
-        let aligned = offset.is_multiple_of(BLOCK_BYTES as u32) && length.is_multiple_of(BLOCK_BYTES as u32);
+        let aligned =
+            offset.is_multiple_of(BLOCK_BYTES as u32) && length.is_multiple_of(BLOCK_BYTES as u32);
         if !aligned || u64::from(offset) + u64::from(length) > u64::from(MAX_OBJECT_BYTES) {
             return Err(StoreError::Invalid {
                 reason: "reads are 4 KiB-aligned and within the largest object",
@@ -866,7 +886,9 @@ impl<D: Device, I: Index> Store<D, I> {
         let crcs = (first..first + n)
             .map(|i| match rec.locs.get(i) {
                 Some(&l) if l != 0 => rec.crcs[i],
-                _ => crc32fast::hash(&data[(i - first) * BLOCK_BYTES..(i - first + 1) * BLOCK_BYTES]),
+                _ => {
+                    crc32fast::hash(&data[(i - first) * BLOCK_BYTES..(i - first + 1) * BLOCK_BYTES])
+                }
             })
             .collect();
         bump(&self.stats.reads, 1);
@@ -1065,11 +1087,13 @@ impl<D: Device, I: Index> Store<D, I> {
     }
 
     /// Records `epoch` as the volume's highest, durably; refused when a higher one exists.
-    pub async fn fence_volume(&self, volume: u64, epoch: u64) -> Result<()> {
+    /// Returns the highest epoch before.
+    pub async fn fence_volume(&self, volume: u64, epoch: u64) -> Result<u64> {
+        let previous = self.highest_epoch(volume)?;
         if let Some(change) = self.fence(volume, epoch)? {
             self.commit(vec![change], true, Vec::new()).await?;
         }
-        Ok(())
+        Ok(previous)
     }
 
     /// Deletes every object of `volume` (its space is freed at the next flush).

@@ -96,7 +96,9 @@ pub enum VolumeError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("volume size {size} must be a positive multiple of 4096")]
     BadSize { size: u64 },
-    #[error("volume {volume}: a writer with a newer epoch than {epoch} exists; this one is fenced")]
+    #[error(
+        "volume {volume}: a writer with a newer epoch than {epoch} exists; this one is fenced"
+    )]
     Fenced { volume: u64, epoch: u64 },
     #[error("volume {volume} stripe {stripe}: only {current} current shards, {needed} needed")]
     Unavailable {
@@ -130,6 +132,50 @@ pub struct VolumeStats {
     pub rolled_back: AtomicU64,
     pub stripes_scrubbed: AtomicU64,
     pub parity_repaired: AtomicU64,
+    /// Progress of the running (or last) repair or scrub pass: stripes to visit, visited.
+    pub pass_stripes_total: AtomicU64,
+    pub pass_stripes_done: AtomicU64,
+}
+
+/// What a repair or scrub pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassReport {
+    pub stripes: u64,
+    pub shards_rebuilt: u64,
+    /// Stripes that could not be repaired now (too few shards reachable); retried later.
+    pub deferred: u64,
+    /// Scrub only: shards whose stored bytes failed their checksum.
+    pub checksum_errors: u64,
+    /// Scrub only: stripes whose parity did not match their data.
+    pub parity_mismatches: u64,
+}
+
+/// Paces a pass to `bytes_per_sec` (0 = unthrottled) so it does not starve client I/O.
+struct Pace {
+    bytes_per_sec: u64,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    fn new(bytes_per_sec: u64) -> Self {
+        Self {
+            bytes_per_sec,
+            start: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    async fn account(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        if self.bytes_per_sec == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(self.bytes as f64 / self.bytes_per_sec as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
 
 /// Test hooks (crash points); off unless a test sets them.
@@ -161,8 +207,15 @@ pub struct Volume {
     to_stabilize: Mutex<HashMap<u64, Vec<(ObjectKey, Version)>>>,
     /// Servers written since the last flush.
     dirty: Mutex<BTreeSet<u64>>,
+    /// (stripe, position) whose stored bytes failed their checksum: rebuilt at the next
+    /// settle even though their version is right.
+    corrupt: Mutex<BTreeSet<(u64, usize)>>,
     fenced: AtomicBool,
     crashed: AtomicBool,
+    /// Unstable versions of epochs below this are rolled back, never forward: while opening,
+    /// the previous writer's epoch (it served I/O without what it could not see); once open,
+    /// this writer's own (anything older it did not reconcile at open, it served without).
+    foreign_below: AtomicU64,
     pub stats: VolumeStats,
     pub failpoints: Failpoints,
 }
@@ -223,14 +276,18 @@ impl Volume {
             locks: Mutex::default(),
             to_stabilize: Mutex::default(),
             dirty: Mutex::default(),
+            corrupt: Mutex::default(),
             fenced: AtomicBool::new(false),
             crashed: AtomicBool::new(false),
+            foreign_below: AtomicU64::new(0),
             stats: VolumeStats::default(),
             failpoints: Failpoints::default(),
         });
         vol.set_servers(servers);
-        vol.fence_all().await?;
+        let previous = vol.fence_all().await?;
+        vol.foreign_below.store(previous, Ordering::Release);
         vol.reconcile_all().await?;
+        vol.foreign_below.store(epoch, Ordering::Release);
         let weak = Arc::downgrade(&vol);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -289,7 +346,10 @@ impl Volume {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        if offset.checked_add(len).is_none_or(|end| end > self.spec.size_bytes) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.spec.size_bytes)
+        {
             return Err(VolumeError::OutOfRange {
                 offset,
                 len,
@@ -463,7 +523,9 @@ impl Volume {
         let _g = self.lock_stripe(stripe).await;
         let servers = self.placement(stripe)?;
         let mut view = self.view(stripe, &servers).await?;
-        let reads = segs.iter().map(|s| self.read_shard(stripe, &servers, &view, s.shard, s.shard_offset, s.len));
+        let reads = segs
+            .iter()
+            .map(|s| self.read_shard(stripe, &servers, &view, s.shard, s.shard_offset, s.len));
         let results = join_all(reads).await;
         let mut out = Vec::with_capacity(segs.len());
         let mut changed = false;
@@ -476,7 +538,15 @@ impl Volume {
                     self.stats.degraded_reads.fetch_add(1, Ordering::Relaxed);
                     let width = self.spec.profile.width();
                     let mut shards = self
-                        .gather_with(stripe, &servers, &mut view, s.shard_offset, s.len, &[s.shard], vec![None; width])
+                        .gather_with(
+                            stripe,
+                            &servers,
+                            &mut view,
+                            s.shard_offset,
+                            s.len,
+                            &[s.shard],
+                            vec![None; width],
+                        )
                         .await?;
                     out.push(Bytes::from(shards[s.shard].take().expect("reconstructed")));
                 }
@@ -505,8 +575,15 @@ impl Volume {
         let client = self.client(servers[pos])?;
         match client.read(self.object(stripe, pos), offset, len).await {
             Ok(r) if r.version == view.expected[pos] => Ok(Some(r.data)),
-            Ok(_) => Ok(None),
+            Ok(r) => {
+                tracing::debug!(volume = self.spec.id, stripe, pos, got = %r.version, expected = %view.expected[pos], "shard read: unexpected version");
+                Ok(None)
+            }
             Err(e) => {
+                tracing::debug!(volume = self.spec.id, stripe, pos, error = %e, "shard read failed");
+                if e.status() == Some(pb::Status::ChecksumMismatch) {
+                    self.corrupt.lock().expect("poisoned").insert((stripe, pos));
+                }
                 self.note_error(servers[pos], &e)?;
                 Ok(None)
             }
@@ -535,15 +612,25 @@ impl Volume {
         let b = BLOCK_BYTES as u64;
         let (start, end) = (offset.div_ceil(b) * b, (offset + len) / b * b);
         if start >= end {
-            return self.write(offset, Bytes::from(vec![0u8; len as usize]), fua).await;
+            return self
+                .write(offset, Bytes::from(vec![0u8; len as usize]), fua)
+                .await;
         }
         if offset < start {
-            self.write(offset, Bytes::from(vec![0u8; (start - offset) as usize]), fua)
-                .await?;
+            self.write(
+                offset,
+                Bytes::from(vec![0u8; (start - offset) as usize]),
+                fua,
+            )
+            .await?;
         }
         if offset + len > end {
-            self.write(end, Bytes::from(vec![0u8; (offset + len - end) as usize]), fua)
-                .await?;
+            self.write(
+                end,
+                Bytes::from(vec![0u8; (offset + len - end) as usize]),
+                fua,
+            )
+            .await?;
         }
         self.write_aligned(start, None, end - start, fua).await
     }
@@ -563,7 +650,13 @@ impl Volume {
     }
 
     /// `data: None` writes zeros (freeing space).
-    async fn write_aligned(&self, offset: u64, data: Option<Bytes>, len: u64, fua: bool) -> Result<()> {
+    async fn write_aligned(
+        &self,
+        offset: u64,
+        data: Option<Bytes>,
+        len: u64,
+        fua: bool,
+    ) -> Result<()> {
         let segs = self.layout.segments(offset, len);
         let groups = Layout::by_stripe(&segs);
         let results = join_all(groups.iter().map(|(stripe, r)| {
@@ -606,7 +699,12 @@ impl Volume {
         w: &ShardWrite,
         budget: &AtomicUsize,
     ) -> Result<std::result::Result<crate::store::WriteOutcome, ShardError>> {
-        if self.failpoints.crash_after_shard_writes.load(Ordering::Relaxed) > 0 {
+        if self
+            .failpoints
+            .crash_after_shard_writes
+            .load(Ordering::Relaxed)
+            > 0
+        {
             let left = budget.fetch_sub(1, Ordering::AcqRel);
             if left == 0 {
                 budget.store(0, Ordering::Release);
@@ -642,7 +740,10 @@ impl Volume {
         for _ in 0..=self.spec.profile.width() {
             self.check()?;
             let view = self.view(stripe, &servers).await?;
-            if self.write_stripe_once(stripe, segs, &payloads, fua, &servers, view).await? {
+            if self
+                .write_stripe_once(stripe, segs, &payloads, fua, &servers, view)
+                .await?
+            {
                 return Ok(());
             }
         }
@@ -669,10 +770,18 @@ impl Volume {
         let k = self.spec.profile.data;
         let width = self.spec.profile.width();
         let version = self.next_version();
-        let budget = AtomicUsize::new(self.failpoints.crash_after_shard_writes.load(Ordering::Relaxed));
+        let budget = AtomicUsize::new(
+            self.failpoints
+                .crash_after_shard_writes
+                .load(Ordering::Relaxed),
+        );
         // The parity range: the union of the touched ranges.
         let r_start = segs.iter().map(|s| s.shard_offset).min().unwrap_or(0);
-        let r_end = segs.iter().map(|s| s.shard_offset + s.len).max().unwrap_or(0);
+        let r_end = segs
+            .iter()
+            .map(|s| s.shard_offset + s.len)
+            .max()
+            .unwrap_or(0);
         let r_len = (r_end - r_start) as usize;
         let touched: Vec<usize> = segs.iter().map(|s| s.shard).collect();
         let mut write_set: u32 = (k..width).map(|p| 1u32 << p).sum();
@@ -703,7 +812,15 @@ impl Volume {
         if !full && !missing.is_empty() {
             let mut pre = view.clone();
             let all = self
-                .gather_with(stripe, servers, &mut pre, r_start, r_len as u32, &missing, vec![None; width])
+                .gather_with(
+                    stripe,
+                    servers,
+                    &mut pre,
+                    r_start,
+                    r_len as u32,
+                    &missing,
+                    vec![None; width],
+                )
                 .await?;
             for &m in &missing {
                 let i = touched.iter().position(|&t| t == m).expect("touched");
@@ -750,11 +867,18 @@ impl Volume {
             })
             .collect();
         let failed = self
-            .send_all(stripe, servers, &data_writes, &budget, &mut acked, |pos, old| {
-                if let Some(old) = old {
-                    olds.insert(pos, old);
-                }
-            })
+            .send_all(
+                stripe,
+                servers,
+                &data_writes,
+                &budget,
+                &mut acked,
+                |pos, old| {
+                    if let Some(old) = old {
+                        olds.insert(pos, old);
+                    }
+                },
+            )
             .await?;
         if !failed.is_empty() {
             self.undo(stripe, servers, version, &acked).await;
@@ -785,8 +909,12 @@ impl Volume {
             }
             delta
         };
-        let data_base: Vec<(u32, Version)> = touched.iter().map(|&t| (t as u32, old_view.expected[t])).collect();
-        let data_after: Vec<(u32, Version)> = touched.iter().map(|&t| (t as u32, version)).collect();
+        let data_base: Vec<(u32, Version)> = touched
+            .iter()
+            .map(|&t| (t as u32, old_view.expected[t]))
+            .collect();
+        let data_after: Vec<(u32, Version)> =
+            touched.iter().map(|&t| (t as u32, version)).collect();
         let parity_writes: Vec<ShardWrite> = (k..width)
             .filter(|&pos| !view.is_stale(pos))
             .map(|pos| {
@@ -798,7 +926,11 @@ impl Volume {
                         epoch: self.epoch,
                         version,
                         base: old_view.expected[pos],
-                        mode: if full { WriteMode::Data } else { WriteMode::Xor },
+                        mode: if full {
+                            WriteMode::Data
+                        } else {
+                            WriteMode::Xor
+                        },
                         offset: r_start,
                         length: r_len as u32,
                         crcs: checksum::compute(&payload),
@@ -813,7 +945,14 @@ impl Volume {
             })
             .collect();
         let failed = self
-            .send_all(stripe, servers, &parity_writes, &budget, &mut acked, |_, _| {})
+            .send_all(
+                stripe,
+                servers,
+                &parity_writes,
+                &budget,
+                &mut acked,
+                |_, _| {},
+            )
             .await?;
         for f in failed {
             view.set_stale(f, true);
@@ -838,7 +977,9 @@ impl Volume {
         {
             let mut q = self.to_stabilize.lock().expect("poisoned");
             for &pos in &acked {
-                q.entry(servers[pos]).or_default().push((self.object(stripe, pos), version));
+                q.entry(servers[pos])
+                    .or_default()
+                    .push((self.object(stripe, pos), version));
             }
         }
         self.remember(stripe, view);
@@ -862,8 +1003,14 @@ impl Volume {
             .filter(|w| !self.reachable(servers[w.pos]))
             .map(|w| w.pos)
             .collect();
-        let sendable: Vec<&ShardWrite> = writes.iter().filter(|w| !failed.contains(&w.pos)).collect();
-        let results = join_all(sendable.iter().map(|w| self.send_write(servers[w.pos], w, budget))).await;
+        let sendable: Vec<&ShardWrite> =
+            writes.iter().filter(|w| !failed.contains(&w.pos)).collect();
+        let results = join_all(
+            sendable
+                .iter()
+                .map(|w| self.send_write(servers[w.pos], w, budget)),
+        )
+        .await;
         let mut fence = None;
         for (w, r) in sendable.iter().zip(results) {
             match r? {
@@ -872,6 +1019,7 @@ impl Volume {
                     on_ok(w.pos, out.old);
                 }
                 Err(e) => {
+                    tracing::debug!(volume = self.spec.id, object = %w.req.object, version = %w.req.version, error = %e, "shard write failed");
                     failed.push(w.pos);
                     if let Err(f) = self.note_error(servers[w.pos], &e) {
                         fence = Some(f);
@@ -945,8 +1093,13 @@ impl Volume {
     /// the next writer finishes what fails here).
     async fn undo(&self, stripe: u64, servers: &[u64], version: Version, acked: &[usize]) {
         let futs = acked.iter().map(|&pos| async move {
-            let Ok(c) = self.client(servers[pos]) else { return };
-            if let Err(e) = c.rollback(self.epoch, &[(self.object(stripe, pos), version)]).await {
+            let Ok(c) = self.client(servers[pos]) else {
+                return;
+            };
+            if let Err(e) = c
+                .rollback(self.epoch, &[(self.object(stripe, pos), version)])
+                .await
+            {
                 let _ = self.note_error(servers[pos], &e);
             }
         });
@@ -957,7 +1110,9 @@ impl Volume {
     /// Sends queued stabilizations to their servers.
     pub async fn send_stabilizations(&self) {
         let queued: Vec<(u64, Vec<(ObjectKey, Version)>)> =
-            std::mem::take(&mut *self.to_stabilize.lock().expect("poisoned")).into_iter().collect();
+            std::mem::take(&mut *self.to_stabilize.lock().expect("poisoned"))
+                .into_iter()
+                .collect();
         let futs = queued.into_iter().map(|(srv, list)| async move {
             if list.is_empty() {
                 return;
@@ -969,7 +1124,12 @@ impl Volume {
                 Err(_) => Err(()),
             };
             if sent.is_err() {
-                self.to_stabilize.lock().expect("poisoned").entry(srv).or_default().extend(list);
+                self.to_stabilize
+                    .lock()
+                    .expect("poisoned")
+                    .entry(srv)
+                    .or_default()
+                    .extend(list);
             }
         });
         join_all(futs).await;
@@ -978,7 +1138,9 @@ impl Volume {
     /// Everything written before is durable on every shard (NBD FLUSH).
     pub async fn flush(&self) -> Result<()> {
         self.check()?;
-        let dirty: Vec<u64> = std::mem::take(&mut *self.dirty.lock().expect("poisoned")).into_iter().collect();
+        let dirty: Vec<u64> = std::mem::take(&mut *self.dirty.lock().expect("poisoned"))
+            .into_iter()
+            .collect();
         let results = join_all(dirty.iter().map(|&srv| async move {
             let c = self.client(srv)?;
             match c.flush().await {
@@ -1000,7 +1162,8 @@ impl Volume {
 
     /// Records this writer's epoch on every server in the map before the first write, so a
     /// previous writer's later writes are refused everywhere (DESIGN.md invariant 1).
-    async fn fence_all(&self) -> Result<()> {
+    /// Returns the highest epoch the servers had seen before (the previous writer's).
+    async fn fence_all(&self) -> Result<u64> {
         let servers: Vec<(u64, BlockClient)> = {
             let c = self.cluster.lock().expect("poisoned");
             c.servers
@@ -1011,27 +1174,64 @@ impl Volume {
         };
         let results = join_all(servers.iter().map(|(id, c)| async move {
             match c.fence(self.spec.id, self.epoch).await {
-                Ok(()) => Ok(()),
+                Ok(previous) => Ok(previous),
                 Err(e) => {
                     tracing::warn!(volume = self.spec.id, server = id, error = %e, "cannot fence");
-                    self.note_error(*id, &e)
+                    self.note_error(*id, &e).map(|_| 0)
                 }
             }
         }))
         .await;
-        results.into_iter().collect::<Result<Vec<()>>>()?;
-        Ok(())
+        let previous = results.into_iter().collect::<Result<Vec<u64>>>()?;
+        Ok(previous
+            .into_iter()
+            .filter(|e| *e < self.epoch)
+            .max()
+            .unwrap_or(0))
+    }
+
+    /// Per block server: how many shard positions of the cached stripes it holds are stale
+    /// (waiting for it to come back, or for repair). Empty when the volume is whole (as far as
+    /// this writer has seen).
+    pub fn degraded(&self) -> std::collections::BTreeMap<u64, usize> {
+        let views: Vec<(u64, StripeView)> = self
+            .views
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .filter(|(_, v)| v.stale != 0)
+            .map(|(s, v)| (*s, v.clone()))
+            .collect();
+        let mut out = std::collections::BTreeMap::new();
+        for (stripe, v) in views {
+            let Ok(servers) = self.placement(stripe) else {
+                continue;
+            };
+            for (p, srv) in servers.iter().enumerate() {
+                if v.is_stale(p) {
+                    *out.entry(*srv).or_insert(0) += 1;
+                }
+            }
+        }
+        for &(stripe, p) in self.corrupt.lock().expect("poisoned").iter() {
+            if let Ok(servers) = self.placement(stripe) {
+                *out.entry(servers[p]).or_insert(0) += 1;
+            }
+        }
+        out
     }
 
     /// Rebuilds up to `limit` cached stripes that have stale positions on reachable servers
     /// (bit rot found by reads, shards a short outage made miss writes).
     pub async fn heal(&self, limit: usize) -> usize {
-        let candidates: Vec<u64> = {
+        let candidates: BTreeSet<u64> = {
             let views = self.views.lock().expect("poisoned");
+            let corrupt = self.corrupt.lock().expect("poisoned");
             views
                 .iter()
                 .filter(|(_, v)| v.stale != 0)
                 .map(|(s, _)| *s)
+                .chain(corrupt.iter().map(|(s, _)| *s))
                 .take(limit)
                 .collect()
         };
@@ -1039,7 +1239,9 @@ impl Volume {
         for stripe in candidates {
             match self.repair_stripe(stripe).await {
                 Ok(n) => rebuilt += n,
-                Err(e) => tracing::debug!(volume = self.spec.id, stripe, error = %e, "heal deferred"),
+                Err(e) => {
+                    tracing::info!(volume = self.spec.id, stripe, error = %e, "heal deferred")
+                }
             }
         }
         rebuilt
@@ -1077,6 +1279,16 @@ impl Volume {
         for stripe in stripes {
             self.reconcile_stripe(stripe).await?;
         }
+        // The decisions are durable and applied before any I/O is served: a later writer
+        // that still finds one of these versions unstable knows this one never saw it.
+        let flushed = join_all(servers.iter().map(|(id, c)| async move {
+            match c.flush().await {
+                Ok(()) => Ok(()),
+                Err(e) => self.note_error(*id, &e),
+            }
+        }))
+        .await;
+        flushed.into_iter().collect::<Result<Vec<()>>>()?;
         Ok(())
     }
 
@@ -1090,10 +1302,20 @@ impl Volume {
     async fn settle_stripe(&self, stripe: u64) -> Result<usize> {
         let servers = self.placement(stripe)?;
         let infos = self.learn(stripe, &servers).await?;
-        let d = reconcile::reconcile(self.spec.profile, &infos);
+        let d = reconcile::reconcile(
+            self.spec.profile,
+            &infos,
+            self.foreign_below.load(Ordering::Acquire),
+        );
+        if !d.rollback.is_empty() || d.roll_forward.as_ref().is_some_and(|(_, m)| !m.is_empty()) {
+            tracing::info!(volume = self.spec.id, stripe, ?d, ?infos, "reconciling");
+        }
         for &(pos, v) in &d.rollback {
             let c = self.client(servers[pos])?;
-            if let Err(e) = c.rollback(self.epoch, &[(self.object(stripe, pos), v)]).await {
+            if let Err(e) = c
+                .rollback(self.epoch, &[(self.object(stripe, pos), v)])
+                .await
+            {
                 self.note_error(servers[pos], &e)?;
             }
         }
@@ -1107,7 +1329,10 @@ impl Volume {
         }
         for &(pos, v) in &d.stabilize {
             let c = self.client(servers[pos])?;
-            if let Err(e) = c.stabilize(self.epoch, &[(self.object(stripe, pos), v)]).await {
+            if let Err(e) = c
+                .stabilize(self.epoch, &[(self.object(stripe, pos), v)])
+                .await
+            {
                 self.note_error(servers[pos], &e)?;
             }
         }
@@ -1115,32 +1340,55 @@ impl Volume {
         // so are shards the cached view knows to be corrupt (right version, bad bytes).
         let infos = self.learn(stripe, &servers).await?;
         let mut view = reconcile::assess(self.spec.profile, &infos);
-        if let Some(cached) = self.views.lock().expect("poisoned").get(&stripe) {
-            for p in 0..view.expected.len() {
-                if cached.is_stale(p) && cached.expected[p] == view.expected[p] {
-                    view.set_stale(p, true);
-                }
-            }
-        }
+        self.mark_corrupt(stripe, &mut view);
         let n = self.rebuild_stale(stripe, &servers, &mut view).await?;
         self.remember(stripe, view);
         Ok(n)
     }
 
+    /// Marks the positions reads found corrupt as stale in `view`.
+    fn mark_corrupt(&self, stripe: u64, view: &mut StripeView) {
+        let corrupt = self.corrupt.lock().expect("poisoned");
+        for &(_, p) in corrupt.range((stripe, 0)..(stripe + 1, 0)) {
+            view.set_stale(p, true);
+        }
+    }
+
     /// Rebuilds every stale but reachable position of a stripe from the current ones.
-    async fn rebuild_stale(&self, stripe: u64, servers: &[u64], view: &mut StripeView) -> Result<usize> {
+    async fn rebuild_stale(
+        &self,
+        stripe: u64,
+        servers: &[u64],
+        view: &mut StripeView,
+    ) -> Result<usize> {
         let width = self.spec.profile.width();
         let k = self.spec.profile.data;
+        // A position whose true version is NONE holds nothing (it reads as zeros): nothing to
+        // rebuild there.
         let targets: Vec<usize> = (0..width)
-            .filter(|&p| view.is_stale(p) && self.reachable(servers[p]))
+            .filter(|&p| {
+                view.is_stale(p) && view.expected[p] != Version::NONE && self.reachable(servers[p])
+            })
             .collect();
         if targets.is_empty() {
             return Ok(0);
         }
         let unit = self.spec.unit;
         let mut source = view.clone();
-        let all = self.gather_with(stripe, servers, &mut source, 0, unit, &targets, vec![None; width]).await?;
-        let data_versions: Vec<(u32, Version)> = (0..k).map(|p| (p as u32, view.expected[p])).collect();
+        let all = self
+            .gather_with(
+                stripe,
+                servers,
+                &mut source,
+                0,
+                unit,
+                &targets,
+                vec![None; width],
+            )
+            .await?;
+        let data_versions: Vec<(u32, Version)> =
+            (0..k).map(|p| (p as u32, view.expected[p])).collect();
+        tracing::debug!(volume = self.spec.id, stripe, ?targets, ?view, "rebuilding");
         let mut rebuilt = 0;
         for &p in &targets {
             let content = Bytes::from(all[p].clone().expect("reconstructed"));
@@ -1156,7 +1404,11 @@ impl Volume {
                 fua: true,
                 write_set: 0,
                 data_base: vec![],
-                data_after: if p >= k { data_versions.clone() } else { vec![] },
+                data_after: if p >= k {
+                    data_versions.clone()
+                } else {
+                    vec![]
+                },
                 return_old: false,
             };
             let c = self.client(servers[p])?;
@@ -1165,11 +1417,17 @@ impl Volume {
                     // An install is durable (fua) and complete: stabilize it at once.
                     let _ = c.stabilize(self.epoch, &[(req.object, req.version)]).await;
                     view.set_stale(p, false);
+                    self.corrupt.lock().expect("poisoned").remove(&(stripe, p));
                     rebuilt += 1;
                     self.stats.shards_rebuilt.fetch_add(1, Ordering::Relaxed);
-                    self.stats.bytes_rebuilt.fetch_add(u64::from(unit), Ordering::Relaxed);
+                    self.stats
+                        .bytes_rebuilt
+                        .fetch_add(u64::from(unit), Ordering::Relaxed);
                 }
-                Err(e) => self.note_error(servers[p], &e)?,
+                Err(e) => {
+                    tracing::info!(volume = self.spec.id, stripe, pos = p, error = %e, "rebuild install failed");
+                    self.note_error(servers[p], &e)?
+                }
             }
         }
         Ok(rebuilt)
@@ -1182,6 +1440,137 @@ impl Volume {
         self.check()?;
         let _g = self.lock_stripe(stripe).await;
         self.settle_stripe(stripe).await
+    }
+
+    /// Repairs every stripe of the volume (after a server was declared down and placement
+    /// moved its shards, or to catch a returning server up), at most `bytes_per_sec` of
+    /// rebuilt data (0: unthrottled). Progress is in [`VolumeStats`].
+    pub async fn repair_all(&self, bytes_per_sec: u64) -> Result<PassReport> {
+        let stripes = self.stripes_in_use().await?;
+        self.stats
+            .pass_stripes_total
+            .store(stripes.len() as u64, Ordering::Relaxed);
+        self.stats.pass_stripes_done.store(0, Ordering::Relaxed);
+        let mut pace = Pace::new(bytes_per_sec);
+        let mut report = PassReport::default();
+        for stripe in stripes {
+            match self.repair_stripe(stripe).await {
+                Ok(n) => {
+                    report.shards_rebuilt += n as u64;
+                    pace.account(n as u64 * u64::from(self.spec.unit)).await;
+                }
+                Err(VolumeError::Unavailable { .. }) => report.deferred += 1,
+                Err(e) => return Err(e),
+            }
+            report.stripes += 1;
+            self.stats.pass_stripes_done.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(report)
+    }
+
+    /// Scrubs every stripe: reads every shard whole (the servers verify each block's
+    /// checksum), checks the parity against the data, and rebuilds what is wrong. Reads at
+    /// most `bytes_per_sec` (0: unthrottled).
+    pub async fn scrub(&self, bytes_per_sec: u64) -> Result<PassReport> {
+        let stripes = self.stripes_in_use().await?;
+        self.stats
+            .pass_stripes_total
+            .store(stripes.len() as u64, Ordering::Relaxed);
+        self.stats.pass_stripes_done.store(0, Ordering::Relaxed);
+        let mut pace = Pace::new(bytes_per_sec);
+        let mut report = PassReport::default();
+        let stripe_bytes = u64::from(self.spec.unit) * self.spec.profile.width() as u64;
+        for stripe in stripes {
+            match self.scrub_stripe(stripe, &mut report).await {
+                Ok(()) => {}
+                Err(VolumeError::Unavailable { .. }) => report.deferred += 1,
+                Err(e) => return Err(e),
+            }
+            report.stripes += 1;
+            self.stats.stripes_scrubbed.fetch_add(1, Ordering::Relaxed);
+            self.stats.pass_stripes_done.fetch_add(1, Ordering::Relaxed);
+            pace.account(stripe_bytes).await;
+        }
+        Ok(report)
+    }
+
+    async fn scrub_stripe(&self, stripe: u64, report: &mut PassReport) -> Result<()> {
+        self.check()?;
+        let _g = self.lock_stripe(stripe).await;
+        let servers = self.placement(stripe)?;
+        let infos = self.learn(stripe, &servers).await?;
+        let mut view = reconcile::assess(self.spec.profile, &infos);
+        let k = self.spec.profile.data;
+        let width = self.spec.profile.width();
+        let unit = self.spec.unit;
+        // Read every current position whole.
+        let reads = join_all((0..width).map(|p| {
+            let view = &view;
+            let servers = &servers;
+            async move {
+                if view.is_stale(p) || !self.reachable(servers[p]) {
+                    return Ok::<_, VolumeError>(None);
+                }
+                let c = self.client(servers[p])?;
+                match c.read(self.object(stripe, p), 0, unit).await {
+                    Ok(r) if r.version == view.expected[p] => Ok(Some(r.data.to_vec())),
+                    Ok(_) => Ok(None),
+                    Err(e) => {
+                        if e.status() == Some(pb::Status::ChecksumMismatch) {
+                            self.corrupt.lock().expect("poisoned").insert((stripe, p));
+                            return Ok(Some(Vec::new())); // marker: corrupt
+                        }
+                        self.note_error(servers[p], &e)?;
+                        Ok(None)
+                    }
+                }
+            }
+        }))
+        .await;
+        let mut shards: Vec<Option<Vec<u8>>> = Vec::with_capacity(width);
+        for (p, r) in reads.into_iter().enumerate() {
+            match r? {
+                Some(b) if b.is_empty() => {
+                    report.checksum_errors += 1;
+                    self.stats.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                    view.set_stale(p, true);
+                    shards.push(None);
+                }
+                Some(b) => shards.push(Some(b)),
+                None => {
+                    view.set_stale(p, true);
+                    shards.push(None);
+                }
+            }
+        }
+        // Parity consistency, when all data and some parity were read.
+        if shards[..k].iter().all(Option::is_some) {
+            let data: Vec<&[u8]> = shards[..k]
+                .iter()
+                .map(|s| s.as_deref().expect("read"))
+                .collect();
+            let mut parity = vec![vec![0u8; unit as usize]; width - k];
+            let mut prefs: Vec<&mut [u8]> = parity.iter_mut().map(Vec::as_mut_slice).collect();
+            self.codec.encode(&data, &mut prefs)?;
+            let mut mismatch = false;
+            for p in k..width {
+                if shards[p]
+                    .as_deref()
+                    .is_some_and(|s| s != &parity[p - k][..])
+                {
+                    mismatch = true;
+                    view.set_stale(p, true);
+                }
+            }
+            if mismatch {
+                report.parity_mismatches += 1;
+                self.stats.parity_repaired.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let n = self.rebuild_stale(stripe, &servers, &mut view).await?;
+        report.shards_rebuilt += n as u64;
+        self.remember(stripe, view);
+        Ok(())
     }
 
     /// What the shards of a stripe report, where they are, and the cached view (diagnostics:

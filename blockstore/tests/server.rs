@@ -30,7 +30,13 @@ fn obj(stripe: u64, shard: u32) -> ObjectKey {
     }
 }
 
-fn write(object: ObjectKey, version: Version, base: Version, offset: u32, data: &Bytes) -> WriteReq {
+fn write(
+    object: ObjectKey,
+    version: Version,
+    base: Version,
+    offset: u32,
+    data: &Bytes,
+) -> WriteReq {
     WriteReq {
         object,
         epoch: version.epoch,
@@ -95,18 +101,30 @@ async fn refusals_come_back_as_explicit_statuses() {
     let srv = server::start(config(dir.path())).unwrap();
     let c = BlockClient::new(srv.addr.to_string(), Duration::from_secs(5));
     let data = Bytes::from(vec![7u8; K]);
-    c.write(&write(obj(0, 0), Version::new(4, 1), Version::NONE, 0, &data), data.clone(), &[])
-        .await
-        .unwrap();
+    c.write(
+        &write(obj(0, 0), Version::new(4, 1), Version::NONE, 0, &data),
+        data.clone(),
+        &[],
+    )
+    .await
+    .unwrap();
     // Stale epoch.
     let err = c
-        .write(&write(obj(0, 1), Version::new(3, 1), Version::NONE, 0, &data), data.clone(), &[])
+        .write(
+            &write(obj(0, 1), Version::new(3, 1), Version::NONE, 0, &data),
+            data.clone(),
+            &[],
+        )
         .await
         .unwrap_err();
     assert_eq!(err.status(), Some(pb::Status::StaleEpoch), "{err}");
     // Wrong base: the current version comes back.
     let err = c
-        .write(&write(obj(0, 0), Version::new(4, 2), Version::new(4, 0), 0, &data), data.clone(), &[])
+        .write(
+            &write(obj(0, 0), Version::new(4, 2), Version::new(4, 0), 0, &data),
+            data.clone(),
+            &[],
+        )
         .await
         .unwrap_err();
     match err {
@@ -129,7 +147,13 @@ async fn refusals_come_back_as_explicit_statuses() {
     let big = Bytes::from(vec![1u8; 4 << 20]);
     let mut refused = None;
     for stripe in 1..20 {
-        let w = write(obj(stripe, 0), Version::new(4, 10 + stripe), Version::NONE, 0, &big);
+        let w = write(
+            obj(stripe, 0),
+            Version::new(4, 10 + stripe),
+            Version::NONE,
+            0,
+            &big,
+        );
         if let Err(e) = c.write(&w, big.clone(), &[]).await {
             refused = Some(e);
             break;

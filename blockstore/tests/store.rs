@@ -49,11 +49,7 @@ type MemStore = Store<MemDevice, MemIndex>;
 fn store(blocks: u64) -> (MemStore, MemDevice, MemIndex) {
     let dev = MemDevice::new(blocks * K as u64);
     let idx = MemIndex::default();
-    (
-        Store::open(dev.clone(), idx.clone()).unwrap(),
-        dev,
-        idx,
-    )
+    (Store::open(dev.clone(), idx.clone()).unwrap(), dev, idx)
 }
 
 fn read(s: &MemStore, o: ObjectKey, off: u32, len: u32) -> (Version, Vec<u8>) {
@@ -102,7 +98,11 @@ fn writes_read_back_and_rollback_restores_each_version() {
     block_on(s.rollback(1, &[(o, v(1, 1))])).unwrap();
     assert_eq!(read(&s, o, 0, 4096).0, Version::NONE);
     block_on(s.flush()).unwrap();
-    assert_eq!(s.used_bytes(), K as u64, "every block of the undone versions is free");
+    assert_eq!(
+        s.used_bytes(),
+        K as u64,
+        "every block of the undone versions is free"
+    );
 }
 
 #[test]
@@ -124,7 +124,11 @@ fn stabilize_releases_replaced_blocks_only_after_a_flush() {
     block_on(s.flush()).unwrap();
     assert!(s.stat(&[o]).unwrap()[0].unstable.is_empty());
     assert_eq!(s.used_bytes(), 5 * K as u64);
-    assert_eq!(dev.blocks_in_use(), 4, "freed space is discarded on the device");
+    assert_eq!(
+        dev.blocks_in_use(),
+        4,
+        "freed space is discarded on the device"
+    );
     assert_eq!(read(&s, o, 0, 4 * K as u32).1, b.to_vec());
 }
 
@@ -139,7 +143,14 @@ fn stale_epochs_are_refused_for_every_change() {
     let stale = req(o, v(5, 2), v(5, 1), 0, &a);
     let err = block_on(s.write(&stale, a.clone())).unwrap_err();
     assert!(
-        matches!(err, StoreError::StaleEpoch { volume: 7, epoch: 5, highest: 6 }),
+        matches!(
+            err,
+            StoreError::StaleEpoch {
+                volume: 7,
+                epoch: 5,
+                highest: 6
+            }
+        ),
         "{err}"
     );
     assert!(matches!(
@@ -158,7 +169,11 @@ fn stale_epochs_are_refused_for_every_change() {
     let other = ObjectKey { volume: 8, ..o };
     block_on(s.write(&req(other, v(1, 1), Version::NONE, 0, &a), a.clone())).unwrap();
     assert_eq!(s.stats.stale_epoch_refusals.get(), 4);
-    assert_eq!(read(&s, o, 0, 4096).1, a.to_vec(), "the stale writes changed nothing");
+    assert_eq!(
+        read(&s, o, 0, 4096).1,
+        a.to_vec(),
+        "the stale writes changed nothing"
+    );
 }
 
 #[test]
@@ -192,7 +207,10 @@ fn parity_deltas_xor_and_check_the_data_versions() {
     x.return_old = true;
     x.data_base = vec![(1, v(1, 0))]; // wrong: the parity says shard 1 is at 1.1
     let err = block_on(s.write(&x, delta.clone())).unwrap_err();
-    assert!(matches!(err, StoreError::DataVersionMismatch { shard: 1, .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::DataVersionMismatch { shard: 1, .. }),
+        "{err}"
+    );
     x.data_base = vec![(1, v(1, 1))];
     x.data_after = vec![(1, v(1, 2))];
     let out = block_on(s.write(&x, delta.clone())).unwrap();
@@ -309,7 +327,10 @@ fn a_full_device_refuses_writes_and_recovers_space() {
     block_on(s.write(&req(o, v(1, 1), Version::NONE, 0, &a), a.clone())).unwrap();
     let b = fill(2, 1);
     let err = block_on(s.write(&req(o, v(1, 2), v(1, 1), 0, &b), b.clone())).unwrap_err();
-    assert!(matches!(err, StoreError::NoSpace { needed: 1, free: 0 }), "{err}");
+    assert!(
+        matches!(err, StoreError::NoSpace { needed: 1, free: 0 }),
+        "{err}"
+    );
     // Acked data is intact.
     assert_eq!(read(&s, o, 0, 8 * K as u32).1, a.to_vec());
     // Trimming half and stabilizing frees space; the allocator flushes by itself when needed.
@@ -355,7 +376,11 @@ fn list_and_delete_a_volume() {
     assert_eq!(block_on(s.delete_volume(7, 1)).unwrap(), 30);
     assert!(s.list(7, None, 100, false).unwrap().0.is_empty());
     block_on(s.flush()).unwrap();
-    assert_eq!(s.used_bytes(), 2 * K as u64, "block 0 and the other volume's block");
+    assert_eq!(
+        s.used_bytes(),
+        2 * K as u64,
+        "block 0 and the other volume's block"
+    );
 }
 
 #[test]
@@ -369,7 +394,11 @@ fn reopening_rebuilds_the_free_space_map() {
     let used = s.used_bytes();
     drop(s);
     let s = Store::open(dev, idx).unwrap();
-    assert_eq!(s.used_bytes(), used, "current and undo blocks are both in use");
+    assert_eq!(
+        s.used_bytes(),
+        used,
+        "current and undo blocks are both in use"
+    );
     let c = fill(6, 4);
     block_on(s.write(&req(obj(12, 0), v(1, 1), Version::NONE, 0, &c), c.clone())).unwrap();
     assert_eq!(read(&s, o, 0, 3 * K as u32).1[..2 * K], b[..]);
@@ -382,9 +411,19 @@ fn reopening_rebuilds_the_free_space_map() {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { stripe: u64, block: u32, len: u32, byte: u8, fua: bool },
-    Stabilize { stripe: u64 },
-    Rollback { stripe: u64 },
+    Write {
+        stripe: u64,
+        block: u32,
+        len: u32,
+        byte: u8,
+        fua: bool,
+    },
+    Stabilize {
+        stripe: u64,
+    },
+    Rollback {
+        stripe: u64,
+    },
     Flush,
 }
 
