@@ -10,8 +10,12 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-/// One atomic change: `(key, Some(value))` puts, `(key, None)` deletes.
-pub type Batch = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+/// One change: `(key, Some(value))` puts, `(key, None)` deletes.
+pub type Change = (Vec<u8>, Option<Vec<u8>>);
+/// An atomic list of changes.
+pub type Batch = Vec<Change>;
+/// Key-value pairs read by a scan.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -32,7 +36,7 @@ pub trait Index {
         from: &[u8],
         to: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, IndexError>;
+    ) -> Result<Pairs, IndexError>;
     /// Makes every earlier write durable.
     fn sync(&self) -> Result<(), IndexError>;
 }
@@ -84,7 +88,7 @@ impl Index for RocksIndex {
         from: &[u8],
         to: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, IndexError> {
+    ) -> Result<Pairs, IndexError> {
         let mut out = Vec::new();
         let iter = self.db.iterator(rocksdb::IteratorMode::From(
             from,
@@ -173,7 +177,7 @@ impl Index for MemIndex {
         from: &[u8],
         to: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, IndexError> {
+    ) -> Result<Pairs, IndexError> {
         if from >= to {
             return Ok(Vec::new());
         }

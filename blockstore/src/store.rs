@@ -45,7 +45,7 @@ use prost::Message;
 use crate::alloc::{runs_of, Allocator};
 use crate::checksum::{self, BLOCK_BYTES};
 use crate::device::Device;
-use crate::index::{Batch, Index, IndexError};
+use crate::index::{Batch, Change, Index, IndexError};
 
 /// Largest object (one shard of one stripe).
 pub const MAX_OBJECT_BYTES: u32 = crate::layout::MAX_UNIT_BYTES;
@@ -537,7 +537,7 @@ impl<D: Device, I: Index> Store<D, I> {
     }
 
     /// Checks the epoch; returns the index change that records a higher one, if any.
-    fn fence(&self, volume: u64, epoch: u64) -> Result<Option<(Vec<u8>, Option<Vec<u8>>)>> {
+    fn fence(&self, volume: u64, epoch: u64) -> Result<Option<Change>> {
         let highest = self.highest_epoch(volume)?;
         if epoch < highest {
             bump(&self.stats.stale_epoch_refusals, 1);
@@ -984,7 +984,7 @@ impl<D: Device, I: Index> Store<D, I> {
         Ok(())
     }
 
-    fn record_change(&self, object: &ObjectKey, rec: &ObjectRecord) -> (Vec<u8>, Option<Vec<u8>>) {
+    fn record_change(&self, object: &ObjectKey, rec: &ObjectRecord) -> Change {
         let key = object_key(object);
         if rec.is_empty() {
             (key, None)
