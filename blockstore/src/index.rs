@@ -31,12 +31,7 @@ pub trait Index {
     /// Applies `batch` atomically; durable on return when `sync`.
     fn write(&self, batch: Batch, sync: bool) -> Result<(), IndexError>;
     /// Up to `limit` pairs with `from <= key < to`, in key order.
-    fn scan(
-        &self,
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-    ) -> Result<Pairs, IndexError>;
+    fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Pairs, IndexError>;
     /// Makes every earlier write durable.
     fn sync(&self) -> Result<(), IndexError>;
 }
@@ -83,12 +78,7 @@ impl Index for RocksIndex {
         Ok(self.db.write_opt(wb, &wo)?)
     }
 
-    fn scan(
-        &self,
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-    ) -> Result<Pairs, IndexError> {
+    fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Pairs, IndexError> {
         let mut out = Vec::new();
         let iter = self.db.iterator(rocksdb::IteratorMode::From(
             from,
@@ -172,12 +162,7 @@ impl Index for MemIndex {
         Ok(())
     }
 
-    fn scan(
-        &self,
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-    ) -> Result<Pairs, IndexError> {
+    fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Pairs, IndexError> {
         if from >= to {
             return Ok(Vec::new());
         }

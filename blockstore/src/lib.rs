@@ -17,6 +17,7 @@
 pub mod alloc;
 pub mod checksum;
 pub mod client;
+pub mod cluster;
 pub mod device;
 pub mod ec;
 pub mod index;

@@ -20,7 +20,7 @@ pub struct Endpoints {
 }
 
 impl Endpoints {
-    fn client(&self) -> anyhow::Result<MetaClient> {
+    pub(crate) fn client(&self) -> anyhow::Result<MetaClient> {
         Ok(MetaClient::connect(&self.endpoints)?)
     }
 }

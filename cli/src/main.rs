@@ -1,7 +1,9 @@
-//! `continuum`: the single binary of the Continuum fabric. Daemons (`meta`), the local fabric
-//! (`up`) and admin commands (`kv`, `lease`, `member`, `status`, `site`).
+//! `continuum`: the single binary of the Continuum fabric. Daemons (`meta`, `block`), the local
+//! fabric (`up`) and admin commands (`kv`, `lease`, `member`, `status`, `site`, `volume`,
+//! `node`).
 
 mod admin;
+mod block;
 mod config;
 mod up;
 
@@ -28,6 +30,14 @@ struct Cli {
 enum Command {
     /// Run a meta service member (Raft metadata store).
     Meta(Box<config::MetaArgs>),
+    /// Run a block server (erasure-coded shard storage; registers in meta).
+    Block(Box<block::BlockArgs>),
+    /// Manage volumes (thin, erasure-coded virtual disks).
+    #[command(subcommand)]
+    Volume(block::VolumeCommand),
+    /// List block servers and their heartbeat.
+    #[command(subcommand)]
+    Node(block::NodeCommand),
     /// Run the whole fabric on this machine (today: a 3-member meta cluster) until Ctrl-C.
     Up(up::UpArgs),
     /// Read and write keys in meta.
@@ -75,6 +85,9 @@ fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Meta(args) => config::run_meta(*args).await,
+            Command::Block(args) => block::run_block(*args).await,
+            Command::Volume(c) => block::volume(c).await,
+            Command::Node(c) => block::node(c).await,
             Command::Up(args) => up::run(args).await,
             Command::Kv(c) => admin::kv(c).await,
             Command::Lease(c) => admin::lease(c).await,

@@ -1,7 +1,7 @@
 //! `continuum up`: the whole fabric on this machine, as child processes of this one.
 //!
-//! Today the fabric is a 3-member meta cluster; later issues add block servers, a gateway, an
-//! overlay and an agent here. Data lives under one directory, so running `up` again resumes.
+//! Today the fabric is a 3-member meta cluster and 6 block servers (one host each, so a 4+2
+//! volume has its six failure domains); later issues add a gateway, an overlay and an agent. Data lives under one directory, so running `up` again resumes.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,7 +21,11 @@ pub struct UpArgs {
     /// Number of meta members (3 or 5 tolerate 1 or 2 failures).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
     pub meta_members: u64,
-    /// Ports are BASE+11.. (client), BASE+21.. (Raft), BASE+31.. (metrics).
+    /// Number of block servers (4+2 volumes need at least 6).
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(0..=60))]
+    pub block_servers: u64,
+    /// Ports are BASE+11.. (meta client), BASE+21.. (Raft), BASE+31.. (metrics), BASE+101..
+    /// (block servers).
     #[arg(long, default_value_t = DEFAULT_CLIENT_PORT - 10, value_name = "BASE")]
     pub base_port: u16,
     /// Start, print the summary, and exit leaving nothing running (a smoke test).
@@ -141,6 +145,56 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    let blocks = args.block_servers;
+    for i in 1..=blocks {
+        let name = format!("block-{i}");
+        let log = logs.join(format!("{name}.log"));
+        let a = vec![
+            "block".to_string(),
+            format!("--id={i}"),
+            format!("--data-dir={}", data_dir.join(&name).display()),
+            format!("--listen={}", addr(100, i)),
+            format!("--meta={}", endpoints.join(",")),
+            format!("--host={name}"),
+        ];
+        let child = spawn(&exe, &name, &a, &log)?;
+        daemons.push(Daemon {
+            name,
+            child,
+            log,
+            exited: false,
+        });
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let alive = continuum_blockstore::cluster::alive_nodes(&client)
+            .await
+            .unwrap_or_default();
+        if alive.len() as u64 >= blocks {
+            break;
+        }
+        let dead = daemons.iter_mut().find_map(|d| match d.child.try_wait() {
+            Ok(Some(status)) => Some(format!(
+                "{} exited during start-up ({status}); see {}",
+                d.name,
+                d.log.display()
+            )),
+            _ => None,
+        });
+        if let Some(why) = dead {
+            stop_all(&mut daemons).await;
+            bail!(why);
+        }
+        if tokio::time::Instant::now() > deadline {
+            stop_all(&mut daemons).await;
+            bail!(
+                "only {} of {blocks} block servers registered within 30 s; see the logs in {}",
+                alive.len(),
+                logs.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     println!();
     println!("Continuum is up.");
     println!("  meta members   {}", endpoints.join(", "));
@@ -150,6 +204,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         addr(30, 1),
         n - 1
     );
+    if blocks > 0 {
+        println!(
+            "  block servers  {blocks} registered ({} .. {})",
+            addr(100, 1),
+            addr(100, blocks)
+        );
+    }
     println!("  data           {}", data_dir.display());
     println!("  logs           {}", logs.display());
     println!();
@@ -157,6 +218,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("  continuum status");
     println!("  continuum kv put hello world && continuum kv get hello");
     println!("  continuum site create edge-1 --kind edge && continuum site list");
+    println!("  continuum node list");
+    println!("  continuum volume create disk-1 --size 10G && continuum volume list");
     println!();
     if args.check {
         stop_all(&mut daemons).await;

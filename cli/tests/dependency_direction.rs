@@ -9,11 +9,20 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
     m.insert("proto", BTreeSet::new());
     m.insert("meta", ["continuum-proto"].into());
     m.insert("meta-client", ["continuum-proto"].into());
-    m.insert("blockstore", ["continuum-proto"].into());
+    m.insert(
+        "blockstore",
+        ["continuum-proto", "continuum-meta-client"].into(),
+    );
     // Dev-dependency: meta's tests use the client; the binary wires everything together.
     m.insert(
         "cli",
-        ["continuum-proto", "continuum-meta", "continuum-meta-client"].into(),
+        [
+            "continuum-proto",
+            "continuum-meta",
+            "continuum-meta-client",
+            "continuum-blockstore",
+        ]
+        .into(),
     );
     // Benches measure library cores directly (the EC codec) and services over the wire.
     m.insert(

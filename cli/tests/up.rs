@@ -32,9 +32,11 @@ fn up_starts_the_fabric_and_resumes_on_its_data() {
     let base = loop {
         let p = common::free_port();
         if p < 31_900
-            && [11u16, 12, 13, 21, 22, 23, 31, 32, 33]
-                .iter()
-                .all(|o| std::net::TcpListener::bind(("127.0.0.1", p + o)).is_ok())
+            && [
+                11u16, 12, 13, 21, 22, 23, 31, 32, 33, 101, 102, 103, 104, 105, 106,
+            ]
+            .iter()
+            .all(|o| std::net::TcpListener::bind(("127.0.0.1", p + o)).is_ok())
         {
             break p;
         }
@@ -42,9 +44,13 @@ fn up_starts_the_fabric_and_resumes_on_its_data() {
     let first = up_check(dir.path(), base);
     assert!(first.contains("Continuum is up."), "{first}");
     assert!(first.contains("meta leader"), "{first}");
+    assert!(first.contains("block servers  6 registered"), "{first}");
     for i in 1..=3 {
         assert!(dir.path().join(format!("meta-{i}/db/CURRENT")).exists());
         assert!(dir.path().join(format!("logs/meta-{i}.log")).exists());
+    }
+    for i in 1..=6 {
+        assert!(dir.path().join(format!("block-{i}/index/CURRENT")).exists());
     }
     let second = up_check(dir.path(), base);
     assert!(second.contains("Continuum is up."), "{second}");

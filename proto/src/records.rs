@@ -55,6 +55,10 @@ macro_rules! record {
 record!(records_pb::Site, "sites", |r| r.name.clone());
 // Nodes and volumes are named by number, zero-padded so that keys sort like the ids.
 record!(records_pb::Node, "nodes", |r| format!("{:020}", r.id));
+record!(records_pb::NodeAlive, "node-alive", |r| format!(
+    "{:020}",
+    r.id
+));
 record!(records_pb::Volume, "volumes", |r| r.name.clone());
 record!(records_pb::WriterLease, "writer-leases", |r| format!(
     "{:020}",

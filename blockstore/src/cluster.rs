@@ -1,0 +1,409 @@
+//! The block store's records in meta: block servers registering with a heartbeat, the cluster
+//! map volume clients compute placement from, volumes (create, resize, delete) and declaring
+//! silent servers down.
+//!
+//! A block server's `Node` record is permanent; its heartbeat is a separate `NodeAlive` record
+//! attached to a meta lease it keeps alive. A server whose heartbeat is gone is only degraded
+//! (its shards are read around); after a grace period [`declare_down_pass`] marks it
+//! `declared_down`, placement moves its shards to other servers and repair rebuilds them there.
+//! Meta is never on the data path (DESIGN.md invariant 6): a volume client reads the map when it
+//! opens and on changes, and keeps serving I/O from what it has while meta is unreachable.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use continuum_meta_client::{Error as MetaError, MetaClient};
+use continuum_proto::records::{self as layout, Record};
+use continuum_proto::records_pb::{
+    ErasureProfile, FailureDomain, Node, NodeAlive, NodeRole, Volume as VolumeRecord,
+};
+
+use crate::ec::Profile;
+use crate::layout::Layout;
+use crate::placement::{DomainLevel, DEFAULT_PG_COUNT};
+use crate::volume::{ServerInfo, VolumeSpec};
+
+/// Default shard unit of new volumes.
+pub const DEFAULT_UNIT_BYTES: u32 = 64 * 1024;
+/// Heartbeat lease TTL of a block server.
+pub const HEARTBEAT_TTL_SECONDS: u64 = 10;
+/// Largest volume (a named limit: 1 PiB).
+pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
+/// Key of the volume id counter.
+const VOLUME_ID_COUNTER: &str = "/continuum/v1/counters/volume-id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("meta: {0}")]
+    Meta(#[from] MetaError),
+    #[error("volume {name} not found")]
+    VolumeNotFound { name: String },
+    #[error("volume {name} already exists")]
+    VolumeExists { name: String },
+    #[error("invalid volume: {reason}")]
+    InvalidVolume { reason: String },
+    #[error(
+        "volume {name} is {size} bytes; shrinking to {requested} would drop data (not supported)"
+    )]
+    Shrink {
+        name: String,
+        size: u64,
+        requested: u64,
+    },
+    #[error("volume {name} changed concurrently; retry")]
+    Conflict { name: String },
+}
+
+pub type Result<T> = std::result::Result<T, ClusterError>;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What a block server says about itself when it registers.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    pub id: u64,
+    pub address: String,
+    pub capacity_bytes: u64,
+    pub site: String,
+    pub rack: String,
+    pub host: String,
+}
+
+/// Registers a block server (creating or updating its `Node` record, clearing a down mark)
+/// and starts its heartbeat. Returns the heartbeat task, which re-registers after a lost lease.
+pub async fn register(
+    meta: &MetaClient,
+    reg: &Registration,
+) -> Result<tokio::task::JoinHandle<()>> {
+    heartbeat_once(meta, reg).await?;
+    let meta = meta.clone();
+    let reg = reg.clone();
+    Ok(tokio::spawn(async move {
+        loop {
+            // The lease is kept alive by spawn_keep_alive; this loop only notices its loss.
+            tokio::time::sleep(Duration::from_secs(HEARTBEAT_TTL_SECONDS / 2)).await;
+            let alive = meta
+                .record::<NodeAlive>(
+                    &NodeAlive {
+                        id: reg.id,
+                        ..Default::default()
+                    }
+                    .name(),
+                )
+                .await;
+            if matches!(alive, Ok(None)) {
+                tracing::warn!(node = reg.id, "heartbeat lease lost; registering again");
+                if let Err(e) = heartbeat_once(&meta, &reg).await {
+                    tracing::warn!(node = reg.id, error = %e, "re-registration failed");
+                }
+            }
+        }
+    }))
+}
+
+async fn heartbeat_once(meta: &MetaClient, reg: &Registration) -> Result<()> {
+    let lease = meta.lease_grant(HEARTBEAT_TTL_SECONDS).await?.id;
+    let node = Node {
+        schema_version: 0,
+        id: reg.id,
+        role: NodeRole::Block as i32,
+        domain: Some(FailureDomain {
+            site: reg.site.clone(),
+            rack: reg.rack.clone(),
+            host: reg.host.clone(),
+        }),
+        address: reg.address.clone(),
+        capacity_bytes: reg.capacity_bytes,
+        lease_id: lease,
+        declared_down: false,
+        missing_since_unix_ms: 0,
+    };
+    meta.put_record(&node).await?;
+    let alive = NodeAlive {
+        schema_version: 0,
+        id: reg.id,
+        started_unix_ms: now_ms(),
+    };
+    let key = layout::key::<NodeAlive>(&alive.name());
+    let mut value = alive.clone();
+    value.set_schema_version(layout::SCHEMA_VERSION);
+    meta.put_with(continuum_proto::meta::PutRequest {
+        key: key.into_bytes(),
+        value: prost::Message::encode_to_vec(&value),
+        lease,
+        ..Default::default()
+    })
+    .await?;
+    meta.spawn_keep_alive(lease, HEARTBEAT_TTL_SECONDS);
+    Ok(())
+}
+
+/// The block servers in the cluster map, as volume clients see them.
+pub async fn cluster_map(meta: &MetaClient) -> Result<Vec<ServerInfo>> {
+    Ok(meta
+        .records::<Node>()
+        .await?
+        .into_iter()
+        .map(|v| v.record)
+        .filter(|n| n.role == NodeRole::Block as i32)
+        .map(|n| {
+            let d = n.domain.unwrap_or_default();
+            ServerInfo {
+                id: n.id,
+                addr: n.address,
+                site: d.site,
+                rack: d.rack,
+                host: d.host,
+                weight: (n.capacity_bytes as f64 / (1u64 << 30) as f64).max(0.01),
+                up: !n.declared_down,
+            }
+        })
+        .collect())
+}
+
+/// Ids of the block servers whose heartbeat is present.
+pub async fn alive_nodes(meta: &MetaClient) -> Result<Vec<u64>> {
+    Ok(meta
+        .records::<NodeAlive>()
+        .await?
+        .into_iter()
+        .map(|v| v.record.id)
+        .collect())
+}
+
+/// One pass of failure detection: a block server whose heartbeat has been missing for longer
+/// than `grace` is declared down (its shards move); one that is back is cleared. Safe to run
+/// from several places at once (every change is a compare-and-swap). Returns the servers
+/// declared down by this pass.
+pub async fn declare_down_pass(meta: &MetaClient, grace: Duration) -> Result<Vec<u64>> {
+    let alive = alive_nodes(meta).await?;
+    let now = now_ms();
+    let mut declared = Vec::new();
+    for v in meta.records::<Node>().await? {
+        let mut n = v.record.clone();
+        if n.role != NodeRole::Block as i32 {
+            continue;
+        }
+        let is_alive = alive.contains(&n.id);
+        let changed = if is_alive {
+            let was = n.missing_since_unix_ms != 0;
+            n.missing_since_unix_ms = 0;
+            was
+        } else if n.missing_since_unix_ms == 0 {
+            n.missing_since_unix_ms = now.max(1);
+            true
+        } else if !n.declared_down
+            && now.saturating_sub(n.missing_since_unix_ms) >= grace.as_millis() as u64
+        {
+            n.declared_down = true;
+            declared.push(n.id);
+            true
+        } else {
+            false
+        };
+        if changed {
+            match meta.swap_record(&n, v.mod_revision, 0).await {
+                Ok(_) | Err(MetaError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    for id in &declared {
+        tracing::warn!(
+            node = id,
+            "block server declared down; its shards move to others"
+        );
+    }
+    Ok(declared)
+}
+
+/// Parses an EC profile `K+M`.
+pub fn parse_profile(s: &str) -> Result<Profile> {
+    let bad = || ClusterError::InvalidVolume {
+        reason: format!("profile {s:?} is not K+M (e.g. 4+2, 2+1, 1+2)"),
+    };
+    let (k, m) = s.split_once('+').ok_or_else(bad)?;
+    let k: usize = k.trim().parse().map_err(|_| bad())?;
+    let m: usize = m.trim().parse().map_err(|_| bad())?;
+    Profile::new(k, m).map_err(|e| ClusterError::InvalidVolume {
+        reason: e.to_string(),
+    })
+}
+
+/// The volume client's spec of a volume record.
+pub fn spec_of(v: &VolumeRecord) -> Result<VolumeSpec> {
+    let p = v.profile.clone().unwrap_or_default();
+    let profile = Profile::new(p.data_shards as usize, p.parity_shards as usize).map_err(|e| {
+        ClusterError::InvalidVolume {
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(VolumeSpec {
+        id: v.id,
+        size_bytes: v.size_bytes,
+        profile,
+        unit: if v.unit_bytes == 0 {
+            DEFAULT_UNIT_BYTES
+        } else {
+            v.unit_bytes
+        },
+        pg_count: if v.pg_count == 0 {
+            DEFAULT_PG_COUNT
+        } else {
+            v.pg_count
+        },
+        level: DomainLevel::Host,
+    })
+}
+
+fn check_size(size: u64) -> Result<()> {
+    if size == 0 || !size.is_multiple_of(4096) || size > MAX_VOLUME_BYTES {
+        return Err(ClusterError::InvalidVolume {
+            reason: format!("size {size} must be a positive multiple of 4096 up to 1 PiB"),
+        });
+    }
+    Ok(())
+}
+
+/// Creates a volume record with a fresh id (thin: no space is used until written).
+pub async fn create_volume(
+    meta: &MetaClient,
+    name: &str,
+    size_bytes: u64,
+    profile: Profile,
+    unit_bytes: u32,
+) -> Result<VolumeRecord> {
+    if name.is_empty() || name.contains('/') || name.len() > 200 {
+        return Err(ClusterError::InvalidVolume {
+            reason: "a volume name is 1-200 characters without '/'".into(),
+        });
+    }
+    check_size(size_bytes)?;
+    Layout::new(profile, unit_bytes).map_err(|e| ClusterError::InvalidVolume {
+        reason: e.to_string(),
+    })?;
+    if meta.record::<VolumeRecord>(name).await?.is_some() {
+        return Err(ClusterError::VolumeExists { name: name.into() });
+    }
+    let id = next_volume_id(meta).await?;
+    let v = VolumeRecord {
+        schema_version: 0,
+        id,
+        name: name.into(),
+        size_bytes,
+        profile: Some(ErasureProfile {
+            data_shards: profile.data as u32,
+            parity_shards: profile.parity as u32,
+        }),
+        epoch: 0,
+        created_unix_ms: now_ms(),
+        unit_bytes,
+        pg_count: DEFAULT_PG_COUNT,
+    };
+    match meta.create_record(&v).await {
+        Ok(_) => Ok(v),
+        Err(MetaError::AlreadyExists { .. }) => {
+            Err(ClusterError::VolumeExists { name: name.into() })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Allocates a volume id (a counter in meta, advanced by compare-and-swap).
+async fn next_volume_id(meta: &MetaClient) -> Result<u64> {
+    use continuum_meta_client::{cmp, op};
+    use continuum_proto::meta::TxnRequest;
+    for _ in 0..32 {
+        let cur = meta.get(VOLUME_ID_COUNTER.as_bytes().to_vec()).await?;
+        let (n, guard) = match &cur {
+            Some(kv) => {
+                let n = std::str::from_utf8(&kv.value)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0);
+                (
+                    n,
+                    cmp::mod_revision_eq(VOLUME_ID_COUNTER.as_bytes(), kv.mod_revision),
+                )
+            }
+            None => (0, cmp::absent(VOLUME_ID_COUNTER.as_bytes())),
+        };
+        let next = n + 1;
+        let r = meta
+            .txn(TxnRequest {
+                compare: vec![guard],
+                success: vec![op::put(
+                    VOLUME_ID_COUNTER.as_bytes(),
+                    next.to_string().into_bytes(),
+                    0,
+                )],
+                failure: vec![],
+            })
+            .await?;
+        if r.succeeded {
+            return Ok(next);
+        }
+    }
+    Err(ClusterError::Conflict {
+        name: "volume id counter".into(),
+    })
+}
+
+/// Grows a volume (shrinking is refused: it would drop data a guest may use).
+pub async fn resize_volume(meta: &MetaClient, name: &str, size_bytes: u64) -> Result<VolumeRecord> {
+    check_size(size_bytes)?;
+    let Some(v) = meta.record::<VolumeRecord>(name).await? else {
+        return Err(ClusterError::VolumeNotFound { name: name.into() });
+    };
+    if size_bytes < v.record.size_bytes {
+        return Err(ClusterError::Shrink {
+            name: name.into(),
+            size: v.record.size_bytes,
+            requested: size_bytes,
+        });
+    }
+    let mut r = v.record.clone();
+    r.size_bytes = size_bytes;
+    match meta.swap_record(&r, v.mod_revision, 0).await {
+        Ok(_) => Ok(r),
+        Err(MetaError::Conflict { .. }) => Err(ClusterError::Conflict { name: name.into() }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes a volume: takes its writer lease (fencing any writer), deletes its shards on every
+/// block server, then its records. Returns how many servers could not be reached (their
+/// shards of the volume are orphans a later delete pass removes).
+pub async fn delete_volume(meta: &MetaClient, name: &str, timeout: Duration) -> Result<usize> {
+    use continuum_proto::records_pb::WriterLease;
+    let Some(v) = meta.record::<VolumeRecord>(name).await? else {
+        return Err(ClusterError::VolumeNotFound { name: name.into() });
+    };
+    let lease = match meta.acquire_writer_lease(name, "admin/delete", 30).await {
+        Ok(l) => l,
+        Err(MetaError::Conflict { .. }) => {
+            return Err(ClusterError::InvalidVolume {
+                reason: format!(
+                    "volume {name} is attached (a writer holds its lease); detach it first"
+                ),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut unreachable = 0;
+    for s in cluster_map(meta).await? {
+        let c = crate::client::BlockClient::new(s.addr.clone(), timeout);
+        if let Err(e) = c.delete_volume(v.record.id, lease.epoch).await {
+            tracing::warn!(volume = name, server = s.id, error = %e, "cannot delete shards");
+            unreachable += 1;
+        }
+    }
+    meta.delete_record::<WriterLease>(&lease.name()).await?;
+    let _ = meta.lease_revoke(lease.lease_id).await;
+    meta.delete_record::<VolumeRecord>(name).await?;
+    Ok(unreachable)
+}

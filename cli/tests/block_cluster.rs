@@ -1,0 +1,244 @@
+//! The block store as processes: a meta member, `continuum block` servers registering with a
+//! heartbeat, volumes created with the CLI, a server killed with SIGKILL (degraded I/O goes
+//! on), declared down after its grace period, and `continuum volume repair` restoring full
+//! redundancy; then two more servers are killed and every byte still reads back.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use continuum_blockstore::cluster;
+use continuum_blockstore::volume::Volume;
+use continuum_proto::records_pb::Volume as VolumeRecord;
+
+struct Blocks {
+    dir: tempfile::TempDir,
+    ports: Vec<u16>,
+    children: Vec<Option<Child>>,
+    meta: String,
+}
+
+impl Blocks {
+    fn start(n: usize, meta: &str) -> Blocks {
+        let mut b = Blocks {
+            dir: tempfile::tempdir().unwrap(),
+            ports: (0..n).map(|_| common::free_port()).collect(),
+            children: Vec::new(),
+            meta: meta.to_string(),
+        };
+        for i in 0..n {
+            let c = b.spawn(i);
+            b.children.push(Some(c));
+        }
+        b
+    }
+
+    fn spawn(&self, i: usize) -> Child {
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("block-{}.log", i + 1))).unwrap();
+        Command::new(common::bin())
+            .args([
+                "block",
+                &format!("--id={}", i + 1),
+                &format!("--listen=127.0.0.1:{}", self.ports[i]),
+                &format!("--meta={}", self.meta),
+                &format!("--host=h{}", i + 1),
+                "--capacity=1G",
+                "--failure-check-seconds=1",
+                "--down-grace-seconds=2",
+            ])
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join(format!("block-{}", i + 1)).display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    /// SIGKILL: nothing is flushed.
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Blocks {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+    }
+}
+
+fn cli(meta: &str, args: &[&str]) -> String {
+    let out = Command::new(common::bin())
+        .args(args)
+        .args(["--endpoints", meta])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "continuum {args:?} failed: {text}");
+    text
+}
+
+fn cli_fails(meta: &str, args: &[&str]) -> String {
+    let out = Command::new(common::bin())
+        .args(args)
+        .args(["--endpoints", meta])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "continuum {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_servers_register_lose_one_and_repair_through_the_cli() {
+    let meta_cluster = common::Cluster::start(1, &[]);
+    meta_cluster.wait_leader(Duration::from_secs(20)).await;
+    let meta_ep = meta_cluster.endpoints().join(",");
+    let meta = meta_cluster.client();
+    let mut blocks = Blocks::start(7, &meta_ep);
+    let registered = common::wait_for(Duration::from_secs(30), || async {
+        let n = cluster::alive_nodes(&meta).await.ok()?.len();
+        (n == 7).then_some(())
+    })
+    .await;
+    assert!(registered.is_some(), "7 block servers register");
+    let nodes = cli(&meta_ep, &["node", "list"]);
+    assert_eq!(nodes.matches(" up").count(), 7, "{nodes}");
+
+    // Volumes through the CLI; bad input is refused clearly.
+    let created = cli(
+        &meta_ep,
+        &[
+            "volume", "create", "disk-1", "--size", "4M", "--unit", "16K",
+        ],
+    );
+    assert!(created.contains("EC 4+2"), "{created}");
+    assert!(
+        cli_fails(&meta_ep, &["volume", "create", "disk-1", "--size", "4M"])
+            .contains("already exists")
+    );
+    assert!(
+        cli_fails(&meta_ep, &["volume", "create", "bad", "--size", "1000"])
+            .contains("multiple of 4096")
+    );
+    assert!(cli_fails(
+        &meta_ep,
+        &[
+            "volume",
+            "create",
+            "bad",
+            "--size",
+            "4M",
+            "--profile",
+            "4-2"
+        ]
+    )
+    .contains("K+M"));
+    cli(&meta_ep, &["volume", "resize", "disk-1", "--size", "8M"]);
+    assert!(
+        cli_fails(&meta_ep, &["volume", "resize", "disk-1", "--size", "4M"]).contains("shrinking")
+    );
+    let list = cli(&meta_ep, &["volume", "list"]);
+    assert!(list.contains("disk-1") && list.contains("8.0M"), "{list}");
+
+    // A writer (as the gateway will be): take the lease, write, let it go.
+    let size = 8 << 20;
+    let model = pattern(3, size);
+    {
+        let lease = meta
+            .acquire_writer_lease("disk-1", "test/1", 30)
+            .await
+            .unwrap();
+        let rec = meta
+            .record::<VolumeRecord>("disk-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .record;
+        let spec = cluster::spec_of(&rec).unwrap();
+        let servers = cluster::cluster_map(&meta).await.unwrap();
+        let vol = Volume::open(spec, lease.epoch, &servers, Duration::from_secs(3))
+            .await
+            .unwrap();
+        vol.write(0, Bytes::from(model.clone()), false)
+            .await
+            .unwrap();
+        vol.flush().await.unwrap();
+        // kill -9 one server: I/O goes on, degraded.
+        blocks.kill(2);
+        let got = vol.read(0, size as u64).await.unwrap();
+        assert!(got[..] == model[..], "degraded read");
+        meta.lease_revoke(lease.lease_id).await.unwrap();
+    }
+    // Declared down after the grace period (its heartbeat lease expires first).
+    let down = common::wait_for(Duration::from_secs(40), || async {
+        let map = cluster::cluster_map(&meta).await.ok()?;
+        map.iter().find(|s| s.id == 3 && !s.up).map(|_| ())
+    })
+    .await;
+    assert!(down.is_some(), "server 3 declared down");
+    assert!(cli(&meta_ep, &["node", "list"]).contains("down (shards moved)"));
+
+    // Repair through the CLI: shards of server 3 are rebuilt on the other six.
+    let repaired = cli(&meta_ep, &["volume", "repair", "disk-1"]);
+    assert!(repaired.contains("shards rebuilt"), "{repaired}");
+    assert!(!repaired.contains(" 0 shards rebuilt"), "{repaired}");
+    assert!(repaired.contains(" 0 deferred"), "{repaired}");
+    let scrubbed = cli(&meta_ep, &["volume", "scrub", "disk-1"]);
+    assert!(
+        scrubbed.contains("0 checksum errors, 0 parity mismatches"),
+        "{scrubbed}"
+    );
+
+    // Full redundancy again: two more servers killed, every byte reads back.
+    blocks.kill(0);
+    blocks.kill(5);
+    let lease = meta
+        .acquire_writer_lease("disk-1", "test/2", 30)
+        .await
+        .unwrap();
+    let rec = meta
+        .record::<VolumeRecord>("disk-1")
+        .await
+        .unwrap()
+        .unwrap()
+        .record;
+    let spec = cluster::spec_of(&rec).unwrap();
+    let servers = cluster::cluster_map(&meta).await.unwrap();
+    let vol = Volume::open(spec, lease.epoch, &servers, Duration::from_secs(3))
+        .await
+        .unwrap();
+    let got = vol.read(0, size as u64).await.unwrap();
+    assert!(
+        got[..] == model[..],
+        "all data after losing 3 servers (one repaired away)"
+    );
+    drop(vol);
+    meta.lease_revoke(lease.lease_id).await.unwrap();
+
+    // Deleting frees the volume (the unreachable servers keep orphans, reported).
+    let deleted = cli(&meta_ep, &["volume", "delete", "disk-1"]);
+    assert!(deleted.contains("deleted"), "{deleted}");
+    assert!(!cli(&meta_ep, &["volume", "list"]).contains("disk-1"));
+}
