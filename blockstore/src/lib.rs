@@ -20,6 +20,7 @@ pub mod client;
 pub mod cluster;
 pub mod device;
 pub mod ec;
+pub mod fuzzing;
 pub mod index;
 pub mod layout;
 pub mod placement;
