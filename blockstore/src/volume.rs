@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
+use futures::StreamExt;
 
 use crate::checksum::{self, BLOCK_BYTES};
 use crate::client::{BlockClient, ShardError};
@@ -46,6 +47,8 @@ use crate::store::{ObjectInfo, ObjectKey, Version, WriteMode, WriteReq};
 pub const MAX_CACHED_STRIPES: usize = 64 * 1024;
 /// Stabilizations piggybacked on one shard write.
 const MAX_PIGGYBACK: usize = 64;
+/// Stripes a repair pass rebuilds at once.
+const MAX_REPAIR_PARALLEL: usize = 16;
 /// Stale stripes the background task rebuilds per round (every 500 ms).
 const HEAL_PER_ROUND: usize = 64;
 /// How long an unreachable server is skipped before it is tried again.
@@ -1338,7 +1341,12 @@ impl Volume {
         }
         // Whatever is still behind (the rolled-forward positions among them) is rebuilt, and
         // so are shards the cached view knows to be corrupt (right version, bad bytes).
-        let infos = self.learn(stripe, &servers).await?;
+        let settled = d.rollback.is_empty() && d.stabilize.is_empty() && d.roll_forward.is_none();
+        let infos = if settled {
+            infos
+        } else {
+            self.learn(stripe, &servers).await?
+        };
         let mut view = reconcile::assess(self.spec.profile, &infos);
         self.mark_corrupt(stripe, &mut view);
         let n = self.rebuild_stale(stripe, &servers, &mut view).await?;
@@ -1401,7 +1409,9 @@ impl Volume {
                 offset: 0,
                 length: unit,
                 crcs: checksum::compute(&content),
-                fua: true,
+                // Made durable by the flush that ends a repair pass (or the writer's next
+                // flush); until then a power loss only makes the stripe degraded again.
+                fua: false,
                 write_set: 0,
                 data_base: vec![],
                 data_after: if p >= k {
@@ -1412,10 +1422,17 @@ impl Volume {
                 return_old: false,
             };
             let c = self.client(servers[p])?;
-            match c.write(&req, content, &[]).await {
+            let piggy = self.take_piggyback(servers[p]);
+            self.dirty.lock().expect("poisoned").insert(servers[p]);
+            match c.write(&req, content, &piggy).await {
                 Ok(_) => {
-                    // An install is durable (fua) and complete: stabilize it at once.
-                    let _ = c.stabilize(self.epoch, &[(req.object, req.version)]).await;
+                    // An install is complete as soon as it lands: stabilize it.
+                    self.to_stabilize
+                        .lock()
+                        .expect("poisoned")
+                        .entry(servers[p])
+                        .or_default()
+                        .push((req.object, req.version));
                     view.set_stale(p, false);
                     self.corrupt.lock().expect("poisoned").remove(&(stripe, p));
                     rebuilt += 1;
@@ -1425,6 +1442,12 @@ impl Volume {
                         .fetch_add(u64::from(unit), Ordering::Relaxed);
                 }
                 Err(e) => {
+                    self.to_stabilize
+                        .lock()
+                        .expect("poisoned")
+                        .entry(servers[p])
+                        .or_default()
+                        .extend(piggy);
                     tracing::info!(volume = self.spec.id, stripe, pos = p, error = %e, "rebuild install failed");
                     self.note_error(servers[p], &e)?
                 }
@@ -1453,8 +1476,13 @@ impl Volume {
         self.stats.pass_stripes_done.store(0, Ordering::Relaxed);
         let mut pace = Pace::new(bytes_per_sec);
         let mut report = PassReport::default();
-        for stripe in stripes {
-            match self.repair_stripe(stripe).await {
+        // Stripes are repaired MAX_REPAIR_PARALLEL at a time: they live on different servers
+        // (placement groups), so the rebuild reads from many and writes to many at once.
+        let mut results = futures::stream::iter(stripes)
+            .map(|stripe| self.repair_stripe(stripe))
+            .buffer_unordered(MAX_REPAIR_PARALLEL);
+        while let Some(r) = results.next().await {
+            match r {
                 Ok(n) => {
                     report.shards_rebuilt += n as u64;
                     pace.account(n as u64 * u64::from(self.spec.unit)).await;
@@ -1465,6 +1493,10 @@ impl Volume {
             report.stripes += 1;
             self.stats.pass_stripes_done.fetch_add(1, Ordering::Relaxed);
         }
+        drop(results);
+        // The rebuilt shards are durable (and stable) when the pass reports.
+        self.send_stabilizations().await;
+        self.flush().await?;
         Ok(report)
     }
 
