@@ -1303,8 +1303,23 @@ impl Volume {
     /// Reconciles a stripe's unstable versions, then rebuilds its stale positions (the caller
     /// holds the stripe lock).
     async fn settle_stripe(&self, stripe: u64) -> Result<usize> {
+        self.settle_stripe_with(stripe, None).await
+    }
+
+    /// [`Volume::settle_stripe`] starting from infos listed earlier in a pass (`listed`),
+    /// used only if this writer has not touched the stripe since (it is not in the cache), so
+    /// they are still current (the caller holds the stripe lock).
+    async fn settle_stripe_with(
+        &self,
+        stripe: u64,
+        listed: Option<Vec<Option<ObjectInfo>>>,
+    ) -> Result<usize> {
         let servers = self.placement(stripe)?;
-        let infos = self.learn(stripe, &servers).await?;
+        let cached = self.views.lock().expect("poisoned").contains_key(&stripe);
+        let infos = match listed {
+            Some(infos) if !cached => infos,
+            _ => self.learn(stripe, &servers).await?,
+        };
         let d = reconcile::reconcile(
             self.spec.profile,
             &infos,
@@ -1469,17 +1484,42 @@ impl Volume {
     /// moved its shards, or to catch a returning server up), at most `bytes_per_sec` of
     /// rebuilt data (0: unthrottled). Progress is in [`VolumeStats`].
     pub async fn repair_all(&self, bytes_per_sec: u64) -> Result<PassReport> {
-        let stripes = self.stripes_in_use().await?;
+        // One listing per server tells every stripe's state; stripes that are whole and
+        // stable are skipped without a round trip.
+        let listing = self.list_all().await?;
         self.stats
             .pass_stripes_total
-            .store(stripes.len() as u64, Ordering::Relaxed);
+            .store(listing.stripes.len() as u64, Ordering::Relaxed);
         self.stats.pass_stripes_done.store(0, Ordering::Relaxed);
         let mut pace = Pace::new(bytes_per_sec);
         let mut report = PassReport::default();
+        let mut todo = Vec::new();
+        for &stripe in listing.stripes.keys() {
+            let infos = self.listed_infos(&listing, stripe)?;
+            let view = reconcile::assess(self.spec.profile, &infos);
+            let unstable = infos.iter().flatten().any(|i| !i.unstable.is_empty());
+            let corrupt = self
+                .corrupt
+                .lock()
+                .expect("poisoned")
+                .range((stripe, 0)..(stripe + 1, 0))
+                .next()
+                .is_some();
+            if view.stale == 0 && !unstable && !corrupt {
+                report.stripes += 1;
+                self.stats.pass_stripes_done.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            todo.push((stripe, infos));
+        }
         // Stripes are repaired MAX_REPAIR_PARALLEL at a time: they live on different servers
         // (placement groups), so the rebuild reads from many and writes to many at once.
-        let mut results = futures::stream::iter(stripes)
-            .map(|stripe| self.repair_stripe(stripe))
+        let mut results = futures::stream::iter(todo)
+            .map(|(stripe, infos)| async move {
+                self.check()?;
+                let _g = self.lock_stripe(stripe).await;
+                self.settle_stripe_with(stripe, Some(infos)).await
+            })
             .buffer_unordered(MAX_REPAIR_PARALLEL);
         while let Some(r) = results.next().await {
             match r {
@@ -1619,6 +1659,11 @@ impl Volume {
 
     /// Stripes that have at least one object on some reachable server.
     pub async fn stripes_in_use(&self) -> Result<BTreeSet<u64>> {
+        Ok(self.list_all().await?.stripes.into_keys().collect())
+    }
+
+    /// Every object of the volume on every reachable server of the map (metadata only).
+    async fn list_all(&self) -> Result<Listing> {
         let servers: Vec<(u64, BlockClient)> = {
             let c = self.cluster.lock().expect("poisoned");
             c.servers
@@ -1627,28 +1672,74 @@ impl Volume {
                 .filter_map(|s| c.clients.get(&s.id).map(|cl| (s.id, cl.clone())))
                 .collect()
         };
-        let mut stripes = BTreeSet::new();
+        let mut listing = Listing::default();
         for (id, c) in &servers {
             if !self.reachable(*id) {
+                listing.failed.insert(*id);
                 continue;
             }
             let mut after = None;
             loop {
                 match c.list(self.spec.id, after, 4096, false).await {
                     Ok((page, more)) => {
-                        stripes.extend(page.iter().map(|i| i.object.stripe));
                         after = page.last().map(|i| i.object);
+                        for info in page {
+                            listing
+                                .stripes
+                                .entry(info.object.stripe)
+                                .or_default()
+                                .push((*id, info));
+                        }
                         if !more {
                             break;
                         }
                     }
                     Err(e) => {
                         self.note_error(*id, &e)?;
+                        listing.failed.insert(*id);
                         break;
                     }
                 }
             }
         }
-        Ok(stripes)
+        Ok(listing)
     }
+
+    /// A stripe's per-position infos from a listing: what the server placement names for each
+    /// position listed for it (absent = `Version::NONE`); `None` where that server did not
+    /// answer.
+    fn listed_infos(&self, listing: &Listing, stripe: u64) -> Result<Vec<Option<ObjectInfo>>> {
+        let servers = self.placement(stripe)?;
+        let listed = listing.stripes.get(&stripe);
+        Ok(servers
+            .iter()
+            .enumerate()
+            .map(|(pos, srv)| {
+                if listing.failed.contains(srv) || !self.reachable(*srv) {
+                    return None;
+                }
+                let found = listed
+                    .and_then(|l| {
+                        l.iter()
+                            .find(|(s, i)| s == srv && i.object.shard as usize == pos)
+                    })
+                    .map(|(_, i)| i.clone());
+                Some(found.unwrap_or(ObjectInfo {
+                    object: self.object(stripe, pos),
+                    version: Version::NONE,
+                    unstable: Vec::new(),
+                    data_versions: Vec::new(),
+                    length: 0,
+                }))
+            })
+            .collect())
+    }
+}
+
+/// What a pass's listing found: per stripe the (server, object info) pairs, and the servers
+/// that did not answer.
+#[derive(Default)]
+struct Listing {
+    stripes: std::collections::BTreeMap<u64, Vec<(u64, ObjectInfo)>>,
+    failed: BTreeSet<u64>,
 }
