@@ -58,6 +58,8 @@ pub const MAX_UNSTABLE_VERSIONS: usize = 256;
 const APPLY_STABLE_AT: usize = 32;
 
 const BLOCK: u64 = BLOCK_BYTES as u64;
+/// Freed runs at least this long (in blocks) are punched out of the data file.
+pub const DISCARD_MIN_BLOCKS: u64 = 16;
 
 /// A shard write's version: (writer epoch, sequence within the epoch), ordered as a pair.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -637,7 +639,13 @@ impl<D: Device, I: Index> Store<D, I> {
         // would lose the new data to the hole punch.
         let freed = self.alloc.borrow_mut().take_deferred();
         let mut result = Ok(());
-        for r in runs_of(&freed) {
+        // Short runs (overwrites) are reused soon; punching them out costs a synchronous
+        // discard in the filesystem for nothing. Long runs (TRIM, deleted volumes) give the
+        // space back to the host.
+        for r in runs_of(&freed)
+            .into_iter()
+            .filter(|r| r.len >= DISCARD_MIN_BLOCKS)
+        {
             if let Err(e) = self.device.discard(r.start * BLOCK, r.len * BLOCK).await {
                 result = Err(e);
                 break;

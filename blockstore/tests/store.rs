@@ -109,27 +109,34 @@ fn writes_read_back_and_rollback_restores_each_version() {
 fn stabilize_releases_replaced_blocks_only_after_a_flush() {
     let (s, dev, _) = store(64);
     let o = obj(2, 1);
-    let a = fill(1, 4);
+    let a = fill(1, 16);
     block_on(s.write(&req(o, v(1, 1), Version::NONE, 0, &a), a.clone())).unwrap();
-    let b = fill(2, 4);
+    let b = fill(2, 16);
     block_on(s.write(&req(o, v(1, 2), v(1, 1), 0, &b), b.clone())).unwrap();
-    assert_eq!(s.used_bytes(), 9 * K as u64);
+    assert_eq!(s.used_bytes(), 33 * K as u64);
     block_on(s.stabilize(1, &[(o, v(1, 1))])).unwrap();
     // 1.1's undo (nothing: it replaced zeros) is gone; 1.2 still holds a's blocks.
-    assert_eq!(s.used_bytes(), 9 * K as u64);
+    assert_eq!(s.used_bytes(), 33 * K as u64);
     block_on(s.stabilize(1, &[(o, v(1, 2))])).unwrap();
     // Applied only once the data is durable, at the next flush.
     assert_eq!(s.stat(&[o]).unwrap()[0].unstable.len(), 2);
-    assert_eq!(s.used_bytes(), 9 * K as u64);
+    assert_eq!(s.used_bytes(), 33 * K as u64);
     block_on(s.flush()).unwrap();
     assert!(s.stat(&[o]).unwrap()[0].unstable.is_empty());
-    assert_eq!(s.used_bytes(), 5 * K as u64);
+    assert_eq!(s.used_bytes(), 17 * K as u64);
     assert_eq!(
         dev.blocks_in_use(),
-        4,
-        "freed space is discarded on the device"
+        16,
+        "a freed 64 KiB run is discarded on the device"
     );
-    assert_eq!(read(&s, o, 0, 4 * K as u32).1, b.to_vec());
+    assert_eq!(read(&s, o, 0, 16 * K as u32).1, b.to_vec());
+    // A single overwritten block is freed for reuse but not punched out.
+    let c = fill(3, 1);
+    block_on(s.write(&req(o, v(1, 3), v(1, 2), 0, &c), c.clone())).unwrap();
+    block_on(s.stabilize(1, &[(o, v(1, 3))])).unwrap();
+    block_on(s.flush()).unwrap();
+    assert_eq!(s.used_bytes(), 17 * K as u64);
+    assert_eq!(dev.blocks_in_use(), 17);
 }
 
 #[test]
