@@ -391,6 +391,8 @@ pub struct Store<D: Device, I: Index> {
     locks: RefCell<HashMap<ObjectKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Index writes since the last sync (a flush is due when non-zero).
     unsynced: Cell<u64>,
+    /// Highest epoch per volume, as in the index (read once, updated after each write of it).
+    epochs: RefCell<HashMap<u64, u64>>,
     /// Stabilizations waiting for a device sync: object → highest version to stabilize.
     pending_stable: RefCell<HashMap<ObjectKey, Version>>,
     pub stats: Stats,
@@ -486,6 +488,7 @@ impl<D: Device, I: Index> Store<D, I> {
             locks: RefCell::default(),
             unsynced: Cell::new(0),
             pending_stable: RefCell::default(),
+            epochs: RefCell::default(),
             stats: Stats::default(),
         })
     }
@@ -525,8 +528,11 @@ impl<D: Device, I: Index> Store<D, I> {
     }
 
     fn highest_epoch(&self, volume: u64) -> Result<u64> {
+        if let Some(e) = self.epochs.borrow().get(&volume) {
+            return Ok(*e);
+        }
         let key = epoch_key(volume);
-        Ok(match self.index.get(&key)? {
+        let e = match self.index.get(&key)? {
             Some(v) if v.len() == 8 => u64::from_be_bytes(v[..8].try_into().unwrap_or_default()),
             Some(_) => {
                 return Err(StoreError::CorruptRecord {
@@ -535,7 +541,9 @@ impl<D: Device, I: Index> Store<D, I> {
                 })
             }
             None => 0,
-        })
+        };
+        self.epochs.borrow_mut().insert(volume, e);
+        Ok(e)
     }
 
     /// Checks the epoch; returns the index change that records a higher one, if any.
@@ -617,7 +625,25 @@ impl<D: Device, I: Index> Store<D, I> {
         if sync {
             self.device.sync().await?;
         }
+        // Epoch records of the batch, for the in-memory copy once the batch is written.
+        let epochs: Vec<(u64, u64)> = batch
+            .iter()
+            .filter(|(k, _)| k.len() == 9 && k[0] == EPOCH_PREFIX)
+            .filter_map(|(k, v)| {
+                let v = v.as_ref()?;
+                Some((
+                    u64::from_be_bytes(k[1..9].try_into().ok()?),
+                    u64::from_be_bytes(v.get(..8)?.try_into().ok()?),
+                ))
+            })
+            .collect();
         self.index.write(batch, sync)?;
+        {
+            let mut cache = self.epochs.borrow_mut();
+            for (volume, epoch) in epochs {
+                cache.insert(volume, epoch);
+            }
+        }
         {
             let mut a = self.alloc.borrow_mut();
             for b in freed {
