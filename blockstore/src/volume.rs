@@ -1167,14 +1167,7 @@ impl Volume {
     /// previous writer's later writes are refused everywhere (DESIGN.md invariant 1).
     /// Returns the highest epoch the servers had seen before (the previous writer's).
     async fn fence_all(&self) -> Result<u64> {
-        let servers: Vec<(u64, BlockClient)> = {
-            let c = self.cluster.lock().expect("poisoned");
-            c.servers
-                .iter()
-                .filter(|s| s.up)
-                .filter_map(|s| c.clients.get(&s.id).map(|cl| (s.id, cl.clone())))
-                .collect()
-        };
+        let servers = self.up_servers();
         let results = join_all(servers.iter().map(|(id, c)| async move {
             match c.fence(self.spec.id, self.epoch).await {
                 Ok(previous) => Ok(previous),
@@ -1252,33 +1245,8 @@ impl Volume {
 
     /// Reconciles every stripe with unstable versions (see [`crate::reconcile`]).
     async fn reconcile_all(&self) -> Result<()> {
-        let servers: Vec<(u64, BlockClient)> = {
-            let c = self.cluster.lock().expect("poisoned");
-            c.servers
-                .iter()
-                .filter(|s| s.up)
-                .filter_map(|s| c.clients.get(&s.id).map(|cl| (s.id, cl.clone())))
-                .collect()
-        };
-        let mut stripes = BTreeSet::new();
-        for (id, c) in &servers {
-            let mut after = None;
-            loop {
-                match c.list(self.spec.id, after, 1024, true).await {
-                    Ok((page, more)) => {
-                        stripes.extend(page.iter().map(|i| i.object.stripe));
-                        after = page.last().map(|i| i.object);
-                        if !more {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        self.note_error(*id, &e)?;
-                        break;
-                    }
-                }
-            }
-        }
+        let servers = self.up_servers();
+        let stripes: Vec<u64> = self.list_all(true).await?.stripes.into_keys().collect();
         for stripe in stripes {
             self.reconcile_stripe(stripe).await?;
         }
@@ -1486,7 +1454,7 @@ impl Volume {
     pub async fn repair_all(&self, bytes_per_sec: u64) -> Result<PassReport> {
         // One listing per server tells every stripe's state; stripes that are whole and
         // stable are skipped without a round trip.
-        let listing = self.list_all().await?;
+        let listing = self.list_all(false).await?;
         self.stats
             .pass_stripes_total
             .store(listing.stripes.len() as u64, Ordering::Relaxed);
@@ -1659,19 +1627,23 @@ impl Volume {
 
     /// Stripes that have at least one object on some reachable server.
     pub async fn stripes_in_use(&self) -> Result<BTreeSet<u64>> {
-        Ok(self.list_all().await?.stripes.into_keys().collect())
+        Ok(self.list_all(false).await?.stripes.into_keys().collect())
     }
 
-    /// Every object of the volume on every reachable server of the map (metadata only).
-    async fn list_all(&self) -> Result<Listing> {
-        let servers: Vec<(u64, BlockClient)> = {
-            let c = self.cluster.lock().expect("poisoned");
-            c.servers
-                .iter()
-                .filter(|s| s.up)
-                .filter_map(|s| c.clients.get(&s.id).map(|cl| (s.id, cl.clone())))
-                .collect()
-        };
+    /// The servers of the map that are up, with their clients.
+    fn up_servers(&self) -> Vec<(u64, BlockClient)> {
+        let c = self.cluster.lock().expect("poisoned");
+        c.servers
+            .iter()
+            .filter(|s| s.up)
+            .filter_map(|s| c.clients.get(&s.id).map(|cl| (s.id, cl.clone())))
+            .collect()
+    }
+
+    /// Every object of the volume (only those with unstable versions when `unstable_only`) on
+    /// every reachable server of the map (metadata only).
+    async fn list_all(&self, unstable_only: bool) -> Result<Listing> {
+        let servers = self.up_servers();
         let mut listing = Listing::default();
         for (id, c) in &servers {
             if !self.reachable(*id) {
@@ -1680,7 +1652,7 @@ impl Volume {
             }
             let mut after = None;
             loop {
-                match c.list(self.spec.id, after, 4096, false).await {
+                match c.list(self.spec.id, after, 4096, unstable_only).await {
                     Ok((page, more)) => {
                         after = page.last().map(|i| i.object);
                         for info in page {

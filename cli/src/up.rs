@@ -65,6 +65,18 @@ async fn stop_all(daemons: &mut [Daemon]) {
     }
 }
 
+/// Why a daemon that should be starting is gone, if one is.
+fn exited_during_startup(daemons: &mut [Daemon]) -> Option<String> {
+    daemons.iter_mut().find_map(|d| match d.child.try_wait() {
+        Ok(Some(status)) => Some(format!(
+            "{} exited during start-up ({status}); see {}",
+            d.name,
+            d.log.display()
+        )),
+        _ => None,
+    })
+}
+
 fn spawn(exe: &Path, name: &str, args: &[String], log: &Path) -> anyhow::Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
@@ -124,15 +136,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 break s.leader_id;
             }
         }
-        let dead = daemons.iter_mut().find_map(|d| match d.child.try_wait() {
-            Ok(Some(status)) => Some(format!(
-                "{} exited during start-up ({status}); see {}",
-                d.name,
-                d.log.display()
-            )),
-            _ => None,
-        });
-        if let Some(why) = dead {
+        if let Some(why) = exited_during_startup(&mut daemons) {
             stop_all(&mut daemons).await;
             bail!(why);
         }
@@ -173,15 +177,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         if alive.len() as u64 >= blocks {
             break;
         }
-        let dead = daemons.iter_mut().find_map(|d| match d.child.try_wait() {
-            Ok(Some(status)) => Some(format!(
-                "{} exited during start-up ({status}); see {}",
-                d.name,
-                d.log.display()
-            )),
-            _ => None,
-        });
-        if let Some(why) = dead {
+        if let Some(why) = exited_during_startup(&mut daemons) {
             stop_all(&mut daemons).await;
             bail!(why);
         }
