@@ -7,6 +7,28 @@ use std::path::PathBuf;
 use continuum_blockstore::server::{self, BlockServerConfig, RunningServer};
 use continuum_blockstore::volume::ServerInfo;
 
+/// A port that is free now, below the kernel's ephemeral range (32768+), so no outgoing
+/// connection can take it while its server is stopped and before it is restarted there.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        1 + std::process::id() % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN);
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub addrs: Vec<SocketAddr>,
@@ -25,7 +47,8 @@ impl Cluster {
             down: vec![false; n],
         };
         for i in 0..n {
-            let srv = server::start(c.config(i, "127.0.0.1:0".parse().unwrap())).unwrap();
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let srv = server::start(c.config(i, addr)).unwrap();
             c.addrs.push(srv.addr);
             c.running.push(Some(srv));
         }
