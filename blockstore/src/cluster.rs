@@ -407,3 +407,58 @@ pub async fn delete_volume(meta: &MetaClient, name: &str, timeout: Duration) -> 
     meta.delete_record::<VolumeRecord>(name).await?;
     Ok(unreachable)
 }
+
+/// Repairs every detached volume (one with no live writer): takes its writer lease like any
+/// writer, rebuilds what is stale or moved (at most `bytes_per_sec`, 0 = unthrottled), lets
+/// the lease go. Attached volumes are skipped: their writer repairs them. Run after a server is
+/// declared down; several runners never repair one volume at once (the lease is exclusive).
+pub async fn repair_detached(
+    meta: &MetaClient,
+    holder: &str,
+    bytes_per_sec: u64,
+    timeout: Duration,
+) -> Result<Vec<(String, crate::volume::PassReport)>> {
+    let mut done = Vec::new();
+    for v in meta.records::<VolumeRecord>().await? {
+        let name = v.record.name.clone();
+        let lease = match meta.acquire_writer_lease(&name, holder, 30).await {
+            Ok(l) => l,
+            Err(MetaError::Conflict { .. }) | Err(MetaError::NotFound { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let keep = meta.spawn_keep_alive(lease.lease_id, 30);
+        let result = async {
+            let Some(rec) = meta.record::<VolumeRecord>(&name).await? else {
+                return Ok(None);
+            };
+            let spec = spec_of(&rec.record)?;
+            let servers = cluster_map(meta).await?;
+            let vol = crate::volume::Volume::open(spec, lease.epoch, &servers, timeout)
+                .await
+                .map_err(|e| ClusterError::InvalidVolume {
+                    reason: format!("opening {name} for repair: {e}"),
+                })?;
+            let report =
+                vol.repair_all(bytes_per_sec)
+                    .await
+                    .map_err(|e| ClusterError::InvalidVolume {
+                        reason: format!("repairing {name}: {e}"),
+                    })?;
+            Ok::<_, ClusterError>(Some(report))
+        }
+        .await;
+        keep.abort();
+        let _ = meta.lease_revoke(lease.lease_id).await;
+        match result {
+            Ok(Some(report)) => {
+                tracing::info!(volume = name, ?report, "repaired detached volume");
+                done.push((name, report));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(volume = name, error = %e, "repair failed; retried at the next failure")
+            }
+        }
+    }
+    Ok(done)
+}

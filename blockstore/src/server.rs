@@ -53,6 +53,7 @@ pub async fn serve<D: Device + 'static, I: Index + 'static>(
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
+                store.refresh_gauges();
                 if store.flush_due() {
                     if let Err(e) = store.flush().await {
                         // A storage error leaves the node's state unknown: stop (fail-stop).
@@ -360,6 +361,8 @@ pub struct BlockServerConfig {
 #[derive(Debug)]
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// The store's counters (for a metrics endpoint on another thread).
+    pub stats: Arc<crate::store::Stats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<(), String>>>,
 }
@@ -404,7 +407,8 @@ impl Drop for RunningServer {
 pub fn start(cfg: BlockServerConfig) -> Result<RunningServer, String> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| format!("cannot create {}: {e}", cfg.data_dir.display()))?;
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
+    type Ready = Result<(SocketAddr, Arc<crate::store::Stats>), String>;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Ready>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
         .name(format!("block-{}", cfg.node_id))
@@ -419,7 +423,8 @@ pub fn start(cfg: BlockServerConfig) -> Result<RunningServer, String> {
                     }
                 };
                 let addr = listener.local_addr().map_err(|e| e.to_string())?;
-                let _ = ready_tx.send(Ok(addr));
+                store.refresh_gauges();
+                let _ = ready_tx.send(Ok((addr, store.stats.clone())));
                 let serve_cfg = ServeConfig {
                     node_id: cfg.node_id,
                     flush_interval_ms: cfg.flush_interval_ms,
@@ -434,8 +439,9 @@ pub fn start(cfg: BlockServerConfig) -> Result<RunningServer, String> {
         })
         .map_err(|e| format!("cannot start the block server thread: {e}"))?;
     match ready_rx.recv() {
-        Ok(Ok(addr)) => Ok(RunningServer {
+        Ok(Ok((addr, stats))) => Ok(RunningServer {
             addr,
+            stats,
             stop: Some(stop_tx),
             thread: Some(thread),
         }),

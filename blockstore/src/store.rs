@@ -37,6 +37,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -364,23 +365,109 @@ fn epoch_key(volume: u64) -> Vec<u8> {
     k
 }
 
-/// Counters a block server exports as metrics.
+/// Counters a block server exports as metrics (shared with the metrics endpoint's thread).
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub reads: Cell<u64>,
-    pub read_bytes: Cell<u64>,
-    pub writes: Cell<u64>,
-    pub written_bytes: Cell<u64>,
-    pub checksum_errors: Cell<u64>,
-    pub stale_epoch_refusals: Cell<u64>,
-    pub version_mismatches: Cell<u64>,
-    pub stabilized: Cell<u64>,
-    pub rolled_back: Cell<u64>,
-    pub flushes: Cell<u64>,
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub writes: AtomicU64,
+    pub written_bytes: AtomicU64,
+    pub checksum_errors: AtomicU64,
+    pub stale_epoch_refusals: AtomicU64,
+    pub version_mismatches: AtomicU64,
+    pub stabilized: AtomicU64,
+    pub rolled_back: AtomicU64,
+    pub flushes: AtomicU64,
+    /// Gauges, refreshed by [`Store::refresh_gauges`].
+    pub used_bytes: AtomicU64,
+    pub capacity_bytes: AtomicU64,
 }
 
-fn bump(c: &Cell<u64>, by: u64) {
-    c.set(c.get() + by);
+fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
+impl Stats {
+    /// Prometheus text format, labelled with the node id.
+    pub fn render(&self, node: u64) -> String {
+        let rows: [(&str, &str, &str, &AtomicU64); 12] = [
+            ("reads_total", "counter", "Shard reads served", &self.reads),
+            (
+                "read_bytes_total",
+                "counter",
+                "Bytes of shard reads served",
+                &self.read_bytes,
+            ),
+            (
+                "writes_total",
+                "counter",
+                "Shard writes applied",
+                &self.writes,
+            ),
+            (
+                "written_bytes_total",
+                "counter",
+                "Bytes of shard writes applied",
+                &self.written_bytes,
+            ),
+            (
+                "checksum_errors_total",
+                "counter",
+                "Stored blocks that failed their CRC on read",
+                &self.checksum_errors,
+            ),
+            (
+                "stale_epoch_refusals_total",
+                "counter",
+                "Changes refused for a stale writer epoch",
+                &self.stale_epoch_refusals,
+            ),
+            (
+                "version_mismatches_total",
+                "counter",
+                "Writes refused because the version was not the expected one",
+                &self.version_mismatches,
+            ),
+            (
+                "stabilized_total",
+                "counter",
+                "Unstable versions made stable",
+                &self.stabilized,
+            ),
+            (
+                "rolled_back_total",
+                "counter",
+                "Unstable versions undone",
+                &self.rolled_back,
+            ),
+            (
+                "flushes_total",
+                "counter",
+                "Syncs of the data file and index",
+                &self.flushes,
+            ),
+            (
+                "used_bytes",
+                "gauge",
+                "Bytes of the data file in use",
+                &self.used_bytes,
+            ),
+            (
+                "capacity_bytes",
+                "gauge",
+                "Size of the data file",
+                &self.capacity_bytes,
+            ),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, v) in rows {
+            out.push_str(&format!(
+                "# HELP continuum_block_{name} {help}\n# TYPE continuum_block_{name} {kind}\ncontinuum_block_{name}{{node=\"{node}\"}} {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        out
+    }
 }
 
 /// Shard store over a device and an index (see the module doc).
@@ -395,7 +482,7 @@ pub struct Store<D: Device, I: Index> {
     epochs: RefCell<HashMap<u64, u64>>,
     /// Stabilizations waiting for a device sync: object → highest version to stabilize.
     pending_stable: RefCell<HashMap<ObjectKey, Version>>,
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
 }
 
 impl<D: Device, I: Index> std::fmt::Debug for Store<D, I> {
@@ -489,7 +576,7 @@ impl<D: Device, I: Index> Store<D, I> {
             unsynced: Cell::new(0),
             pending_stable: RefCell::default(),
             epochs: RefCell::default(),
-            stats: Stats::default(),
+            stats: Arc::default(),
         })
     }
 
@@ -500,6 +587,16 @@ impl<D: Device, I: Index> Store<D, I> {
     pub fn used_bytes(&self) -> u64 {
         let a = self.alloc.borrow();
         (a.total_blocks() - a.free_blocks()) * BLOCK
+    }
+
+    /// Copies the space gauges into [`Stats`].
+    pub fn refresh_gauges(&self) {
+        self.stats
+            .used_bytes
+            .store(self.used_bytes(), Ordering::Relaxed);
+        self.stats
+            .capacity_bytes
+            .store(self.capacity_bytes(), Ordering::Relaxed);
     }
 
     /// Whether a flush would do anything (unsynced index writes or space waiting to be freed).
@@ -653,7 +750,7 @@ impl<D: Device, I: Index> Store<D, I> {
         if sync {
             self.after_sync().await?;
         } else {
-            bump(&self.unsynced, 1);
+            self.unsynced.set(self.unsynced.get() + 1);
         }
         Ok(())
     }

@@ -175,7 +175,12 @@ fn stale_epochs_are_refused_for_every_change() {
     // Other volumes are not fenced by it.
     let other = ObjectKey { volume: 8, ..o };
     block_on(s.write(&req(other, v(1, 1), Version::NONE, 0, &a), a.clone())).unwrap();
-    assert_eq!(s.stats.stale_epoch_refusals.get(), 4);
+    assert_eq!(
+        s.stats
+            .stale_epoch_refusals
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
     assert_eq!(
         read(&s, o, 0, 4096).1,
         a.to_vec(),
@@ -197,7 +202,12 @@ fn versions_are_compare_and_swap() {
     assert!(matches!(err, StoreError::VersionNotNewer { .. }));
     // A later epoch with any lower seq is newer.
     block_on(s.write(&req(o, v(2, 1), v(1, 5), 0, &a), a.clone())).unwrap();
-    assert_eq!(s.stats.version_mismatches.get(), 2);
+    assert_eq!(
+        s.stats
+            .version_mismatches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
 }
 
 #[test]
@@ -283,7 +293,12 @@ fn bit_rot_is_an_error_never_data() {
     );
     // Untouched blocks still read.
     assert_eq!(read(&s, o, 0, 4096).1, a[..K].to_vec());
-    assert_eq!(s.stats.checksum_errors.get(), 1);
+    assert_eq!(
+        s.stats
+            .checksum_errors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     // A payload corrupted in transit is refused before it is written.
     let mut bad = req(o, v(1, 2), v(1, 1), 0, &a);
     bad.crcs[2] ^= 1;

@@ -88,6 +88,17 @@ pub struct BlockArgs {
     /// How long a block server's heartbeat may be missing before it is declared down.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub down_grace_seconds: u64,
+    /// When this server declares another one down, repair the detached volumes at once
+    /// (attached ones are repaired by their writer).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub auto_repair: bool,
+    /// Most bytes per second an automatic repair rebuilds (0 = unthrottled).
+    #[arg(long, default_value = "0", value_parser = parse_size, value_name = "SIZE")]
+    pub repair_rate: u64,
+    /// Address for Prometheus metrics (`/metrics`: reads, writes, checksum errors, refused
+    /// stale writers, space) and `/health`. [default: off]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 pub async fn run_block(args: BlockArgs) -> anyhow::Result<()> {
@@ -109,6 +120,17 @@ pub async fn run_block(args: BlockArgs) -> anyhow::Result<()> {
         .advertise
         .clone()
         .unwrap_or_else(|| srv.addr.to_string());
+    if let Some(addr) = args.metrics_addr {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        let stats = srv.stats.clone();
+        let node = args.id;
+        tokio::spawn(continuum_meta::metrics::serve_text(
+            listener,
+            move || stats.render(node),
+            || Ok("ok\n"),
+        ));
+    }
     tracing::info!(node = args.id, addr = %srv.addr, data_dir = %args.data_dir.display(), "block server listening");
     let meta = continuum_meta_client::MetaClient::connect(&args.meta)?;
     let reg = Registration {
@@ -137,11 +159,25 @@ pub async fn run_block(args: BlockArgs) -> anyhow::Result<()> {
         let meta = meta.clone();
         let grace = Duration::from_secs(args.down_grace_seconds);
         let every = Duration::from_secs(args.failure_check_seconds);
+        let (auto_repair, rate, holder) = (
+            args.auto_repair,
+            args.repair_rate,
+            format!("block-{}/repair", args.id),
+        );
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                if let Err(e) = cluster::declare_down_pass(&meta, grace).await {
-                    tracing::debug!(error = %e, "failure detection pass failed");
+                match cluster::declare_down_pass(&meta, grace).await {
+                    Ok(declared) if !declared.is_empty() && auto_repair => {
+                        if let Err(e) =
+                            cluster::repair_detached(&meta, &holder, rate, Duration::from_secs(5))
+                                .await
+                        {
+                            tracing::warn!(error = %e, "automatic repair failed");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "failure detection pass failed"),
                 }
             }
         })

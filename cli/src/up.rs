@@ -25,7 +25,7 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(0..=60))]
     pub block_servers: u64,
     /// Ports are BASE+11.. (meta client), BASE+21.. (Raft), BASE+31.. (metrics), BASE+101..
-    /// (block servers).
+    /// (block servers), BASE+201.. (block server metrics).
     #[arg(long, default_value_t = DEFAULT_CLIENT_PORT - 10, value_name = "BASE")]
     pub base_port: u16,
     /// Start, print the summary, and exit leaving nothing running (a smoke test).
@@ -160,6 +160,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             format!("--listen={}", addr(100, i)),
             format!("--meta={}", endpoints.join(",")),
             format!("--host={name}"),
+            format!("--metrics-addr={}", addr(200, i)),
         ];
         let child = spawn(&exe, &name, &a, &log)?;
         daemons.push(Daemon {
@@ -202,9 +203,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     if blocks > 0 {
         println!(
-            "  block servers  {blocks} registered ({} .. {})",
+            "  block servers  {blocks} registered ({} .. {}; metrics http://{}/metrics ..)",
             addr(100, 1),
-            addr(100, blocks)
+            addr(100, blocks),
+            addr(200, 1)
         );
     }
     println!("  data           {}", data_dir.display());

@@ -16,6 +16,7 @@ use continuum_proto::records_pb::Volume as VolumeRecord;
 struct Blocks {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
+    metrics_ports: Vec<u16>,
     children: Vec<Option<Child>>,
     meta: String,
 }
@@ -25,6 +26,7 @@ impl Blocks {
         let mut b = Blocks {
             dir: tempfile::tempdir().unwrap(),
             ports: (0..n).map(|_| common::free_port()).collect(),
+            metrics_ports: (0..n).map(|_| common::free_port()).collect(),
             children: Vec::new(),
             meta: meta.to_string(),
         };
@@ -48,6 +50,7 @@ impl Blocks {
                 "--capacity=1G",
                 "--failure-check-seconds=1",
                 "--down-grace-seconds=2",
+                &format!("--metrics-addr=127.0.0.1:{}", self.metrics_ports[i]),
             ])
             .arg(format!(
                 "--data-dir={}",
@@ -74,6 +77,26 @@ impl Drop for Blocks {
             self.kill(i);
         }
     }
+}
+
+/// `GET /metrics` of block server `i`.
+fn metrics(blocks: &Blocks, i: usize) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", blocks.metrics_ports[i])).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of a metric line that starts with `name{node="N"}`.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing in:\n{text}"))
 }
 
 fn cli(meta: &str, args: &[&str]) -> String {
@@ -185,6 +208,15 @@ async fn block_servers_register_lose_one_and_repair_through_the_cli() {
             .await
             .unwrap();
         vol.flush().await.unwrap();
+        // Every block server took shard writes, and its metrics say so.
+        let m = metrics(&blocks, 1);
+        assert!(metric(&m, "continuum_block_writes_total") > 0, "{m}");
+        assert_eq!(
+            metric(&m, "continuum_block_checksum_errors_total"),
+            0,
+            "{m}"
+        );
+        assert_eq!(metric(&m, "continuum_block_capacity_bytes"), 1 << 30, "{m}");
         // kill -9 one server: I/O goes on, degraded.
         blocks.kill(2);
         let got = vol.read(0, size as u64).await.unwrap();
@@ -200,11 +232,39 @@ async fn block_servers_register_lose_one_and_repair_through_the_cli() {
     assert!(down.is_some(), "server 3 declared down");
     assert!(cli(&meta_ep, &["node", "list"]).contains("down (shards moved)"));
 
-    // Repair through the CLI: shards of server 3 are rebuilt on the other six.
-    let repaired = cli(&meta_ep, &["volume", "repair", "disk-1"]);
-    assert!(repaired.contains("shards rebuilt"), "{repaired}");
-    assert!(!repaired.contains(" 0 shards rebuilt"), "{repaired}");
+    // The server that declared it down repairs the detached volume by itself ...
+    let logs = || -> String {
+        (1..=7)
+            .map(|i| {
+                std::fs::read_to_string(blocks.dir.path().join(format!("block-{i}.log")))
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    let auto = common::wait_for(Duration::from_secs(60), || async {
+        logs().contains("repaired detached volume").then_some(())
+    })
+    .await;
+    assert!(
+        auto.is_some(),
+        "a block server repaired the volume:\n{}",
+        logs()
+    );
+    // ... and once it let the writer lease go, a repair through the CLI finds nothing left.
+    let repaired = common::wait_for(Duration::from_secs(60), || async {
+        let out = Command::new(common::bin())
+            .args(["volume", "repair", "disk-1", "--endpoints", &meta_ep])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .await
+    .expect("the volume is repaired and its lease released");
+    assert!(repaired.contains(" 0 shards rebuilt"), "{repaired}");
     assert!(repaired.contains(" 0 deferred"), "{repaired}");
+
     let scrubbed = cli(&meta_ep, &["volume", "scrub", "disk-1"]);
     assert!(
         scrubbed.contains("0 checksum errors, 0 parity mismatches"),

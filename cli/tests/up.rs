@@ -33,7 +33,8 @@ fn up_starts_the_fabric_and_resumes_on_its_data() {
         let p = common::free_port();
         if p < 31_900
             && [
-                11u16, 12, 13, 21, 22, 23, 31, 32, 33, 101, 102, 103, 104, 105, 106,
+                11u16, 12, 13, 21, 22, 23, 31, 32, 33, 101, 102, 103, 104, 105, 106, 201, 202, 203,
+                204, 205, 206,
             ]
             .iter()
             .all(|o| std::net::TcpListener::bind(("127.0.0.1", p + o)).is_ok())

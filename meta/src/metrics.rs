@@ -109,25 +109,45 @@ impl Metrics {
 
 /// Serves `GET /metrics` (Prometheus text format) and `GET /health` (200 with a leader).
 pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
+    let m = metrics.clone();
+    serve_text(
+        listener,
+        move || m.render(),
+        move || {
+            (metrics.has_leader.get() == 1)
+                .then_some("ok\n")
+                .ok_or("no leader\n")
+        },
+    )
+    .await
+}
+
+/// Serves `GET /metrics` with what `render` returns and `GET /health` (200 with the message
+/// of `health`'s `Ok`, 503 with its `Err`). Any daemon's metrics endpoint.
+pub async fn serve_text<R, H>(listener: std::net::TcpListener, render: R, health: H)
+where
+    R: Fn() -> String + Send + Sync + 'static,
+    H: Fn() -> Result<&'static str, &'static str> + Send + Sync + 'static,
+{
     use hyper::service::{make_service_fn, service_fn};
     use hyper::{Body, Response, StatusCode};
     if listener.set_nonblocking(true).is_err() {
         return;
     }
+    let render = Arc::new(render);
+    let health = Arc::new(health);
     let make = make_service_fn(move |_| {
-        let metrics = metrics.clone();
+        let (render, health) = (render.clone(), health.clone());
         async move {
             Ok::<_, Infallible>(service_fn(move |req: hyper::Request<Body>| {
-                let metrics = metrics.clone();
+                let (render, health) = (render.clone(), health.clone());
                 async move {
-                    let resp = match req.uri().path() {
-                        "/metrics" => Response::new(Body::from(metrics.render())),
-                        "/health" if metrics.has_leader.get() == 1 => {
-                            Response::new(Body::from("ok\n"))
-                        }
-                        "/health" => Response::builder()
+                    let resp = match (req.uri().path(), health()) {
+                        ("/metrics", _) => Response::new(Body::from(render())),
+                        ("/health", Ok(msg)) => Response::new(Body::from(msg)),
+                        ("/health", Err(msg)) => Response::builder()
                             .status(StatusCode::SERVICE_UNAVAILABLE)
-                            .body(Body::from("no leader\n"))
+                            .body(Body::from(msg))
                             .unwrap_or_default(),
                         _ => Response::builder()
                             .status(StatusCode::NOT_FOUND)
