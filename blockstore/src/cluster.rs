@@ -408,13 +408,23 @@ pub async fn delete_volume(meta: &MetaClient, name: &str, timeout: Duration) -> 
     Ok(unreachable)
 }
 
-/// Repairs every detached volume (one with no live writer): takes its writer lease like any
-/// writer, rebuilds what is stale or moved (at most `bytes_per_sec`, 0 = unthrottled), lets
-/// the lease go. Attached volumes are skipped: their writer repairs them. Run after a server is
-/// declared down; several runners never repair one volume at once (the lease is exclusive).
-pub async fn repair_detached(
+/// A pass over a volume run by a detached-volume maintainer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Rebuild what is stale or moved (after a server is declared down).
+    Repair,
+    /// Verify every shard's checksums and the parity, rebuild what is wrong.
+    Scrub,
+}
+
+/// Runs `pass` over every detached volume (one with no live writer): takes its writer lease
+/// like any writer, works at most `bytes_per_sec` (0 = unthrottled), lets the lease go.
+/// Attached volumes are skipped: their writer maintains them. Several runners never work on one
+/// volume at once (the lease is exclusive).
+pub async fn maintain_detached(
     meta: &MetaClient,
     holder: &str,
+    pass: Pass,
     bytes_per_sec: u64,
     timeout: Duration,
 ) -> Result<Vec<(String, crate::volume::PassReport)>> {
@@ -438,12 +448,13 @@ pub async fn repair_detached(
                 .map_err(|e| ClusterError::InvalidVolume {
                     reason: format!("opening {name} for repair: {e}"),
                 })?;
-            let report =
-                vol.repair_all(bytes_per_sec)
-                    .await
-                    .map_err(|e| ClusterError::InvalidVolume {
-                        reason: format!("repairing {name}: {e}"),
-                    })?;
+            let report = match pass {
+                Pass::Repair => vol.repair_all(bytes_per_sec).await,
+                Pass::Scrub => vol.scrub(bytes_per_sec).await,
+            }
+            .map_err(|e| ClusterError::InvalidVolume {
+                reason: format!("{pass:?} of {name}: {e}"),
+            })?;
             Ok::<_, ClusterError>(Some(report))
         }
         .await;
@@ -451,13 +462,18 @@ pub async fn repair_detached(
         let _ = meta.lease_revoke(lease.lease_id).await;
         match result {
             Ok(Some(report)) => {
-                tracing::info!(volume = name, ?report, "repaired detached volume");
+                match pass {
+                    Pass::Repair => {
+                        tracing::info!(volume = name, ?report, "repaired detached volume")
+                    }
+                    Pass::Scrub => {
+                        tracing::info!(volume = name, ?report, "scrubbed detached volume")
+                    }
+                }
                 done.push((name, report));
             }
             Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(volume = name, error = %e, "repair failed; retried at the next failure")
-            }
+            Err(e) => tracing::warn!(volume = name, error = %e, "pass failed; retried next time"),
         }
     }
     Ok(done)

@@ -95,6 +95,13 @@ pub struct BlockArgs {
     /// Most bytes per second an automatic repair rebuilds (0 = unthrottled).
     #[arg(long, default_value = "0", value_parser = parse_size, value_name = "SIZE")]
     pub repair_rate: u64,
+    /// Scrub the detached volumes every so many seconds (0 = never): verify every shard's
+    /// checksums and the parity and repair what is wrong, at most --scrub-rate.
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    pub scrub_interval_seconds: u64,
+    /// Most bytes per second a background scrub reads.
+    #[arg(long, default_value = "32M", value_parser = parse_size, value_name = "SIZE")]
+    pub scrub_rate: u64,
     /// Address for Prometheus metrics (`/metrics`: reads, writes, checksum errors, refused
     /// stale writers, space) and `/health`. [default: off]
     #[arg(long, value_name = "ADDR")]
@@ -169,15 +176,31 @@ pub async fn run_block(args: BlockArgs) -> anyhow::Result<()> {
                 tokio::time::sleep(every).await;
                 match cluster::declare_down_pass(&meta, grace).await {
                     Ok(declared) if !declared.is_empty() && auto_repair => {
-                        if let Err(e) =
-                            cluster::repair_detached(&meta, &holder, rate, Duration::from_secs(5))
-                                .await
-                        {
+                        let pass = cluster::Pass::Repair;
+                        let timeout = Duration::from_secs(5);
+                        let run = cluster::maintain_detached(&meta, &holder, pass, rate, timeout);
+                        if let Err(e) = run.await {
                             tracing::warn!(error = %e, "automatic repair failed");
                         }
                     }
                     Ok(_) => {}
                     Err(e) => tracing::debug!(error = %e, "failure detection pass failed"),
+                }
+            }
+        })
+    });
+    let scrubber = (args.scrub_interval_seconds > 0).then(|| {
+        let meta = meta.clone();
+        let every = Duration::from_secs(args.scrub_interval_seconds);
+        let (rate, holder) = (args.scrub_rate, format!("block-{}/scrub", args.id));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let pass = cluster::Pass::Scrub;
+                let run =
+                    cluster::maintain_detached(&meta, &holder, pass, rate, Duration::from_secs(5));
+                if let Err(e) = run.await {
+                    tracing::warn!(error = %e, "background scrub failed");
                 }
             }
         })
@@ -188,6 +211,9 @@ pub async fn run_block(args: BlockArgs) -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     tracing::info!(node = args.id, "stopping");
+    if let Some(s) = scrubber {
+        s.abort();
+    }
     heartbeat.abort();
     if let Some(d) = detector {
         d.abort();
