@@ -38,7 +38,7 @@ enum Command {
     /// List block servers and their heartbeat.
     #[command(subcommand)]
     Node(block::NodeCommand),
-    /// Run the whole fabric on this machine (today: a 3-member meta cluster) until Ctrl-C.
+    /// Run the whole fabric on this machine (today: 3 meta members, 6 block servers) until Ctrl-C.
     Up(up::UpArgs),
     /// Read and write keys in meta.
     #[command(subcommand)]
