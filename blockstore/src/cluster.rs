@@ -437,6 +437,7 @@ pub async fn maintain_detached(
             Err(e) => return Err(e.into()),
         };
         let keep = meta.spawn_keep_alive(lease.lease_id, 30);
+        let mut reporter = None;
         let result = async {
             let Some(rec) = meta.record::<VolumeRecord>(&name).await? else {
                 return Ok(None);
@@ -448,6 +449,18 @@ pub async fn maintain_detached(
                 .map_err(|e| ClusterError::InvalidVolume {
                     reason: format!("opening {name} for repair: {e}"),
                 })?;
+            let kind = match pass {
+                Pass::Repair => "repair",
+                Pass::Scrub => "scrub",
+            };
+            reporter = Some(report_progress(
+                meta,
+                &vol,
+                &name,
+                kind,
+                holder,
+                lease.lease_id,
+            ));
             let report = match pass {
                 Pass::Repair => vol.repair_all(bytes_per_sec).await,
                 Pass::Scrub => vol.scrub(bytes_per_sec).await,
@@ -459,6 +472,9 @@ pub async fn maintain_detached(
         }
         .await;
         keep.abort();
+        if let Some(r) = reporter {
+            r.abort();
+        }
         let _ = meta.lease_revoke(lease.lease_id).await;
         match result {
             Ok(Some(report)) => {
@@ -477,4 +493,50 @@ pub async fn maintain_detached(
         }
     }
     Ok(done)
+}
+
+/// Publishes a pass's progress in meta every second (a `VolumePass` record attached to the
+/// writer lease `lease`, so it vanishes with it) until the returned task is aborted.
+pub fn report_progress(
+    meta: &MetaClient,
+    vol: &std::sync::Arc<crate::volume::Volume>,
+    volume: &str,
+    kind: &str,
+    holder: &str,
+    lease: u64,
+) -> tokio::task::JoinHandle<()> {
+    use continuum_proto::records_pb::VolumePass;
+    use std::sync::atomic::Ordering;
+    let (meta, vol) = (meta.clone(), std::sync::Arc::downgrade(vol));
+    let (volume, kind, holder) = (volume.to_string(), kind.to_string(), holder.to_string());
+    tokio::spawn(async move {
+        loop {
+            let Some(v) = vol.upgrade() else { return };
+            let p = VolumePass {
+                schema_version: 0,
+                volume: volume.clone(),
+                kind: kind.clone(),
+                holder: holder.clone(),
+                stripes_done: v.stats.pass_stripes_done.load(Ordering::Relaxed),
+                stripes_total: v.stats.pass_stripes_total.load(Ordering::Relaxed),
+                bytes_rebuilt: v.stats.bytes_rebuilt.load(Ordering::Relaxed),
+                updated_unix_ms: now_ms(),
+            };
+            drop(v);
+            let mut rec = p.clone();
+            rec.set_schema_version(layout::SCHEMA_VERSION);
+            let put = meta
+                .put_with(continuum_proto::meta::PutRequest {
+                    key: layout::key::<VolumePass>(&p.name()).into_bytes(),
+                    value: prost::Message::encode_to_vec(&rec),
+                    lease,
+                    ..Default::default()
+                })
+                .await;
+            if let Err(e) = put {
+                tracing::debug!(error = %e, "cannot publish pass progress");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
 }

@@ -394,7 +394,67 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     if healthy == 0 {
         bail!("no meta member reports a leader");
     }
+    if !args.json {
+        block_status(&client).await;
+    }
     Ok(())
+}
+
+/// Block servers (up / heartbeat missing / declared down) and running repair or scrub passes.
+async fn block_status(client: &MetaClient) {
+    use continuum_proto::records_pb::{Node, NodeAlive, NodeRole, VolumePass};
+    let (Ok(nodes), Ok(alive)) = (
+        client.records::<Node>().await,
+        client.records::<NodeAlive>().await,
+    ) else {
+        return;
+    };
+    let alive: Vec<u64> = alive.iter().map(|a| a.record.id).collect();
+    let blocks: Vec<&Node> = nodes
+        .iter()
+        .map(|v| &v.record)
+        .filter(|n| n.role == NodeRole::Block as i32)
+        .collect();
+    if blocks.is_empty() {
+        return;
+    }
+    let down: Vec<u64> = blocks
+        .iter()
+        .filter(|n| n.declared_down)
+        .map(|n| n.id)
+        .collect();
+    let missing: Vec<u64> = blocks
+        .iter()
+        .filter(|n| !n.declared_down && !alive.contains(&n.id))
+        .map(|n| n.id)
+        .collect();
+    println!();
+    println!(
+        "block servers: {} up, {} missing heartbeat {:?}, {} declared down {:?}",
+        blocks.len() - down.len() - missing.len(),
+        missing.len(),
+        missing,
+        down.len(),
+        down
+    );
+    if let Ok(passes) = client.records::<VolumePass>().await {
+        for p in passes.into_iter().map(|v| v.record) {
+            let pct = if p.stripes_total > 0 {
+                p.stripes_done as f64 * 100.0 / p.stripes_total as f64
+            } else {
+                0.0
+            };
+            println!(
+                "{} of volume {}: {}/{} stripes ({pct:.0}%), {} rebuilt, by {}",
+                p.kind,
+                p.volume,
+                p.stripes_done,
+                p.stripes_total,
+                human_bytes(p.bytes_rebuilt),
+                p.holder
+            );
+        }
+    }
 }
 
 fn human_bytes(b: u64) -> String {

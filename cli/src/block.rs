@@ -452,7 +452,16 @@ pub async fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
         VolumeCommand::Repair { name, rate, ep } => {
             let meta = ep.client()?;
             let (vol, lease) = open_detached(&meta, &name, "admin/repair").await?;
+            let report = cluster::report_progress(
+                &meta,
+                &vol,
+                &name,
+                "repair",
+                "admin/repair",
+                lease.lease_id,
+            );
             let r = with_progress(&vol, "repair", vol.repair_all(rate)).await;
+            report.abort();
             release(&meta, &lease).await;
             let r = r?;
             println!(
@@ -463,7 +472,16 @@ pub async fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
         VolumeCommand::Scrub { name, rate, ep } => {
             let meta = ep.client()?;
             let (vol, lease) = open_detached(&meta, &name, "admin/scrub").await?;
+            let report = cluster::report_progress(
+                &meta,
+                &vol,
+                &name,
+                "scrub",
+                "admin/scrub",
+                lease.lease_id,
+            );
             let r = with_progress(&vol, "scrub", vol.scrub(rate)).await;
+            report.abort();
             release(&meta, &lease).await;
             let r = r?;
             println!(

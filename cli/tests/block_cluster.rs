@@ -148,6 +148,8 @@ async fn block_servers_register_lose_one_and_repair_through_the_cli() {
     assert!(registered.is_some(), "7 block servers register");
     let nodes = cli(&meta_ep, &["node", "list"]);
     assert_eq!(nodes.matches(" up").count(), 7, "{nodes}");
+    let status = cli(&meta_ep, &["status"]);
+    assert!(status.contains("block servers: 7 up, 0 missing heartbeat"), "{status}");
 
     // Volumes through the CLI; bad input is refused clearly.
     let created = cli(
@@ -231,6 +233,8 @@ async fn block_servers_register_lose_one_and_repair_through_the_cli() {
     .await;
     assert!(down.is_some(), "server 3 declared down");
     assert!(cli(&meta_ep, &["node", "list"]).contains("down (shards moved)"));
+    let status = cli(&meta_ep, &["status"]);
+    assert!(status.contains("1 declared down [3]"), "{status}");
 
     // The server that declared it down repairs the detached volume by itself ...
     let logs = || -> String {

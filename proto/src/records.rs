@@ -60,6 +60,9 @@ record!(records_pb::NodeAlive, "node-alive", |r| format!(
     r.id
 ));
 record!(records_pb::Volume, "volumes", |r| r.name.clone());
+record!(records_pb::VolumePass, "volume-passes", |r| r
+    .volume
+    .clone());
 record!(records_pb::WriterLease, "writer-leases", |r| format!(
     "{:020}",
     r.volume_id
