@@ -77,6 +77,16 @@ fn exited_during_startup(daemons: &mut [Daemon]) -> Option<String> {
     })
 }
 
+fn start_daemon(exe: &Path, name: String, args: &[String], log: PathBuf) -> anyhow::Result<Daemon> {
+    let child = spawn(exe, &name, args, &log)?;
+    Ok(Daemon {
+        name,
+        child,
+        log,
+        exited: false,
+    })
+}
+
 fn spawn(exe: &Path, name: &str, args: &[String], log: &Path) -> anyhow::Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
@@ -118,13 +128,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             format!("--metrics-addr={}", addr(30, i)),
             format!("--initial-cluster={cluster}"),
         ];
-        let child = spawn(&exe, &name, &a, &log)?;
-        daemons.push(Daemon {
-            name,
-            child,
-            log,
-            exited: false,
-        });
+        daemons.push(start_daemon(&exe, name, &a, log)?);
     }
     let endpoints: Vec<String> = (1..=n).map(|i| addr(10, i)).collect();
     let client = MetaClient::connect(&endpoints)?;
@@ -162,13 +166,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             format!("--host={name}"),
             format!("--metrics-addr={}", addr(200, i)),
         ];
-        let child = spawn(&exe, &name, &a, &log)?;
-        daemons.push(Daemon {
-            name,
-            child,
-            log,
-            exited: false,
-        });
+        daemons.push(start_daemon(&exe, name, &a, log)?);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {

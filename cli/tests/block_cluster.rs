@@ -121,6 +121,30 @@ fn cli_fails(meta: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Opens a volume as its writer, as the gateway will: the writer lease, the record, the map.
+async fn open_writer(
+    meta: &continuum_meta_client::MetaClient,
+    name: &str,
+    holder: &str,
+) -> (
+    std::sync::Arc<Volume>,
+    continuum_proto::records_pb::WriterLease,
+) {
+    let lease = meta.acquire_writer_lease(name, holder, 30).await.unwrap();
+    let rec = meta
+        .record::<VolumeRecord>(name)
+        .await
+        .unwrap()
+        .unwrap()
+        .record;
+    let spec = cluster::spec_of(&rec).unwrap();
+    let servers = cluster::cluster_map(meta).await.unwrap();
+    let vol = Volume::open(spec, lease.epoch, &servers, Duration::from_secs(3))
+        .await
+        .unwrap();
+    (vol, lease)
+}
+
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len)
@@ -149,7 +173,10 @@ async fn block_servers_register_lose_one_and_repair_through_the_cli() {
     let nodes = cli(&meta_ep, &["node", "list"]);
     assert_eq!(nodes.matches(" up").count(), 7, "{nodes}");
     let status = cli(&meta_ep, &["status"]);
-    assert!(status.contains("block servers: 7 up, 0 missing heartbeat"), "{status}");
+    assert!(
+        status.contains("block servers: 7 up, 0 missing heartbeat"),
+        "{status}"
+    );
 
     // Volumes through the CLI; bad input is refused clearly.
     let created = cli(
@@ -191,21 +218,7 @@ async fn block_servers_register_lose_one_and_repair_through_the_cli() {
     let size = 8 << 20;
     let model = pattern(3, size);
     {
-        let lease = meta
-            .acquire_writer_lease("disk-1", "test/1", 30)
-            .await
-            .unwrap();
-        let rec = meta
-            .record::<VolumeRecord>("disk-1")
-            .await
-            .unwrap()
-            .unwrap()
-            .record;
-        let spec = cluster::spec_of(&rec).unwrap();
-        let servers = cluster::cluster_map(&meta).await.unwrap();
-        let vol = Volume::open(spec, lease.epoch, &servers, Duration::from_secs(3))
-            .await
-            .unwrap();
+        let (vol, lease) = open_writer(&meta, "disk-1", "test/1").await;
         vol.write(0, Bytes::from(model.clone()), false)
             .await
             .unwrap();
@@ -278,21 +291,7 @@ async fn block_servers_register_lose_one_and_repair_through_the_cli() {
     // Full redundancy again: two more servers killed, every byte reads back.
     blocks.kill(0);
     blocks.kill(5);
-    let lease = meta
-        .acquire_writer_lease("disk-1", "test/2", 30)
-        .await
-        .unwrap();
-    let rec = meta
-        .record::<VolumeRecord>("disk-1")
-        .await
-        .unwrap()
-        .unwrap()
-        .record;
-    let spec = cluster::spec_of(&rec).unwrap();
-    let servers = cluster::cluster_map(&meta).await.unwrap();
-    let vol = Volume::open(spec, lease.epoch, &servers, Duration::from_secs(3))
-        .await
-        .unwrap();
+    let (vol, lease) = open_writer(&meta, "disk-1", "test/2").await;
     let got = vol.read(0, size as u64).await.unwrap();
     assert!(
         got[..] == model[..],
