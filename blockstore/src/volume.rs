@@ -1236,7 +1236,7 @@ impl Volume {
             match self.repair_stripe(stripe).await {
                 Ok(n) => rebuilt += n,
                 Err(e) => {
-                    tracing::info!(volume = self.spec.id, stripe, error = %e, "heal deferred")
+                    tracing::debug!(volume = self.spec.id, stripe, error = %e, "heal deferred")
                 }
             }
         }
@@ -1431,7 +1431,7 @@ impl Volume {
                         .entry(servers[p])
                         .or_default()
                         .extend(piggy);
-                    tracing::info!(volume = self.spec.id, stripe, pos = p, error = %e, "rebuild install failed");
+                    tracing::debug!(volume = self.spec.id, stripe, pos = p, error = %e, "rebuild install failed");
                     self.note_error(servers[p], &e)?
                 }
             }
