@@ -1,5 +1,7 @@
 //! A real block server (io_uring data file, RocksDB index, TCP) driven by the pipelined client.
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -213,6 +215,8 @@ async fn garbage_on_the_wire_closes_only_that_connection() {
 async fn a_stopped_server_is_a_transport_error_and_the_client_reconnects() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
+    // Below the ephemeral range: no outgoing connection takes the port while it is stopped.
+    cfg.listen = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
     let srv = server::start(cfg.clone()).unwrap();
     let addr = srv.addr;
     let c = BlockClient::new(addr.to_string(), Duration::from_secs(2));
