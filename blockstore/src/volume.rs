@@ -118,6 +118,12 @@ pub enum VolumeError {
     Layout(#[from] crate::layout::LayoutError),
     #[error("volume {volume}: the writer stopped at a failpoint (test crash)")]
     Crashed { volume: u64 },
+    #[error("volume {volume}: {unfenced} block servers could not be fenced (at most {limit} may be unreachable), so a previous writer could still write; not opening")]
+    FenceIncomplete {
+        volume: u64,
+        unfenced: usize,
+        limit: usize,
+    },
     #[error("block server {server} is not in the cluster map")]
     UnknownServer { server: u64 },
 }
@@ -1170,17 +1176,28 @@ impl Volume {
         let servers = self.up_servers();
         let results = join_all(servers.iter().map(|(id, c)| async move {
             match c.fence(self.spec.id, self.epoch).await {
-                Ok(previous) => Ok(previous),
+                Ok(previous) => Ok(Some(previous)),
                 Err(e) => {
                     tracing::warn!(volume = self.spec.id, server = id, error = %e, "cannot fence");
-                    self.note_error(*id, &e).map(|_| 0)
+                    self.note_error(*id, &e).map(|_| None)
                 }
             }
         }))
         .await;
-        let previous = results.into_iter().collect::<Result<Vec<u64>>>()?;
+        let previous = results.into_iter().collect::<Result<Vec<Option<u64>>>>()?;
+        // A previous writer still running somewhere can only complete a write with k shards
+        // that are not fenced; with fewer than k unfenced servers in the whole map it cannot.
+        let unfenced = previous.iter().filter(|p| p.is_none()).count();
+        if unfenced >= self.spec.profile.data {
+            return Err(VolumeError::FenceIncomplete {
+                volume: self.spec.id,
+                unfenced,
+                limit: self.spec.profile.data - 1,
+            });
+        }
         Ok(previous
             .into_iter()
+            .flatten()
             .filter(|e| *e < self.epoch)
             .max()
             .unwrap_or(0))

@@ -362,6 +362,37 @@ async fn a_stale_writer_is_fenced_everywhere() {
     assert!(matches!(err, VolumeError::Fenced { .. }), "{err}");
 }
 
+/// A new writer that cannot fence enough servers (k of them are unreachable, where an old
+/// writer might still reach them and complete writes) refuses to open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_cannot_fence_enough_servers_does_not_open() {
+    let mut cluster = Cluster::start(6);
+    let size = 256 * 1024;
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    // 3 of 6 unreachable: fewer than k = 4, so no stripe can get k acks there: it opens.
+    let vol = Volume::open(spec(size), 1, &cluster.servers(), TIMEOUT)
+        .await
+        .unwrap();
+    drop(vol);
+    cluster.kill(3);
+    let err = Volume::open(spec(size), 2, &cluster.servers(), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VolumeError::FenceIncomplete {
+                unfenced: 4,
+                limit: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
 /// Flips bytes in one server's shard file on disk.
 fn rot(path: &std::path::Path) -> usize {
     use std::os::unix::fs::FileExt;
