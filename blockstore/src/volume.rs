@@ -545,16 +545,14 @@ impl Volume {
                     changed = true;
                     view.set_stale(s.shard, true);
                     self.stats.degraded_reads.fetch_add(1, Ordering::Relaxed);
-                    let width = self.spec.profile.width();
                     let mut shards = self
-                        .gather_with(
+                        .gather(
                             stripe,
                             &servers,
                             &mut view,
                             s.shard_offset,
                             s.len,
                             &[s.shard],
-                            vec![None; width],
                         )
                         .await?;
                     out.push(Bytes::from(shards[s.shard].take().expect("reconstructed")));
@@ -821,15 +819,7 @@ impl Volume {
         if !full && !missing.is_empty() {
             let mut pre = view.clone();
             let all = self
-                .gather_with(
-                    stripe,
-                    servers,
-                    &mut pre,
-                    r_start,
-                    r_len as u32,
-                    &missing,
-                    vec![None; width],
-                )
+                .gather(stripe, servers, &mut pre, r_start, r_len as u32, &missing)
                 .await?;
             for &m in &missing {
                 let i = touched.iter().position(|&t| t == m).expect("touched");
@@ -876,18 +866,11 @@ impl Volume {
             })
             .collect();
         let failed = self
-            .send_all(
-                stripe,
-                servers,
-                &data_writes,
-                &budget,
-                &mut acked,
-                |pos, old| {
-                    if let Some(old) = old {
-                        olds.insert(pos, old);
-                    }
-                },
-            )
+            .send_all(servers, &data_writes, &budget, &mut acked, |pos, old| {
+                if let Some(old) = old {
+                    olds.insert(pos, old);
+                }
+            })
             .await?;
         if !failed.is_empty() {
             self.undo(stripe, servers, version, &acked).await;
@@ -954,14 +937,7 @@ impl Volume {
             })
             .collect();
         let failed = self
-            .send_all(
-                stripe,
-                servers,
-                &parity_writes,
-                &budget,
-                &mut acked,
-                |_, _| {},
-            )
+            .send_all(servers, &parity_writes, &budget, &mut acked, |_, _| {})
             .await?;
         for f in failed {
             view.set_stale(f, true);
@@ -1000,7 +976,6 @@ impl Volume {
     /// failed. A fencing refusal is an error.
     async fn send_all(
         &self,
-        _stripe: u64,
         servers: &[u64],
         writes: &[ShardWrite],
         budget: &AtomicUsize,
@@ -1042,11 +1017,10 @@ impl Volume {
         }
     }
 
-    /// Reads `[offset, offset+len)` of enough current positions to reconstruct `want` (some
-    /// may be `known` already; they count towards k) and returns every position's bytes.
-    /// Positions that fail or answer with an unexpected version are marked stale in `view`.
-    #[allow(clippy::too_many_arguments)]
-    async fn gather_with(
+    /// Reads `[offset, offset+len)` of enough current positions to reconstruct `want` and
+    /// returns every position's bytes. Positions that fail or answer with an unexpected version
+    /// are marked stale in `view`.
+    async fn gather(
         &self,
         stripe: u64,
         servers: &[u64],
@@ -1054,12 +1028,11 @@ impl Volume {
         offset: u32,
         len: u32,
         want: &[usize],
-        known: Vec<Option<Vec<u8>>>,
     ) -> Result<Vec<Option<Vec<u8>>>> {
         let k = self.spec.profile.data;
         let width = self.spec.profile.width();
-        let mut shards = known;
-        let mut tried: Vec<bool> = shards.iter().map(Option::is_some).collect();
+        let mut shards: Vec<Option<Vec<u8>>> = vec![None; width];
+        let mut tried = vec![false; width];
         loop {
             let have = shards.iter().filter(|s| s.is_some()).count();
             if have >= k {
@@ -1384,15 +1357,7 @@ impl Volume {
         let unit = self.spec.unit;
         let mut source = view.clone();
         let all = self
-            .gather_with(
-                stripe,
-                servers,
-                &mut source,
-                0,
-                unit,
-                &targets,
-                vec![None; width],
-            )
+            .gather(stripe, servers, &mut source, 0, unit, &targets)
             .await?;
         let data_versions: Vec<(u32, Version)> =
             (0..k).map(|p| (p as u32, view.expected[p])).collect();
