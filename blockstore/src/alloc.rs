@@ -6,9 +6,9 @@
 //! run, so a shard write is usually one device write.
 //!
 //! Freed blocks are not reusable at once: the store releases them only after the index change
-//! that stopped referencing them is durable ([`Allocator::defer_free`] then
-//! [`Allocator::release_deferred`]), so a crash can never leave a durable record pointing at a
-//! block that was reused.
+//! that stopped referencing them is durable ([`Allocator::defer_free`], then
+//! [`Allocator::take_deferred`] and [`Allocator::release`]), so a crash can never leave a
+//! durable record pointing at a block that was reused.
 
 /// A contiguous run of blocks: `[start, start + len)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,13 +155,6 @@ impl Allocator {
         }
     }
 
-    /// Frees every deferred block (call after a durable index write); returns them.
-    pub fn release_deferred(&mut self) -> Vec<u64> {
-        let d = self.take_deferred();
-        self.release(&d);
-        d
-    }
-
     /// The deferred blocks, sorted, still marked used: the caller discards their space on the
     /// device first and then [`Allocator::release`]s them, so no new data lands in a block
     /// whose discard is still in flight.
@@ -208,7 +201,9 @@ mod tests {
         }
         // Deferred blocks stay used until released.
         assert_eq!(a.free_blocks(), 84);
-        assert_eq!(a.release_deferred(), vec![3, 4, 5]);
+        let d = a.take_deferred();
+        assert_eq!(d, vec![3, 4, 5]);
+        a.release(&d);
         assert_eq!(a.free_blocks(), 87);
         // 87 free: everything can be allocated, in runs, never block 0.
         let all = a.allocate(87).unwrap();
@@ -225,7 +220,8 @@ mod tests {
         for b in [2, 3, 7, 8, 9, 15] {
             a.defer_free(b);
         }
-        a.release_deferred();
+        let d = a.take_deferred();
+        a.release(&d);
         let r = a.allocate(6).unwrap();
         let mut blocks: Vec<u64> = r.iter().flat_map(|r| r.start..r.start + r.len).collect();
         blocks.sort();
