@@ -27,6 +27,9 @@ use crate::protocol::{self, pb};
 use crate::store::Store;
 use crate::wire::{FrameDecoder, FrameRepr, Kind, FIXED_LEN};
 
+/// Most encoded bytes of objects in one list reply (its frame header is at most
+/// `wire::MAX_HEADER_BYTES`, with room left for the rest of the response).
+const LIST_REPLY_BUDGET_BYTES: usize = crate::wire::MAX_HEADER_BYTES - 4096;
 /// Requests of one connection being served at once; the reader waits beyond it.
 pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 256;
 /// Most simultaneous connections of one block server.
@@ -279,9 +282,23 @@ pub async fn handle<D: Device, I: Index>(
             store
                 .list(l.volume, after, l.limit as usize, l.unstable_only)
                 .map(|(objects, more)| {
+                    // The reply travels in a frame header (≤ MAX_HEADER_BYTES): a page is cut
+                    // short, with `more`, when its encoding would not fit.
+                    let mut pbs = Vec::with_capacity(objects.len());
+                    let mut bytes = 0;
+                    for o in &objects {
+                        let p = protocol::info_to_pb(o);
+                        let n = prost::Message::encoded_len(&p) + 8;
+                        if bytes + n > LIST_REPLY_BUDGET_BYTES {
+                            break;
+                        }
+                        bytes += n;
+                        pbs.push(p);
+                    }
+                    let more = more || pbs.len() < objects.len();
                     (
                         ok(pb::response::Result::List(pb::ListResult {
-                            objects: objects.iter().map(protocol::info_to_pb).collect(),
+                            objects: pbs,
                             more,
                         })),
                         empty,
