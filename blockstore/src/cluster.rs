@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use continuum_meta_client::{Error as MetaError, MetaClient};
 use continuum_proto::records::{self as layout, Record};
 use continuum_proto::records_pb::{
-    ErasureProfile, FailureDomain, Node, NodeAlive, NodeRole, Volume as VolumeRecord,
+    ErasureProfile, FailureDomain, Node, NodeAlive, NodeRole, Volume as VolumeRecord, WriterLease,
 };
 
 use crate::ec::Profile;
@@ -51,6 +51,12 @@ pub enum ClusterError {
     },
     #[error("volume {name} changed concurrently; retry")]
     Conflict { name: String },
+    #[error("volume {name} is attached to {holder} ({reason})")]
+    Attached {
+        name: String,
+        holder: String,
+        reason: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, ClusterError>;
@@ -379,7 +385,6 @@ pub async fn resize_volume(meta: &MetaClient, name: &str, size_bytes: u64) -> Re
 /// block server, then its records. Returns how many servers could not be reached (their
 /// shards of the volume are orphans a later delete pass removes).
 pub async fn delete_volume(meta: &MetaClient, name: &str, timeout: Duration) -> Result<usize> {
-    use continuum_proto::records_pb::WriterLease;
     let Some(v) = meta.record::<VolumeRecord>(name).await? else {
         return Err(ClusterError::VolumeNotFound { name: name.into() });
     };
@@ -406,6 +411,60 @@ pub async fn delete_volume(meta: &MetaClient, name: &str, timeout: Duration) -> 
     let _ = meta.lease_revoke(lease.lease_id).await;
     meta.delete_record::<VolumeRecord>(name).await?;
     Ok(unreachable)
+}
+
+/// Holder names of attaching writers (gateways) start with this; every other holder (repair
+/// and scrub of detached volumes) is a maintainer an attaching writer may preempt.
+pub const GATEWAY_HOLDER_PREFIX: &str = "gateway/";
+
+/// Takes the writer lease of `name` to attach it (a gateway serving it). A lease held by a
+/// maintainer (detached repair or scrub) or by this same holder (a previous run of this
+/// gateway that did not let go) is revoked first: the new epoch fences that writer on every
+/// block server, so taking over is safe; only another gateway's live lease is a conflict.
+pub async fn acquire_attach_lease(
+    meta: &MetaClient,
+    name: &str,
+    holder: &str,
+    ttl_seconds: u64,
+) -> Result<WriterLease> {
+    for _ in 0..5 {
+        match meta.acquire_writer_lease(name, holder, ttl_seconds).await {
+            Ok(l) => return Ok(l),
+            Err(MetaError::NotFound { .. }) => {
+                return Err(ClusterError::VolumeNotFound { name: name.into() })
+            }
+            Err(MetaError::Conflict { message }) => {
+                let Some(v) = meta.record::<VolumeRecord>(name).await? else {
+                    return Err(ClusterError::VolumeNotFound { name: name.into() });
+                };
+                let key = format!("{:020}", v.record.id);
+                let Some(current) = meta.record::<WriterLease>(&key).await? else {
+                    continue; // it went away meanwhile, or the volume changed: retry
+                };
+                let cur = &current.record;
+                if cur.holder.starts_with(GATEWAY_HOLDER_PREFIX) && cur.holder != holder {
+                    return Err(ClusterError::Attached {
+                        name: name.into(),
+                        holder: cur.holder.clone(),
+                        reason: message,
+                    });
+                }
+                tracing::info!(
+                    volume = name,
+                    previous = cur.holder,
+                    epoch = cur.epoch,
+                    "taking over the writer lease"
+                );
+                let _ = meta.lease_revoke(cur.lease_id).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ClusterError::Attached {
+        name: name.into(),
+        holder: "?".into(),
+        reason: "the writer lease kept changing".into(),
+    })
 }
 
 /// A pass over a volume run by a detached-volume maintainer.

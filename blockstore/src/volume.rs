@@ -212,6 +212,8 @@ pub struct Volume {
     unreachable: Mutex<HashMap<u64, Instant>>,
     views: Mutex<HashMap<u64, StripeView>>,
     locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per 4 KiB block: held by a sub-block write while it reads, merges and writes the block.
+    rmw_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     /// Per server: stabilizations to send (piggybacked or by the background task).
     to_stabilize: Mutex<HashMap<u64, Vec<(ObjectKey, Version)>>>,
     /// Servers written since the last flush.
@@ -283,6 +285,7 @@ impl Volume {
             unreachable: Mutex::default(),
             views: Mutex::default(),
             locks: Mutex::default(),
+            rmw_locks: Mutex::default(),
             to_stabilize: Mutex::default(),
             dirty: Mutex::default(),
             corrupt: Mutex::default(),
@@ -449,20 +452,7 @@ impl Volume {
     }
 
     async fn lock_stripe(&self, stripe: u64) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = self
-            .locks
-            .lock()
-            .expect("poisoned")
-            .entry(stripe)
-            .or_default()
-            .clone();
-        let g = m.lock_owned().await;
-        // Drop idle lock entries now and then (bounded table).
-        let mut locks = self.locks.lock().expect("poisoned");
-        if locks.len() > MAX_CACHED_STRIPES {
-            locks.retain(|_, m| Arc::strong_count(m) > 1);
-        }
-        g
+        lock_in(&self.locks, stripe).await
     }
 
     /// Stats every position of a stripe (a fresh view).
@@ -606,6 +596,23 @@ impl Volume {
         if data.is_empty() {
             return Ok(());
         }
+        let b = BLOCK_BYTES as u64;
+        let end = offset + data.len() as u64;
+        if offset.is_multiple_of(b) && end.is_multiple_of(b) {
+            return self
+                .write_aligned(offset, Some(data.clone()), data.len() as u64, fua)
+                .await;
+        }
+        // A sub-block write reads, merges and writes its edge blocks: two such writes to
+        // different bytes of one block must not both start from the old block, or one's
+        // bytes are lost. Edge blocks are locked in ascending order (no deadlock).
+        let (first, last) = (offset / b, (end - 1) / b);
+        let _g1 = lock_in(&self.rmw_locks, first).await;
+        let _g2 = if last != first {
+            Some(lock_in(&self.rmw_locks, last).await)
+        } else {
+            None
+        };
         let (start, data) = self.align(offset, data).await?;
         self.write_aligned(start, Some(data.clone()), data.len() as u64, fua)
             .await
@@ -1607,6 +1614,38 @@ impl Volume {
         Ok((servers, infos, cached))
     }
 
+    /// Data units (`stripe · k + data shard`, each `unit` bytes of the volume) that may hold
+    /// data: those with an object on their server. When some server of the map did not answer
+    /// or is down (its units may live only there, or be rebuilt elsewhere later), every unit
+    /// of a stripe with any object listed counts, so data is never reported as a hole while
+    /// the stripe is readable.
+    pub async fn allocated_units(&self) -> Result<BTreeSet<u64>> {
+        let listing = self.list_all(false).await?;
+        let k = self.spec.profile.data as u64;
+        let exact = listing.failed.is_empty()
+            && self
+                .cluster
+                .lock()
+                .expect("poisoned")
+                .servers
+                .iter()
+                .all(|s| s.up);
+        let mut units = BTreeSet::new();
+        for (stripe, objs) in &listing.stripes {
+            if exact {
+                units.extend(
+                    objs.iter()
+                        .map(|(_, i)| i.object.shard as u64)
+                        .filter(|&shard| shard < k)
+                        .map(|shard| stripe * k + shard),
+                );
+            } else {
+                units.extend(stripe * k..(stripe + 1) * k);
+            }
+        }
+        Ok(units)
+    }
+
     /// Stripes that have at least one object on some reachable server.
     pub async fn stripes_in_use(&self) -> Result<BTreeSet<u64>> {
         Ok(self.list_all(false).await?.stripes.into_keys().collect())
@@ -1688,6 +1727,26 @@ impl Volume {
             })
             .collect())
     }
+}
+
+/// Locks `key` in a table of async locks; idle entries are dropped now and then (the table
+/// stays bounded).
+async fn lock_in(
+    table: &Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    key: u64,
+) -> tokio::sync::OwnedMutexGuard<()> {
+    let m = table
+        .lock()
+        .expect("poisoned")
+        .entry(key)
+        .or_default()
+        .clone();
+    let g = m.lock_owned().await;
+    let mut t = table.lock().expect("poisoned");
+    if t.len() > MAX_CACHED_STRIPES {
+        t.retain(|_, m| Arc::strong_count(m) > 1);
+    }
+    g
 }
 
 /// What a pass's listing found: per stripe the (server, object info) pairs, and the servers

@@ -1,10 +1,11 @@
-//! `continuum`: the single binary of the Continuum fabric. Daemons (`meta`, `block`), the local
+//! `continuum`: the single binary of the Continuum fabric. Daemons (`meta`, `block`, `gateway`), the local
 //! fabric (`up`) and admin commands (`kv`, `lease`, `member`, `status`, `site`, `volume`,
 //! `node`).
 
 mod admin;
 mod block;
 mod config;
+mod gateway;
 mod up;
 
 use std::process::ExitCode;
@@ -32,6 +33,8 @@ enum Command {
     Meta(Box<config::MetaArgs>),
     /// Run a block server (erasure-coded shard storage; registers in meta).
     Block(Box<block::BlockArgs>),
+    /// Serve volumes over NBD (QEMU, qemu-img, fio and libnbd attach them by name).
+    Gateway(Box<gateway::GatewayArgs>),
     /// Manage volumes (thin, erasure-coded virtual disks).
     #[command(subcommand)]
     Volume(block::VolumeCommand),
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Meta(args) => config::run_meta(*args).await,
             Command::Block(args) => block::run_block(*args).await,
+            Command::Gateway(args) => gateway::run_gateway(*args).await,
             Command::Volume(c) => block::volume(c).await,
             Command::Node(c) => block::node(c).await,
             Command::Up(args) => up::run(args).await,

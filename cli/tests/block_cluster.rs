@@ -5,79 +5,15 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use common::blocks::Blocks;
+
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
 use continuum_blockstore::cluster;
 use continuum_blockstore::volume::Volume;
 use continuum_proto::records_pb::Volume as VolumeRecord;
-
-struct Blocks {
-    dir: tempfile::TempDir,
-    ports: Vec<u16>,
-    metrics_ports: Vec<u16>,
-    children: Vec<Option<Child>>,
-    meta: String,
-}
-
-impl Blocks {
-    fn start(n: usize, meta: &str) -> Blocks {
-        let mut b = Blocks {
-            dir: tempfile::tempdir().unwrap(),
-            ports: (0..n).map(|_| common::free_port()).collect(),
-            metrics_ports: (0..n).map(|_| common::free_port()).collect(),
-            children: Vec::new(),
-            meta: meta.to_string(),
-        };
-        for i in 0..n {
-            let c = b.spawn(i);
-            b.children.push(Some(c));
-        }
-        b
-    }
-
-    fn spawn(&self, i: usize) -> Child {
-        let log =
-            std::fs::File::create(self.dir.path().join(format!("block-{}.log", i + 1))).unwrap();
-        Command::new(common::bin())
-            .args([
-                "block",
-                &format!("--id={}", i + 1),
-                &format!("--listen=127.0.0.1:{}", self.ports[i]),
-                &format!("--meta={}", self.meta),
-                &format!("--host=h{}", i + 1),
-                "--capacity=1G",
-                "--failure-check-seconds=1",
-                "--down-grace-seconds=2",
-                &format!("--metrics-addr=127.0.0.1:{}", self.metrics_ports[i]),
-            ])
-            .arg(format!(
-                "--data-dir={}",
-                self.dir.path().join(format!("block-{}", i + 1)).display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
-    }
-
-    /// SIGKILL: nothing is flushed.
-    fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.children[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Blocks {
-    fn drop(&mut self) {
-        for i in 0..self.children.len() {
-            self.kill(i);
-        }
-    }
-}
 
 /// `GET /metrics` of block server `i`.
 fn metrics(blocks: &Blocks, i: usize) -> String {

@@ -1,0 +1,319 @@
+//! The NBD gateway as a process over real volumes (a meta member, 6 block servers in their own
+//! failure domains), driven by real NBD clients: nbdinfo, qemu-img, qemu-io, nbdcopy and fio.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::blocks::Blocks;
+
+struct Gateway {
+    child: Option<Child>,
+    socket: PathBuf,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Gateway {
+    fn start(dir: &Path, name: &str, meta: &str, extra: &[&str]) -> Gateway {
+        let socket = dir.join(format!("{name}.sock"));
+        let port = common::free_port();
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(common::bin())
+            .args([
+                "gateway",
+                &format!("--id={name}"),
+                &format!("--meta={meta}"),
+                &format!("--listen=127.0.0.1:{port}"),
+            ])
+            .arg(format!("--socket={}", socket.display()))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let g = Gateway {
+            child: Some(child),
+            socket,
+            port,
+            log,
+        };
+        let up = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up, "gateway listens: {}", g.logs());
+        g
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    fn tcp_uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{export}", self.port)
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait: the clean stop (flush, leases let go).
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+            eprintln!("---- gateway log tail ----");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs a command; panics with its output unless it succeeds.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (scripts/setup.sh installs it): {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn continuum(meta: &str, args: &[&str]) -> String {
+    run(Command::new(common::bin())
+        .args(args)
+        .args(["--endpoints", meta]))
+}
+
+fn write_random(path: &Path, bytes: usize, seed: u64) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x = seed | 1;
+    let mut block = vec![0u8; 1 << 20];
+    for mb in 0..bytes >> 20 {
+        // Every fifth MiB stays zero, so sparse copies and block status are exercised.
+        if mb % 5 == 4 {
+            block.fill(0);
+        } else {
+            for chunk in block.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        f.write_all(&block).unwrap();
+    }
+}
+
+struct Fabric {
+    _meta: common::Cluster,
+    blocks: Blocks,
+    meta_ep: String,
+    dir: tempfile::TempDir,
+}
+
+async fn fabric() -> Fabric {
+    let meta = common::Cluster::start(1, &[]);
+    meta.wait_leader(Duration::from_secs(20)).await;
+    let meta_ep = meta.endpoints().join(",");
+    let client = meta.client();
+    let blocks = Blocks::start(6, &meta_ep);
+    let up = common::wait_for(Duration::from_secs(30), || async {
+        let n = continuum_blockstore::cluster::alive_nodes(&client)
+            .await
+            .ok()?
+            .len();
+        (n == 6).then_some(())
+    })
+    .await;
+    assert!(up.is_some(), "6 block servers register");
+    Fabric {
+        _meta: meta,
+        blocks,
+        meta_ep,
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_serves_volumes_to_qemu_libnbd_and_fio() {
+    let mut f = fabric().await;
+    let ep = f.meta_ep.clone();
+    continuum(&ep, &["volume", "create", "disk", "--size", "1G"]);
+    continuum(
+        &ep,
+        &[
+            "volume",
+            "create",
+            "small",
+            "--size",
+            "64M",
+            "--profile",
+            "2+1",
+        ],
+    );
+    let gw = Gateway::start(f.dir.path(), "gw-1", &ep, &[]);
+
+    // Capabilities, exports, and holes on a fresh volume.
+    let info = run(Command::new("nbdinfo").args(["--json", &gw.uri("disk")]));
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let e = &info["exports"][0];
+    for cap in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_fast_zero",
+        "can_cache",
+        "can_multi_conn",
+    ] {
+        assert_eq!(e[cap], serde_json::Value::Bool(true), "{cap}: {e}");
+    }
+    assert_eq!(e["export-size"], 1u64 << 30);
+    assert!(e["contexts"].to_string().contains("base:allocation"), "{e}");
+    let map = run(Command::new("nbdinfo").args(["--map", "--json", &gw.uri("disk")]));
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    assert_eq!(map.as_array().unwrap().len(), 1, "one hole: {map}");
+    assert_eq!(map[0]["type"], 3, "{map}");
+    let list = run(Command::new("nbdinfo").args(["--list", "--json", &gw.uri("disk")]));
+    assert!(
+        list.contains("\"disk\"") && list.contains("\"small\""),
+        "{list}"
+    );
+    let missing = Command::new("nbdinfo")
+        .arg(gw.uri("nope"))
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+
+    // qemu-io pattern checks at unaligned offsets and sizes (over TCP).
+    let script = [
+        "write -P 0xab 1 5000",
+        "write -P 0xcd 7000 3",
+        "write -z 2000 1000",
+        "write -P 0x5a -f 262143 70001",
+        "flush",
+        "read -P 0x00 0 1",
+        "read -P 0xab 1 1999",
+        "read -P 0x00 2000 1000",
+        "read -P 0xab 3000 2001",
+        "read -P 0xcd 7000 3",
+        "read -P 0x00 7003 100",
+        "read -P 0x5a 262143 70001",
+        "read -P 0x00 332144 1000",
+    ];
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in script {
+        cmd.args(["-c", c]);
+    }
+    let out = run(cmd.arg(gw.tcp_uri("small")));
+    assert!(!out.contains("verification failed"), "{out}");
+
+    // qemu-img convert of 1 GiB of random data in and back out; identical.
+    let src = f.dir.path().join("src.img");
+    let back = f.dir.path().join("back.img");
+    write_random(&src, 1 << 30, 7);
+    run(Command::new("qemu-img")
+        .args(["convert", "-p", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&src)
+        .arg(gw.uri("disk")));
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(gw.uri("disk"))
+        .arg(&back));
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(&back));
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(gw.uri("disk")));
+    std::fs::remove_file(&back).unwrap();
+    // Block status now: the zero MiBs written by convert are holes or zeros, the rest data.
+    let map = run(Command::new("nbdinfo").args(["--map", "--totals", &gw.uri("disk")]));
+    assert!(map.contains("data"), "{map}");
+
+    // nbdcopy both ways, with several connections (multi-conn).
+    let small_src = f.dir.path().join("small-src.img");
+    let small_back = f.dir.path().join("small-back.img");
+    write_random(&small_src, 64 << 20, 11);
+    run(Command::new("nbdcopy")
+        .args(["--connections=4"])
+        .arg(&small_src)
+        .arg(gw.uri("small")));
+    run(Command::new("nbdcopy")
+        .args(["--connections=4"])
+        .arg(gw.uri("small"))
+        .arg(&small_back));
+    assert!(std::fs::read(&small_src).unwrap() == std::fs::read(&small_back).unwrap());
+
+    // fio randwrite with crc32c verification; one block server is killed half-way through a
+    // second run, and fio sees no error.
+    let fio = |runtime: &str, name: &str| {
+        let mut c = Command::new("fio");
+        c.args([
+            &format!("--name={name}"),
+            "--ioengine=nbd",
+            &format!("--uri={}", gw.uri("small")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=32M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--time_based=0",
+        ]);
+        if !runtime.is_empty() {
+            c.arg(format!("--runtime={runtime}"));
+        }
+        c
+    };
+    let out = run(&mut fio("", "verify"));
+    assert!(out.contains("err= 0"), "{out}");
+    let during = fio("", "kill")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    f.blocks.kill(3);
+    let out = during.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("err= 0"),
+        "fio during a server loss: {text}\n{}",
+        gw.logs()
+    );
+    let mut gw = gw;
+    gw.stop();
+    assert!(gw.logs().contains("detached"), "{}", gw.logs());
+}
