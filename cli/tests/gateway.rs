@@ -317,3 +317,105 @@ async fn gateway_serves_volumes_to_qemu_libnbd_and_fio() {
     gw.stop();
     assert!(gw.logs().contains("detached"), "{}", gw.logs());
 }
+
+/// A CA and a server certificate for 127.0.0.1 in `dir` (QEMU's tls-creds-x509 layout:
+/// ca-cert.pem, server-cert.pem, server-key.pem), plus a client certificate pair.
+fn make_certs(dir: &Path) {
+    let sh = |script: &str| run(Command::new("sh").arg("-ec").arg(script).current_dir(dir));
+    sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+          -keyout ca-key.pem -out ca-cert.pem -days 2 -subj /CN=continuum-test-ca \
+          -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+        for who in server client; do
+          openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+            -keyout $who-key.pem -out $who.csr -subj /CN=$who 2>/dev/null
+          if [ $who = server ]; then eku=serverAuth; else eku=clientAuth; fi
+          printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=%s\\nbasicConstraints=CA:FALSE\\n' $eku > $who.ext
+          openssl x509 -req -in $who.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+            -out $who-cert.pem -days 2 -extfile $who.ext 2>/dev/null
+        done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_negotiated_with_qemu_and_required_when_configured() {
+    let f = fabric().await;
+    let ep = f.meta_ep.clone();
+    continuum(&ep, &["volume", "create", "secret", "--size", "64M"]);
+    let certs = f.dir.path().join("pki");
+    std::fs::create_dir(&certs).unwrap();
+    make_certs(&certs);
+    let pem = |n: &str| format!("{}", certs.join(n).display());
+    let gw = Gateway::start(
+        f.dir.path(),
+        "gw-tls",
+        &ep,
+        &[
+            &format!("--tls-cert={}", pem("server-cert.pem")),
+            &format!("--tls-key={}", pem("server-key.pem")),
+            &format!("--tls-ca={}", pem("ca-cert.pem")),
+            "--tls-required",
+        ],
+    );
+    // QEMU with X.509 credentials (and a client certificate, which this gateway demands).
+    let creds = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        certs.display()
+    );
+    let image = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=secret,tls-creds=tls0",
+        gw.port
+    );
+    let out = run(Command::new("qemu-io")
+        .args(["--object", &creds, "--image-opts", &image])
+        .args(["-c", "write -P 0x42 4096 65536", "-c", "flush"])
+        .args(["-c", "read -P 0x42 4096 65536"]));
+    assert!(!out.contains("verification failed"), "{out}");
+    let info =
+        run(Command::new("qemu-img").args(["info", "--object", &creds, "--image-opts", &image]));
+    assert!(info.contains("64 MiB"), "{info}");
+    // A plain client is refused (TLS required), and so is one without a client certificate.
+    let plain = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 512", &gw.tcp_uri("secret")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        !plain.status.success() && err.contains("TLS"),
+        "plain client refused: {err}"
+    );
+    let no_cert = certs.join("no-client-cert");
+    std::fs::create_dir(&no_cert).unwrap();
+    std::fs::copy(certs.join("ca-cert.pem"), no_cert.join("ca-cert.pem")).unwrap();
+    let creds = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        no_cert.display()
+    );
+    let anonymous = Command::new("qemu-io")
+        .args([
+            "--object",
+            &creds,
+            "--image-opts",
+            &image,
+            "-c",
+            "read 0 512",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&anonymous.stderr);
+    assert!(
+        !anonymous.status.success(),
+        "client without a certificate refused"
+    );
+    assert!(
+        gw.logs().contains("TLS handshake failed"),
+        "{err}\n{}",
+        gw.logs()
+    );
+    // libnbd over TLS sees the export and knows it is encrypted.
+    let uri = format!(
+        "nbds://127.0.0.1:{}/secret?tls-certificates={}",
+        gw.port,
+        certs.display()
+    );
+    // `--is tls` exits 0 only when the connection is encrypted.
+    run(Command::new("nbdinfo").args(["--is", "tls", &uri]));
+}
