@@ -599,3 +599,105 @@ pub fn report_progress(
         }
     })
 }
+
+/// How a volume stands, from meta's point of view (without opening it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeHealth {
+    /// The writer lease's holder, if the volume is attached (or being maintained).
+    pub writer: Option<String>,
+    /// Block servers of the map that are up, missing their heartbeat, declared down.
+    pub servers_up: usize,
+    pub missing: Vec<u64>,
+    pub down: Vec<u64>,
+    /// Stripe width (k + m) and k.
+    pub width: usize,
+    pub data: usize,
+    /// A repair or scrub in progress: (kind, percent).
+    pub pass: Option<(String, u32)>,
+}
+
+impl VolumeHealth {
+    /// One word and a reason: `healthy`, `degraded (...)`, `repairing (..%)`,
+    /// `unavailable (...)`.
+    pub fn summary(&self) -> String {
+        let lost = self.missing.len();
+        if self.servers_up < self.data {
+            return format!(
+                "unavailable (only {} block servers up, {} needed)",
+                self.servers_up, self.data
+            );
+        }
+        if let Some((kind, pct)) = &self.pass {
+            if kind == "repair" {
+                return format!("repairing ({pct}%)");
+            }
+        }
+        if lost > 0 {
+            let parity = self.width - self.data;
+            return format!(
+                "degraded ({lost} block server(s) {:?} missing their heartbeat; survives {} more loss(es))",
+                self.missing,
+                parity.saturating_sub(lost)
+            );
+        }
+        if self.servers_up < self.width {
+            return format!(
+                "degraded (only {} block servers for stripes of {})",
+                self.servers_up, self.width
+            );
+        }
+        match &self.pass {
+            Some((kind, pct)) => format!("healthy ({kind} {pct}%)"),
+            None => "healthy".into(),
+        }
+    }
+}
+
+/// The health of volume `v` from the cluster map, its writer lease and running passes.
+pub async fn volume_health(meta: &MetaClient, v: &VolumeRecord) -> Result<VolumeHealth> {
+    use continuum_proto::records_pb::VolumePass;
+    let spec = spec_of(v)?;
+    let alive = alive_nodes(meta).await?;
+    let nodes: Vec<Node> = meta
+        .records::<Node>()
+        .await?
+        .into_iter()
+        .map(|n| n.record)
+        .filter(|n| n.role == NodeRole::Block as i32)
+        .collect();
+    let down: Vec<u64> = nodes
+        .iter()
+        .filter(|n| n.declared_down)
+        .map(|n| n.id)
+        .collect();
+    let missing: Vec<u64> = nodes
+        .iter()
+        .filter(|n| !n.declared_down && !alive.contains(&n.id))
+        .map(|n| n.id)
+        .collect();
+    let writer = meta
+        .record::<WriterLease>(&format!("{:020}", v.id))
+        .await?
+        .map(|l| l.record.holder);
+    let pass = meta
+        .records::<VolumePass>()
+        .await?
+        .into_iter()
+        .map(|p| p.record)
+        .find(|p| p.volume == v.name)
+        .map(|p| {
+            let pct = (p.stripes_done * 100)
+                .checked_div(p.stripes_total)
+                .unwrap_or(0);
+            (p.kind, pct as u32)
+        });
+    Ok(VolumeHealth {
+        writer,
+        servers_up: nodes.len() - down.len() - missing.len(),
+        missing,
+        down,
+        width: spec.profile.width(),
+        data: spec.profile.data,
+        pass,
+    })
+}

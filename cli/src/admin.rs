@@ -437,6 +437,26 @@ async fn block_status(client: &MetaClient) {
         down.len(),
         down
     );
+    if let Ok(volumes) = client
+        .records::<continuum_proto::records_pb::Volume>()
+        .await
+    {
+        println!("volumes: {}", volumes.len());
+        for v in volumes {
+            let h = continuum_blockstore::cluster::volume_health(client, &v.record).await;
+            let writer = match &h {
+                Ok(h) => h.writer.clone().unwrap_or_else(|| "detached".into()),
+                Err(_) => "?".into(),
+            };
+            let health = h.map(|h| h.summary()).unwrap_or_else(|e| e.to_string());
+            println!(
+                "  {:<24} {:>10}  {:<18} {health}",
+                v.record.name,
+                human_bytes(v.record.size_bytes),
+                writer
+            );
+        }
+    }
     if let Ok(passes) = client.records::<VolumePass>().await {
         for p in passes.into_iter().map(|v| v.record) {
             let pct = if p.stripes_total > 0 {

@@ -247,6 +247,12 @@ pub enum VolumeCommand {
         #[command(flatten)]
         ep: Endpoints,
     },
+    /// Show a volume: layout, writer, health, passes in progress.
+    Show {
+        name: String,
+        #[command(flatten)]
+        ep: Endpoints,
+    },
     /// Grow a volume.
     Resize {
         name: String,
@@ -419,22 +425,62 @@ pub async fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
         VolumeCommand::List { ep } => {
             let meta = ep.client()?;
             println!(
-                "{:<6} {:<24} {:>9} {:>6} {:>6} EPOCH",
-                "ID", "NAME", "SIZE", "EC", "UNIT"
+                "{:<6} {:<24} {:>9} {:>6} {:>6} {:>6} {:<18} HEALTH",
+                "ID", "NAME", "SIZE", "EC", "UNIT", "EPOCH", "WRITER"
             );
             for v in meta.records::<VolumeRecord>().await? {
                 let r = v.record;
                 let spec = cluster::spec_of(&r)?;
+                let h = cluster::volume_health(&meta, &r).await?;
                 println!(
-                    "{:<6} {:<24} {:>9} {:>6} {:>6} {}",
+                    "{:<6} {:<24} {:>9} {:>6} {:>6} {:>6} {:<18} {}",
                     r.id,
                     r.name,
                     human(r.size_bytes),
                     format!("{}+{}", spec.profile.data, spec.profile.parity),
                     human(u64::from(spec.unit)),
-                    r.epoch
+                    r.epoch,
+                    h.writer.as_deref().unwrap_or("-"),
+                    h.summary()
                 );
             }
+        }
+        VolumeCommand::Show { name, ep } => {
+            let meta = ep.client()?;
+            let Some(v) = meta.record::<VolumeRecord>(&name).await? else {
+                bail!("volume {name} not found");
+            };
+            let r = v.record;
+            let spec = cluster::spec_of(&r)?;
+            let h = cluster::volume_health(&meta, &r).await?;
+            let (k, m) = (spec.profile.data, spec.profile.parity);
+            println!("volume {name}");
+            println!("  id               {}", r.id);
+            println!(
+                "  size             {} ({} bytes), thin",
+                human(r.size_bytes),
+                r.size_bytes
+            );
+            println!(
+                "  erasure code     {k}+{m}: {:.2}x space, survives {m} lost block server(s)",
+                (k + m) as f64 / k as f64
+            );
+            println!(
+                "  layout           {} units, {} per stripe, {} placement groups, one shard per host",
+                human(u64::from(spec.unit)),
+                human(u64::from(spec.unit) * k as u64),
+                spec.pg_count
+            );
+            println!("  epoch            {}", r.epoch);
+            match &h.writer {
+                Some(w) => println!("  writer           {w}"),
+                None => println!("  writer           none (detached)"),
+            }
+            println!("  health           {}", h.summary());
+            if !h.down.is_empty() {
+                println!("  declared down    {:?} (their shards were moved)", h.down);
+            }
+            println!("  attach           nbd://<gateway>:10809/{name}");
         }
         VolumeCommand::Resize { name, size, ep } => {
             cluster::resize_volume(&ep.client()?, &name, size).await?;

@@ -1,7 +1,8 @@
 //! `continuum up`: the whole fabric on this machine, as child processes of this one.
 //!
-//! Today the fabric is a 3-member meta cluster and 6 block servers (one host each, so a 4+2
-//! volume has its six failure domains); later issues add a gateway, an overlay and an agent. Data lives under one directory, so running `up` again resumes.
+//! Today the fabric is a 3-member meta cluster, 6 block servers (one host each, so a 4+2 volume
+//! has its six failure domains) and an NBD gateway with a demo volume; later issues add an
+//! overlay and an agent. Data lives under one directory, so running `up` again resumes.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,9 +26,19 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(0..=60))]
     pub block_servers: u64,
     /// Ports are BASE+11.. (meta client), BASE+21.. (Raft), BASE+31.. (metrics), BASE+101..
-    /// (block servers), BASE+201.. (block server metrics).
+    /// (block servers), BASE+201.. (block server metrics), BASE+301 (gateway metrics).
     #[arg(long, default_value_t = DEFAULT_CLIENT_PORT - 10, value_name = "BASE")]
     pub base_port: u16,
+    /// TCP port of the NBD gateway (10809 is NBD's own).
+    #[arg(long, default_value_t = 10809, value_name = "PORT")]
+    pub nbd_port: u16,
+    /// Volume created on first start for trying things out (thin: no space until written);
+    /// empty for none.
+    #[arg(long, default_value = "demo", value_name = "NAME")]
+    pub demo_volume: String,
+    /// Size of the demo volume.
+    #[arg(long, default_value = "10G", value_parser = crate::block::parse_size, value_name = "SIZE")]
+    pub demo_size: u64,
     /// Start, print the summary, and exit leaving nothing running (a smoke test).
     #[arg(long)]
     pub check: bool,
@@ -50,7 +61,16 @@ fn terminate(d: &Daemon) {
     }
 }
 
+/// Stops the gateway first (it flushes to the block servers and lets its leases go), then
+/// everything else at once.
 async fn stop_all(daemons: &mut [Daemon]) {
+    let (gateways, others): (Vec<&mut Daemon>, Vec<&mut Daemon>) =
+        daemons.iter_mut().partition(|d| d.name == "gateway");
+    stop_group(gateways).await;
+    stop_group(others).await;
+}
+
+async fn stop_group(mut daemons: Vec<&mut Daemon>) {
     for d in daemons.iter() {
         terminate(d);
     }
@@ -108,6 +128,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let logs = args.data_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let logs = data_dir.join("logs");
     let base = args.base_port;
     let n = args.meta_members;
     let addr = |off: u16, i: u64| format!("127.0.0.1:{}", base + off + i as u16);
@@ -190,6 +211,64 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let socket = data_dir.join("nbd.sock");
+    let a = vec![
+        "gateway".to_string(),
+        "--id=local".to_string(),
+        format!("--meta={}", endpoints.join(",")),
+        format!("--listen=127.0.0.1:{}", args.nbd_port),
+        format!("--socket={}", socket.display()),
+        format!("--metrics-addr={}", addr(300, 1)),
+    ];
+    daemons.push(start_daemon(
+        &exe,
+        "gateway".into(),
+        &a,
+        logs.join("gateway.log"),
+    )?);
+    if !args.demo_volume.is_empty() && blocks > 0 {
+        let exists = client
+            .record::<continuum_proto::records_pb::Volume>(&args.demo_volume)
+            .await?
+            .is_some();
+        if !exists {
+            let profile = if blocks >= 6 {
+                continuum_blockstore::ec::Profile::DEFAULT
+            } else {
+                continuum_blockstore::ec::Profile {
+                    data: 1,
+                    parity: (blocks - 1).min(2) as usize,
+                }
+            };
+            continuum_blockstore::cluster::create_volume(
+                &client,
+                &args.demo_volume,
+                args.demo_size,
+                profile,
+                continuum_blockstore::cluster::DEFAULT_UNIT_BYTES,
+            )
+            .await
+            .context("creating the demo volume")?;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", args.nbd_port))
+        .await
+        .is_err()
+    {
+        if let Some(why) = exited_during_startup(&mut daemons) {
+            stop_all(&mut daemons).await;
+            bail!(why);
+        }
+        if tokio::time::Instant::now() > deadline {
+            stop_all(&mut daemons).await;
+            bail!(
+                "the gateway did not listen within 30 s; see {}",
+                logs.join("gateway.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     println!();
     println!("Continuum is up.");
     println!("  meta members   {}", endpoints.join(", "));
@@ -207,6 +286,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             addr(200, 1)
         );
     }
+    let demo = if args.demo_volume.is_empty() {
+        "NAME"
+    } else {
+        args.demo_volume.as_str()
+    };
+    println!("  NBD gateway    nbd://127.0.0.1:{}/{demo}", args.nbd_port);
+    println!(
+        "                 nbd+unix:///{demo}?socket={}",
+        socket.display()
+    );
     println!("  data           {}", data_dir.display());
     println!("  logs           {}", logs.display());
     println!();
@@ -216,6 +305,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("  continuum site create edge-1 --kind edge && continuum site list");
     println!("  continuum node list");
     println!("  continuum volume create disk-1 --size 10G && continuum volume list");
+    if !args.demo_volume.is_empty() {
+        println!("  nbdinfo nbd://127.0.0.1:{}/{demo}", args.nbd_port);
+        println!(
+            "  qemu-img convert -n -p -O raw disk.img nbd://127.0.0.1:{}/{demo}",
+            args.nbd_port
+        );
+        println!();
+        println!("Attach the volume to a VM:");
+        println!(
+            "  qemu-system-x86_64 -m 1G -blockdev driver=nbd,node-name=disk0,server.type=unix,server.path={},export={demo},reconnect-delay=10 -device virtio-blk-pci,drive=disk0 ...",
+            socket.display()
+        );
+    }
     println!();
     if args.check {
         stop_all(&mut daemons).await;

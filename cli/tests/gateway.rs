@@ -165,6 +165,7 @@ async fn gateway_serves_volumes_to_qemu_libnbd_and_fio() {
     let mut f = fabric().await;
     let ep = f.meta_ep.clone();
     continuum(&ep, &["volume", "create", "disk", "--size", "1G"]);
+    continuum(&ep, &["volume", "create", "busy", "--size", "128M"]);
     continuum(
         &ep,
         &[
@@ -276,34 +277,35 @@ async fn gateway_serves_volumes_to_qemu_libnbd_and_fio() {
 
     // fio randwrite with crc32c verification; one block server is killed half-way through a
     // second run, and fio sees no error.
-    let fio = |runtime: &str, name: &str| {
+    let fio = |volume: &str, size: &str| {
         let mut c = Command::new("fio");
         c.args([
-            &format!("--name={name}"),
+            &format!("--name={volume}"),
             "--ioengine=nbd",
-            &format!("--uri={}", gw.uri("small")),
+            &format!("--uri={}", gw.uri(volume)),
             "--rw=randwrite",
             "--bs=4k",
             "--iodepth=16",
-            "--size=32M",
+            &format!("--size={size}"),
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
-            "--time_based=0",
         ]);
-        if !runtime.is_empty() {
-            c.arg(format!("--runtime={runtime}"));
-        }
         c
     };
-    let out = run(&mut fio("", "verify"));
+    let out = run(&mut fio("small", "32M"));
     assert!(out.contains("err= 0"), "{out}");
-    let during = fio("", "kill")
+    // Several seconds of writes, then the verify pass; the kill lands in the writes.
+    let mut during = fio("busy", "128M")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        during.try_wait().unwrap().is_none(),
+        "fio still running at the kill"
+    );
     f.blocks.kill(3);
     let out = during.wait_with_output().unwrap();
     let text =
@@ -313,6 +315,14 @@ async fn gateway_serves_volumes_to_qemu_libnbd_and_fio() {
         "fio during a server loss: {text}\n{}",
         gw.logs()
     );
+    // The operator's view: the lost server, each volume's health.
+    let status = continuum(&ep, &["status"]);
+    assert!(
+        status.contains("volumes: 3") && status.contains("busy"),
+        "{status}"
+    );
+    let show = continuum(&ep, &["volume", "show", "small"]);
+    assert!(show.contains("2+1") && show.contains("health"), "{show}");
     let mut gw = gw;
     gw.stop();
     assert!(gw.logs().contains("detached"), "{}", gw.logs());
