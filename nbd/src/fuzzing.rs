@@ -9,10 +9,10 @@ use crate::mem::export_info;
 use crate::transmission::{self, Incoming, Params, Transmission};
 
 /// Feeds `data` to a negotiation in pieces (the first byte picks the TLS mode and the piece
-/// size), answering every event as a server would.
-pub fn handshake(data: &[u8]) {
+/// size), answering every event as a server would. True when negotiation reached an export.
+pub fn handshake(data: &[u8]) -> bool {
     let Some((&first, rest)) = data.split_first() else {
-        return;
+        return false;
     };
     let mode = match first % 3 {
         0 => TlsMode::Off,
@@ -37,18 +37,20 @@ pub fn handshake(data: &[u8]) {
                     description: String::new(),
                 }]),
                 Event::StartTls => hs.handle_tls_started(),
-                Event::Serve(_) | Event::Close { .. } => return,
+                Event::Serve(_) => return true,
+                Event::Close { .. } => return false,
             }
         }
         let _ = hs.take_output();
     }
+    false
 }
 
 /// Feeds `data` to a request decoder (the first byte picks the parameters) and encodes a
-/// reply for each item.
-pub fn transmission(data: &[u8]) {
+/// reply for each item. Returns how many requests were accepted (not refused).
+pub fn transmission(data: &[u8]) -> usize {
     let Some((&first, rest)) = data.split_first() else {
-        return;
+        return 0;
     };
     let params = Params {
         size: 1 << (10 + (first & 15)),
@@ -59,11 +61,13 @@ pub fn transmission(data: &[u8]) {
     };
     let mut t = Transmission::new(params, BytesMut::new());
     let mut out = BytesMut::new();
+    let mut accepted = 0;
     for chunk in rest.chunks(7) {
         t.handle_input(chunk);
         while let Some(item) = t.poll() {
             match item {
                 Incoming::Request(r) => {
+                    accepted += 1;
                     transmission::encode_ok(&mut out, r.cookie);
                 }
                 Incoming::Reject {
@@ -74,8 +78,9 @@ pub fn transmission(data: &[u8]) {
                 } => {
                     transmission::encode_error(&mut out, params.structured, cookie, error, message)
                 }
-                Incoming::Disconnect | Incoming::Violation { .. } => return,
+                Incoming::Disconnect | Incoming::Violation { .. } => return accepted,
             }
         }
     }
+    accepted
 }
