@@ -429,3 +429,78 @@ async fn tls_is_negotiated_with_qemu_and_required_when_configured() {
     // `--is tls` exits 0 only when the connection is encrypted.
     run(Command::new("nbdinfo").args(["--is", "tls", &uri]));
 }
+
+/// Boots the test guest (scripts/guest-image.sh) under TCG with `export` of the gateway as its
+/// virtio disk and returns what it printed on the serial console.
+fn boot_guest(gw: &Gateway, export: &str, act: &str) -> String {
+    let image = run(&mut Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scripts/guest-image.sh"
+    )));
+    let image = PathBuf::from(image.trim());
+    let blockdev = format!(
+        "driver=nbd,node-name=disk0,server.type=unix,server.path={},export={export},reconnect-delay=10",
+        gw.socket.display()
+    );
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "q35,accel=tcg",
+            "-m",
+            "256",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(image.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(image.join("initrd.img"))
+        .args([
+            "-append",
+            &format!("console=ttyS0 panic=-1 quiet continuum.act={act}"),
+        ])
+        .args([
+            "-blockdev",
+            &blockdev,
+            "-device",
+            "virtio-blk-pci,drive=disk0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // TCG boots in about 10 s here; a guest that hangs is killed after 3 minutes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("CONTINUUM-GUEST-DONE"),
+        "the guest ran to the end: {text}"
+    );
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcg_guest_boots_with_a_volume_as_its_disk_and_finds_its_marker_again() {
+    let f = fabric().await;
+    let ep = f.meta_ep.clone();
+    continuum(&ep, &["volume", "create", "vm-disk", "--size", "256M"]);
+    let gw = Gateway::start(f.dir.path(), "gw-vm", &ep, &[]);
+    let marker = format!("continuum-{}", std::process::id());
+    let first = boot_guest(&gw, "vm-disk", &format!("write:{marker}"));
+    assert!(first.contains(&format!("WROTE MARKER:{marker}")), "{first}");
+    assert!(!first.contains("NO DISK"), "{first}");
+    let second = boot_guest(&gw, "vm-disk", "read");
+    assert!(
+        second.contains(&format!("READ MARKER:{marker}")),
+        "second boot reads the marker: {second}"
+    );
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds the tiny test guest used by the VM tests: a Debian kernel and a busybox initramfs
+# whose /init loads the virtio modules (in dependency order), runs the action given on the
+# kernel command line, prints CONTINUUM-GUEST-DONE and powers off.
+#
+#   continuum.act=write:WORD  writes "MARKER:WORD" at sector 2048 of /dev/vda (fsync)
+#   continuum.act=read        prints "READ MARKER:..." from sector 2048 of /dev/vda
+#
+# Usage: scripts/guest-image.sh [OUT_DIR]   (default /var/cache/continuum-guest; cached)
+set -euo pipefail
+out=${1:-/var/cache/continuum-guest}
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ]; then
+  echo "$out"; exit 0
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+pkg=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | awk '{print $1}' | sort -V | tail -1)
+[ -n "$pkg" ] || { echo "no linux-image-6.1.0-*-amd64 package in apt's lists (apt-get update?)" >&2; exit 1; }
+apt-get download "$pkg" busybox-static >/dev/null 2>&1 || apt-get download "$pkg" busybox-static
+dpkg-deb -x linux-image-*.deb k
+dpkg-deb -x busybox-static_*.deb bb
+kver=$(ls k/lib/modules)
+mkdir -p root/bin root/proc root/sys root/dev root/lib/modules
+cp bb/bin/busybox root/bin/busybox
+for m in drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev \
+         drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk \
+         drivers/net/virtio_net; do
+  f="k/lib/modules/$kver/kernel/$m.ko"
+  if [ -f "$f" ]; then cp "$f" root/lib/modules/; elif [ -f "$f.xz" ]; then xz -dc "$f.xz" > "root/lib/modules/$(basename "$m").ko"; fi
+done
+# net_failover and failover are virtio_net's dependencies.
+for m in net/core/failover drivers/net/net_failover; do
+  f="k/lib/modules/$kver/kernel/$m.ko"; [ -f "$f" ] && cp "$f" root/lib/modules/
+done
+cat > root/init <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk failover net_failover virtio_net; do
+  [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko 2>/dev/null
+done
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+act=$(sed -n 's/.*continuum\.act=\([^ ]*\).*/\1/p' /proc/cmdline)
+case "$act" in
+  write:*) w=${act#write:}
+           printf 'MARKER:%s\n' "$w" | dd of=/dev/vda bs=512 seek=2048 conv=fsync,sync 2>/dev/null
+           sync; echo "WROTE MARKER:$w" ;;
+  read)    echo "READ $(dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -n 1)" ;;
+  *)       echo "no continuum.act on the command line" ;;
+esac
+[ -b /dev/vda ] || echo "NO DISK /dev/vda"
+echo CONTINUUM-GUEST-DONE
+poweroff -f
+INIT
+chmod +x root/init
+mkdir -p "$out"
+(cd root && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initrd.img.tmp"
+cp "k/boot/vmlinuz-$kver" "$out/vmlinuz.tmp"
+mv "$out/initrd.img.tmp" "$out/initrd.img"
+mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+echo "$out"
