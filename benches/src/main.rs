@@ -14,6 +14,7 @@ mod ec;
 mod etcd;
 mod hist;
 mod meta;
+mod nbd;
 mod volume;
 
 use anyhow::{bail, Context, Result};
@@ -40,6 +41,9 @@ enum Command {
     /// Volume client (4+2 over six local block servers) vs a single block server without EC:
     /// 4 KiB random and 1 MiB sequential I/O; and the rebuild rate vs a plain file copy.
     Volume(volume::VolumeArgs),
+    /// NBD through fio: a Continuum volume via the gateway vs qemu-nbd on a raw file and
+    /// nbdkit's memory plugin (4 KiB random QD1/QD32, 1 MiB sequential).
+    Nbd(nbd::NbdArgs),
 }
 
 #[tokio::main]
@@ -50,6 +54,7 @@ async fn main() -> Result<()> {
             Command::Meta(args) => meta::run(args).await,
             Command::Ec(args) => ec::run(args),
             Command::Volume(args) => volume::run(args).await,
+            Command::Nbd(args) => nbd::run(args).await,
         }
     };
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
