@@ -504,3 +504,57 @@ async fn a_tcg_guest_boots_with_a_volume_as_its_disk_and_finds_its_marker_again(
         "second boot reads the marker: {second}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_fail_with_eio_instead_of_hanging_when_too_many_servers_are_lost() {
+    let mut f = fabric().await;
+    let ep = f.meta_ep.clone();
+    continuum(&ep, &["volume", "create", "fragile", "--size", "64M"]);
+    let gw = Gateway::start(
+        f.dir.path(),
+        "gw-lost",
+        &ep,
+        &["--request-timeout-seconds=5", "--shard-timeout-ms=1000"],
+    );
+    let uri = gw.uri("fragile");
+    let out = run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x33 0 1M",
+        "-c",
+        "flush",
+        &uri,
+    ]));
+    assert!(out.contains("wrote"), "{out}");
+    // Three of six servers gone, one dead and two paused (SIGSTOP: their connections stay
+    // open and simply never answer): a 4+2 stripe has three shards left, k = 4 needed.
+    f.blocks.kill(0);
+    for i in [2, 4] {
+        let pid = f.blocks.children[i].as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+    let start = std::time::Instant::now();
+    let read = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0x33 0 64k", &uri])
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    let text =
+        String::from_utf8_lossy(&read.stdout).to_string() + &String::from_utf8_lossy(&read.stderr);
+    assert!(
+        text.contains("Input/output error"),
+        "an unreadable stripe is EIO to the client: {text}"
+    );
+    assert!(
+        took < Duration::from_secs(60),
+        "answered in {took:?}, not left waiting"
+    );
+    // The gateway is still healthy for what can be served: the export still negotiates.
+    let info = run(Command::new("nbdinfo").args(["--size", &uri]));
+    assert_eq!(info.trim(), (64u64 << 20).to_string());
+}
