@@ -508,13 +508,19 @@ impl Volume {
                 .map(|(stripe, r)| self.read_stripe(*stripe, &segs[r.clone()])),
         )
         .await;
-        let mut out = BytesMut::with_capacity((end - start) as usize);
+        let mut pieces = Vec::new();
         for p in parts {
-            for b in p? {
-                out.extend_from_slice(&b);
-            }
+            pieces.extend(p?);
         }
         let skip = (offset - start) as usize;
+        // A read within one shard (most small reads) is the shard's bytes as they came.
+        if pieces.len() == 1 {
+            return Ok(pieces[0].slice(skip..skip + len as usize));
+        }
+        let mut out = BytesMut::with_capacity((end - start) as usize);
+        for b in &pieces {
+            out.extend_from_slice(b);
+        }
         Ok(out.freeze().slice(skip..skip + len as usize))
     }
 
@@ -891,8 +897,23 @@ impl Volume {
 
         // Phase 2: parity, from the new data (full stripe) or from the deltas.
         let parity: Vec<Vec<u8>> = if full {
-            let data: Vec<Vec<u8>> = (0..k).map(|i| widen(i, payloads[i].as_deref())).collect();
-            let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+            // When every data shard's bytes cover the whole range (large writes), they are
+            // encoded in place; only partial or zeroed shards are widened into copies.
+            let covers = |i: usize| {
+                segs[i].shard_offset == r_start
+                    && segs[i].len as usize == r_len
+                    && payloads[i].is_some()
+            };
+            let widened: Vec<Option<Vec<u8>>> = (0..k)
+                .map(|i| (!covers(i)).then(|| widen(i, payloads[i].as_deref())))
+                .collect();
+            let refs: Vec<&[u8]> = (0..k)
+                .map(|i| match (&widened[i], &payloads[i]) {
+                    (Some(w), _) => w.as_slice(),
+                    (None, Some(b)) => &b[..],
+                    (None, None) => unreachable!("covered shards have bytes"),
+                })
+                .collect();
             let mut p = vec![vec![0u8; r_len]; width - k];
             let mut prefs: Vec<&mut [u8]> = p.iter_mut().map(Vec::as_mut_slice).collect();
             self.codec.encode(&refs, &mut prefs)?;
