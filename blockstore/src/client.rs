@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::protocol::{self, pb};
 use crate::store::{ObjectInfo, ObjectKey, ReadOutcome, Version, WriteOutcome, WriteReq};
-use crate::wire::{FrameDecoder, FrameRepr, Kind, FIXED_LEN};
+use crate::wire::{FrameDecoder, FrameRepr, Kind};
 
 /// Requests in flight on one connection.
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -347,27 +347,7 @@ async fn writer(
     mut rx: mpsc::Receiver<FrameRepr>,
     alive: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let mut wr = tokio::io::BufWriter::with_capacity(256 * 1024, wr);
-    let mut head = Vec::with_capacity(4096);
-    while let Some(f) = rx.recv().await {
-        if !alive.load(Ordering::Acquire) {
-            break;
-        }
-        head.resize(FIXED_LEN + f.header.len(), 0);
-        f.emit_head(&mut head);
-        let sent = async {
-            wr.write_all(&head).await?;
-            wr.write_all(&f.payload).await?;
-            if rx.is_empty() {
-                wr.flush().await?;
-            }
-            Ok::<_, std::io::Error>(())
-        }
-        .await;
-        if sent.is_err() {
-            break;
-        }
-    }
+    let _ = crate::conn::write_frames(wr, &mut rx, Some(&alive)).await;
     alive.store(false, Ordering::Release);
 }
 

@@ -18,6 +18,7 @@ pub mod alloc;
 pub mod checksum;
 pub mod client;
 pub mod cluster;
+mod conn;
 pub mod device;
 pub mod ec;
 pub mod fuzzing;

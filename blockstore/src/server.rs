@@ -18,14 +18,14 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::device::Device;
 use crate::index::Index;
 use crate::protocol::{self, pb};
 use crate::store::Store;
-use crate::wire::{FrameDecoder, FrameRepr, Kind, FIXED_LEN};
+use crate::wire::{FrameDecoder, FrameRepr, Kind};
 
 /// Most encoded bytes of objects in one list reply (its frame header is at most
 /// `wire::MAX_HEADER_BYTES`, with room left for the rest of the response).
@@ -156,18 +156,7 @@ async fn write_loop(
     wr: tokio::net::tcp::OwnedWriteHalf,
     mut rx: mpsc::Receiver<FrameRepr>,
 ) -> std::io::Result<()> {
-    let mut wr = tokio::io::BufWriter::with_capacity(256 * 1024, wr);
-    let mut head = Vec::with_capacity(4096);
-    while let Some(f) = rx.recv().await {
-        head.resize(FIXED_LEN + f.header.len(), 0);
-        f.emit_head(&mut head);
-        wr.write_all(&head).await?;
-        wr.write_all(&f.payload).await?;
-        if rx.is_empty() {
-            wr.flush().await?;
-        }
-    }
-    wr.flush().await
+    crate::conn::write_frames(wr, &mut rx, None).await
 }
 
 fn ok(result: pb::response::Result) -> pb::Response {

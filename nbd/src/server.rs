@@ -158,6 +158,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Conn<S> {
         }
     }
 
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_flush(cx),
@@ -331,8 +349,7 @@ where
                     let (export, tx, timeout) =
                         (export.clone(), tx.clone(), config.request_timeout);
                     tokio::spawn(async move {
-                        let reply = execute(export, req, params, timeout).await;
-                        let _ = tx.send(reply).await;
+                        respond(export, req, params, timeout, tx).await;
                         drop(permit);
                     });
                 }
@@ -381,49 +398,103 @@ where
     result
 }
 
+/// Sends replies as they complete: whatever is queued is gathered into one buffer (one
+/// syscall for many small replies); read data of 16 KiB or more is written from its own
+/// buffer next to the pending bytes (vectored), never copied.
 async fn write_replies<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Reply>) {
-    while let Some(r) = rx.recv().await {
-        let mut ok = w.write_all(&r.head).await.is_ok();
-        if let (true, Some(d)) = (ok, &r.data) {
-            ok = w.write_all(d).await.is_ok();
-        }
-        // Batch what is already queued before flushing (TLS and TCP both like larger writes).
-        while ok {
-            let Ok(r) = rx.try_recv() else { break };
-            ok = w.write_all(&r.head).await.is_ok();
-            if let (true, Some(d)) = (ok, &r.data) {
-                ok = w.write_all(d).await.is_ok();
+    const DIRECT_BYTES: usize = 16 * 1024;
+    const BATCH_BYTES: usize = 256 * 1024;
+    let mut out = BytesMut::with_capacity(BATCH_BYTES);
+    let result: io::Result<()> = async {
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(r) = next.take() {
+                out.extend_from_slice(&r.head);
+                match r.data {
+                    Some(d) if d.len() >= DIRECT_BYTES => {
+                        write_all_vectored(&mut w, &[&out, &d]).await?;
+                        out.clear();
+                    }
+                    Some(d) => out.extend_from_slice(&d),
+                    None => {}
+                }
+                if out.len() >= BATCH_BYTES {
+                    w.write_all(&out).await?;
+                    out.clear();
+                }
+                next = rx.try_recv().ok();
             }
+            if !out.is_empty() {
+                w.write_all(&out).await?;
+                out.clear();
+            }
+            w.flush().await?;
         }
-        if !ok || w.flush().await.is_err() {
-            break;
-        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "reply writer stopped");
     }
     let _ = w.shutdown().await;
 }
 
-/// Runs one request against the export (in its own task, so a timeout never cancels it) and
-/// encodes the reply.
-async fn execute<E: Export>(
+/// Writes every byte of `parts`, in order, with as few syscalls as the socket allows.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
+/// Runs one request against the export and sends its reply. When the export has not answered
+/// within `timeout`, the client gets EIO at once, but the operation itself runs on to its end
+/// (it is never cancelled half-way); a panic in the export is an EIO reply too.
+async fn respond<E: Export>(
     export: Arc<E>,
     req: transmission::Request,
     params: Params,
     timeout: Duration,
-) -> Reply {
+    tx: mpsc::Sender<Reply>,
+) {
+    use futures::FutureExt;
     let cookie = req.cookie;
     let command = req.command.clone();
-    let task = tokio::spawn(run(export, req.command));
-    let outcome = match tokio::time::timeout(timeout, task).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(join)) => Err(ExportError::new(
-            ErrorCode::Io,
-            format!("request failed: {join}"),
-        )),
-        Err(_) => Err(ExportError::new(
-            ErrorCode::Io,
-            format!("no answer within {} s", timeout.as_secs()),
-        )),
+    let op = std::panic::AssertUnwindSafe(run(export, req.command)).catch_unwind();
+    tokio::pin!(op);
+    let finished = |r: std::thread::Result<ExportResult<Outcome>>| match r {
+        Ok(r) => r,
+        Err(_) => Err(ExportError::new(ErrorCode::Io, "the export failed (panic)")),
     };
+    let outcome = tokio::select! {
+        r = &mut op => finished(r),
+        _ = tokio::time::sleep(timeout) => {
+            let late = Err(ExportError::new(
+                ErrorCode::Io,
+                format!("no answer within {} s", timeout.as_secs()),
+            ));
+            let _ = tx.send(encode_reply(cookie, &command, params, late)).await;
+            let _ = op.await;
+            return;
+        }
+    };
+    let _ = tx
+        .send(encode_reply(cookie, &command, params, outcome))
+        .await;
+}
+
+fn encode_reply(
+    cookie: u64,
+    command: &Command,
+    params: Params,
+    outcome: ExportResult<Outcome>,
+) -> Reply {
     let mut head = BytesMut::with_capacity(64);
     match outcome {
         Ok(Outcome::Done) => transmission::encode_ok(&mut head, cookie),
@@ -435,7 +506,7 @@ async fn execute<E: Export>(
                 &mut head,
                 params.structured,
                 cookie,
-                offset,
+                *offset,
                 data.len() as u32,
             );
             return Reply {
@@ -453,7 +524,9 @@ async fn execute<E: Export>(
             else {
                 unreachable!("extents only for block status")
             };
-            transmission::encode_block_status(&mut head, cookie, context, length, req_one, &extents)
+            transmission::encode_block_status(
+                &mut head, cookie, *context, *length, *req_one, &extents,
+            )
         }
         Err(e) => {
             tracing::warn!(cookie, command = command.code(), error = %e, "request failed");
