@@ -263,6 +263,7 @@ pub fn spec_of(v: &VolumeRecord) -> Result<VolumeSpec> {
             v.pg_count
         },
         level: DomainLevel::Host,
+        members: v.placement_servers.clone(),
     })
 }
 
@@ -295,6 +296,15 @@ pub async fn create_volume(
     if meta.record::<VolumeRecord>(name).await?.is_some() {
         return Err(ClusterError::VolumeExists { name: name.into() });
     }
+    // The servers of the map now (not declared down) place this volume for good; servers
+    // added later only stand in for down ones (see the record's `placement_servers`).
+    let mut members: Vec<u64> = cluster_map(meta)
+        .await?
+        .iter()
+        .filter(|s| s.up)
+        .map(|s| s.id)
+        .collect();
+    members.sort_unstable();
     let id = next_volume_id(meta).await?;
     let v = VolumeRecord {
         schema_version: 0,
@@ -309,6 +319,7 @@ pub async fn create_volume(
         created_unix_ms: now_ms(),
         unit_bytes,
         pg_count: DEFAULT_PG_COUNT,
+        placement_servers: members,
     };
     match meta.create_record(&v).await {
         Ok(_) => Ok(v),

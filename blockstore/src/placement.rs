@@ -93,21 +93,32 @@ fn score(volume: u64, group: u32, server: &Server) -> f64 {
 /// Positions are stable: the "ideal" placement is computed over every server, up or down, and
 /// only the positions of down servers are filled by the next best up servers. So a lost server
 /// moves only its own shard (same shard index on its replacement), and the group returns to
-/// the ideal layout when it comes back.
+/// the ideal layout when it comes back. When no up server of an unused domain is left, the
+/// down server keeps its position (the shard is unavailable, the stripe degraded); only a map
+/// with fewer domains than the stripe is wide is an error.
 pub fn place_group(
     volume: u64,
     group: u32,
     width: usize,
     servers: &[Server],
     level: DomainLevel,
+    members: &[u64],
 ) -> Result<Vec<u64>, PlacementError> {
+    let member = |s: &Server| members.is_empty() || members.contains(&s.id);
     let mut ranked: Vec<(f64, &Server)> = servers
         .iter()
         .filter(|s| s.weight > 0.0)
         .map(|s| (score(volume, group, s), s))
         .collect();
-    // Ties are broken by id so the order is total and the same everywhere.
-    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
+    // The volume's members rank first (the ideal layout is theirs; see the Volume record's
+    // `placement_servers`), then the others; ties are broken by id so the order is total and
+    // the same everywhere.
+    ranked.sort_by(|a, b| {
+        member(b.1)
+            .cmp(&member(a.1))
+            .then(b.0.total_cmp(&a.0))
+            .then(a.1.id.cmp(&b.1.id))
+    });
     let not_enough = |ranked: &[(f64, &Server)]| PlacementError::NotEnoughDomains {
         needed: width,
         available: ranked
@@ -141,12 +152,19 @@ pub fn place_group(
         if s.up {
             continue;
         }
+        // The best up server of an unused domain, by score alone (members or not).
         let replacement = ranked
             .iter()
-            .map(|(_, c)| *c)
-            .find(|c| c.up && !placed.contains(&c.id) && !used.contains(&c.domain(level)));
+            .filter(|(_, c)| c.up && !placed.contains(&c.id) && !used.contains(&c.domain(level)))
+            .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.id.cmp(&a.1.id)))
+            .map(|(_, c)| *c);
+        // No up server in an unused domain: the position stays with the down server. Its shard
+        // is then simply unavailable (read around, rebuilt when a domain is back or added),
+        // which degrades the stripe instead of failing it: with six hosts and 4+2, losing one
+        // host must not stop I/O.
         let Some(r) = replacement else {
-            return Err(not_enough(&ranked));
+            used.insert(s.domain(level));
+            continue;
         };
         used.insert(r.domain(level));
         placed[pos] = r.id;
@@ -162,9 +180,10 @@ pub fn place_stripe(
     width: usize,
     servers: &[Server],
     level: DomainLevel,
+    members: &[u64],
 ) -> Result<Vec<u64>, PlacementError> {
     let group = group_of(volume, stripe, pg_count)?;
-    place_group(volume, group, width, servers, level)
+    place_group(volume, group, width, servers, level, members)
 }
 
 #[cfg(test)]
@@ -204,7 +223,7 @@ mod tests {
         for (sites, racks, hosts, level, width) in table {
             let servers = cluster(sites, racks, hosts);
             for group in 0..64 {
-                let chosen = place_group(9, group, width, &servers, level).unwrap();
+                let chosen = place_group(9, group, width, &servers, level, &[]).unwrap();
                 assert_eq!(chosen.len(), width);
                 let domains: BTreeSet<_> = chosen
                     .iter()
@@ -217,13 +236,10 @@ mod tests {
 
     #[test]
     fn too_few_domains_is_a_clear_error() {
-        let mut servers = cluster(1, 3, 4);
-        // Rack r2 is entirely down: two racks are left for three shards.
-        for s in servers.iter_mut().filter(|s| s.rack == "r2") {
-            s.up = false;
-        }
+        let servers = cluster(1, 2, 4);
+        // Two racks in the whole map for three shards.
         assert_eq!(
-            place_group(1, 0, 3, &servers, DomainLevel::Rack),
+            place_group(1, 0, 3, &servers, DomainLevel::Rack, &[]),
             Err(PlacementError::NotEnoughDomains {
                 needed: 3,
                 available: 2,
@@ -234,13 +250,76 @@ mod tests {
     }
 
     #[test]
+    fn a_down_domain_without_replacement_keeps_its_position() {
+        // Six hosts for 4+2: when one is down there is nowhere to move its shards, so they
+        // stay (unavailable) and every other position is unchanged; the stripe is degraded,
+        // not failed.
+        let mut servers = cluster(1, 1, 6);
+        let members = [1, 2, 3, 4, 5, 6];
+        let before: Vec<Vec<u64>> = (0..64)
+            .map(|g| place_group(1, g, 6, &servers, DomainLevel::Host, &members).unwrap())
+            .collect();
+        servers[2].up = false;
+        for (g, b) in before.iter().enumerate() {
+            let after = place_group(1, g as u32, 6, &servers, DomainLevel::Host, &members).unwrap();
+            assert_eq!(&after, b, "group {g}");
+        }
+        // A seventh host joins: the down server's positions move to it, and nothing else
+        // moves (it is not one of the volume's members).
+        servers.push(Server {
+            id: 7,
+            site: "s0".into(),
+            rack: "r0".into(),
+            host: "h6".into(),
+            weight: 1.0,
+            up: true,
+        });
+        for (g, b) in before.iter().enumerate() {
+            let after = place_group(1, g as u32, 6, &servers, DomainLevel::Host, &members).unwrap();
+            let expected: Vec<u64> = b.iter().map(|&s| if s == 3 { 7 } else { s }).collect();
+            assert_eq!(after, expected, "group {g}");
+        }
+        // Server 3 comes back: the ideal layout returns.
+        servers[2].up = true;
+        for (g, b) in before.iter().enumerate() {
+            let after = place_group(1, g as u32, 6, &servers, DomainLevel::Host, &members).unwrap();
+            assert_eq!(&after, b, "group {g}");
+        }
+    }
+
+    #[test]
+    fn a_server_added_later_never_moves_shards_in_place() {
+        // Without a member list every server ranks (the adding server can take any position
+        // and shift the others); with it, an added server takes only down servers' places.
+        let mut servers = cluster(1, 1, 8);
+        let members: Vec<u64> = (1..=8).collect();
+        let before: Vec<Vec<u64>> = (0..128)
+            .map(|g| place_group(2, g, 6, &servers, DomainLevel::Host, &members).unwrap())
+            .collect();
+        for id in 9..=12 {
+            servers.push(Server {
+                id,
+                site: "s0".into(),
+                rack: "r0".into(),
+                host: format!("h{id}"),
+                weight: 1.0,
+                up: true,
+            });
+        }
+        for (g, b) in before.iter().enumerate() {
+            let after = place_group(2, g as u32, 6, &servers, DomainLevel::Host, &members).unwrap();
+            assert_eq!(&after, b, "group {g}");
+        }
+    }
+
+    #[test]
     fn placement_is_a_pure_function_of_the_map() {
         let servers = cluster(1, 1, 12);
         let mut reversed = servers.clone();
         reversed.reverse();
         for stripe in 0..200 {
-            let a = place_stripe(3, stripe, 128, 6, &servers, DomainLevel::Host).unwrap();
-            let b = place_stripe(3, stripe, 128, 6, &reversed, DomainLevel::Host).unwrap();
+            let a = place_stripe(3, stripe, 128, 6, &servers, DomainLevel::Host, &[]).unwrap();
+            let b = place_stripe(3, stripe, 128, 6, &reversed, DomainLevel::Host, &[]).unwrap();
             assert_eq!(a, b);
         }
         // Pinned values: the placement hash must never change for existing volumes.
@@ -252,7 +331,7 @@ mod tests {
     fn groups_spread_over_all_servers_and_a_loss_moves_little() {
         let mut servers = cluster(1, 1, 12);
         let before: Vec<Vec<u64>> = (0..DEFAULT_PG_COUNT)
-            .map(|g| place_group(5, g, 6, &servers, DomainLevel::Host).unwrap())
+            .map(|g| place_group(5, g, 6, &servers, DomainLevel::Host, &[]).unwrap())
             .collect();
         let mut load: BTreeMap<u64, usize> = BTreeMap::new();
         for g in &before {
@@ -266,7 +345,7 @@ mod tests {
         servers[3].up = false;
         let lost = servers[3].id;
         for (g, old) in before.iter().enumerate() {
-            let new = place_group(5, g as u32, 6, &servers, DomainLevel::Host).unwrap();
+            let new = place_group(5, g as u32, 6, &servers, DomainLevel::Host, &[]).unwrap();
             // Every shard not on the lost server keeps its server and its shard index.
             for (pos, id) in old.iter().enumerate() {
                 if *id != lost {
@@ -285,7 +364,7 @@ mod tests {
         let mut heavy = 0;
         let mut light = 0;
         for g in 0..512 {
-            let chosen = place_group(7, g, 2, &servers, DomainLevel::Host).unwrap();
+            let chosen = place_group(7, g, 2, &servers, DomainLevel::Host, &[]).unwrap();
             heavy += chosen.contains(&servers[0].id) as usize;
             light += chosen.contains(&servers[1].id) as usize;
         }

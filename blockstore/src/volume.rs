@@ -68,7 +68,7 @@ pub struct ServerInfo {
 }
 
 /// What a volume is: its size and how it is spread.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct VolumeSpec {
     pub id: u64,
     pub size_bytes: u64,
@@ -77,6 +77,9 @@ pub struct VolumeSpec {
     pub unit: u32,
     pub pg_count: u32,
     pub level: DomainLevel,
+    /// The servers whose ranking places the shards (empty: every server of the map); see
+    /// `placement::place_group`.
+    pub members: Vec<u64>,
 }
 
 impl VolumeSpec {
@@ -89,6 +92,7 @@ impl VolumeSpec {
             unit: 64 * 1024,
             pg_count: placement::DEFAULT_PG_COUNT,
             level: DomainLevel::Host,
+            members: Vec::new(),
         }
     }
 }
@@ -198,6 +202,8 @@ pub struct Failpoints {
 struct ClusterMap {
     servers: Vec<Server>,
     clients: HashMap<u64, BlockClient>,
+    /// Servers of the map that are down.
+    down: BTreeSet<u64>,
 }
 
 /// An open volume (see the module doc).
@@ -281,6 +287,7 @@ impl Volume {
             cluster: Mutex::new(ClusterMap {
                 servers: Vec::new(),
                 clients: HashMap::new(),
+                down: BTreeSet::new(),
             }),
             unreachable: Mutex::default(),
             views: Mutex::default(),
@@ -331,6 +338,7 @@ impl Volume {
     pub fn set_servers(&self, servers: &[ServerInfo]) {
         let mut c = self.cluster.lock().expect("poisoned");
         c.servers = servers.iter().map(to_placement).collect();
+        c.down = servers.iter().filter(|s| !s.up).map(|s| s.id).collect();
         for s in servers {
             let stale = c.clients.get(&s.id).is_none_or(|cl| cl.addr() != s.addr);
             if stale {
@@ -389,6 +397,7 @@ impl Volume {
             self.spec.profile.width(),
             &c.servers,
             self.spec.level,
+            &self.spec.members,
         )?)
     }
 
@@ -403,6 +412,17 @@ impl Volume {
     }
 
     fn reachable(&self, server: u64) -> bool {
+        // A server the map says is down is not tried (it may still hold positions no other
+        // domain could take over; those shards are unavailable until it is back or replaced).
+        if self
+            .cluster
+            .lock()
+            .expect("poisoned")
+            .down
+            .contains(&server)
+        {
+            return false;
+        }
         let mut u = self.unreachable.lock().expect("poisoned");
         match u.get(&server) {
             Some(t) if t.elapsed() < RETRY_UNREACHABLE => false,
@@ -1484,6 +1504,11 @@ impl Volume {
                 .next()
                 .is_some();
             if view.stale == 0 && !unstable && !corrupt {
+                // A position whose server did not answer (or is down with no replacement) is
+                // not known to be whole: the stripe is counted as deferred, not as repaired.
+                if infos.iter().any(Option::is_none) {
+                    report.deferred += 1;
+                }
                 report.stripes += 1;
                 self.stats.pass_stripes_done.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -1495,13 +1520,19 @@ impl Volume {
         let mut results = futures::stream::iter(todo)
             .map(|(stripe, infos)| async move {
                 self.check()?;
+                let unknown = infos.iter().any(Option::is_none);
                 let _g = self.lock_stripe(stripe).await;
-                self.settle_stripe_with(stripe, Some(infos)).await
+                self.settle_stripe_with(stripe, Some(infos))
+                    .await
+                    .map(|n| (n, unknown))
             })
             .buffer_unordered(MAX_REPAIR_PARALLEL);
         while let Some(r) = results.next().await {
             match r {
-                Ok(n) => {
+                Ok((n, unknown)) => {
+                    if unknown {
+                        report.deferred += 1;
+                    }
                     report.shards_rebuilt += n as u64;
                     pace.account(n as u64 * u64::from(self.spec.unit)).await;
                 }

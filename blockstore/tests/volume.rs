@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{Cluster, Rng};
-use continuum_blockstore::volume::{Volume, VolumeError, VolumeSpec};
+use continuum_blockstore::volume::{ServerInfo, Volume, VolumeError, VolumeSpec};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -507,5 +507,51 @@ async fn repair_restores_redundancy_after_a_server_is_lost_for_good() {
     // Full redundancy: two more servers lost, every byte still reads.
     cluster.kill(0);
     cluster.kill(6);
+    check_all(&vol, &model).await;
+}
+
+/// Six servers for 4+2 and one declared down: there is no seventh host to move its shards to,
+/// so they stay where they are, unavailable, and I/O goes on degraded (it must not fail). When
+/// a seventh server is added, repair moves them there and redundancy is whole again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_declared_down_with_no_spare_host_degrades_io_instead_of_failing_it() {
+    let mut cluster = Cluster::start(7);
+    cluster.kill(6);
+    let six: Vec<ServerInfo> = cluster.servers().into_iter().take(6).collect();
+    let size = 1 << 20;
+    // The volume's placement members are the six servers it was created on.
+    let mut s = spec(size);
+    s.members = (1..=6).collect();
+    let vol = Volume::open(s, 1, &six, TIMEOUT).await.unwrap();
+    let mut model = pattern(8, size as usize);
+    vol.write(0, Bytes::from(model.clone()), true)
+        .await
+        .unwrap();
+    cluster.kill(2);
+    let mut map = six.clone();
+    map[2].up = false;
+    vol.set_servers(&map);
+    for i in 0..20u64 {
+        let off = (i * 40_961) % (size - 5000);
+        let data = pattern(300 + i, 5000);
+        vol.write(off, Bytes::from(data.clone()), false)
+            .await
+            .unwrap();
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    }
+    check_all(&vol, &model).await;
+    let report = vol.repair_all(0).await.unwrap();
+    assert!(report.deferred > 0, "nowhere to rebuild yet: {report:?}");
+    // A seventh host: placement moves the lost shards to it and repair rebuilds them.
+    cluster.restart(6);
+    let mut map = cluster.servers();
+    map[2].up = false;
+    vol.set_servers(&map);
+    let report = vol.repair_all(0).await.unwrap();
+    assert_eq!(report.deferred, 0, "{report:?}");
+    assert!(report.shards_rebuilt > 0, "{report:?}");
+    // Whole again: two more servers lost, every byte still reads.
+    cluster.kill(0);
+    cluster.kill(4);
     check_all(&vol, &model).await;
 }

@@ -28,7 +28,7 @@ use continuum_blockstore::volume::{ServerInfo, Volume, VolumeError};
 use continuum_meta_client::MetaClient;
 use continuum_nbd::handshake::{ExportEntry, ExportInfo, Refusal};
 use continuum_nbd::server::{Catalog, Export, ExportError, ExportResult, ServerConfig};
-use continuum_nbd::transmission::Extent;
+use continuum_nbd::transmission::{extents_by_chunk, Extent};
 use continuum_nbd::wire::{self, ErrorCode};
 use continuum_proto::records_pb::{Volume as VolumeRecord, WriterLease};
 
@@ -330,24 +330,9 @@ impl Export for Handle {
     async fn block_status(&self, offset: u64, length: u32) -> ExportResult<Vec<Extent>> {
         let a = &self.attached;
         let alloc = a.allocated.lock().expect("poisoned");
-        let mut out = Vec::new();
-        let end = offset + length as u64;
-        let mut at = offset;
-        while at < end {
-            let unit = at / a.unit_bytes;
-            let n = ((unit + 1) * a.unit_bytes).min(end) - at;
-            let flags = if alloc.contains(&unit) {
-                0
-            } else {
-                wire::STATE_HOLE | wire::STATE_ZERO
-            };
-            out.push(Extent {
-                length: n as u32,
-                flags,
-            });
-            at += n;
-        }
-        Ok(out)
+        Ok(extents_by_chunk(offset, length, a.unit_bytes, |u| {
+            alloc.contains(&u)
+        }))
     }
 }
 

@@ -97,6 +97,38 @@ fn exited_during_startup(daemons: &mut [Daemon]) -> Option<String> {
     })
 }
 
+/// Polls `ready` every 100 ms until it yields a value. If a daemon exits meanwhile, or
+/// `what` has not happened within 30 s, everything is stopped and the error says why.
+async fn wait_ready<T, F, Fut>(
+    daemons: &mut [Daemon],
+    what: &str,
+    logs: &Path,
+    mut ready: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = ready().await {
+            return Ok(v);
+        }
+        if let Some(why) = exited_during_startup(daemons) {
+            stop_all(daemons).await;
+            bail!(why);
+        }
+        if tokio::time::Instant::now() > deadline {
+            stop_all(daemons).await;
+            bail!(
+                "not within 30 s: {what}; see the logs in {}",
+                logs.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn start_daemon(exe: &Path, name: String, args: &[String], log: PathBuf) -> anyhow::Result<Daemon> {
     let child = spawn(exe, &name, args, &log)?;
     Ok(Daemon {
@@ -154,26 +186,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let endpoints: Vec<String> = (1..=n).map(|i| addr(10, i)).collect();
     let client = MetaClient::connect(&endpoints)?;
     println!("starting {n} meta members under {} ...", data_dir.display());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let leader = loop {
-        if let Ok(s) = client.status().await {
-            if s.leader_id != 0 {
-                break s.leader_id;
-            }
-        }
-        if let Some(why) = exited_during_startup(&mut daemons) {
-            stop_all(&mut daemons).await;
-            bail!(why);
-        }
-        if tokio::time::Instant::now() > deadline {
-            stop_all(&mut daemons).await;
-            bail!(
-                "no meta leader within 30 s; see the logs in {}",
-                logs.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let leader = wait_ready(&mut daemons, "a meta leader was elected", &logs, || async {
+        client
+            .status()
+            .await
+            .ok()
+            .map(|s| s.leader_id)
+            .filter(|l| *l != 0)
+    })
+    .await?;
     let blocks = args.block_servers;
     for i in 1..=blocks {
         let name = format!("block-{i}");
@@ -189,28 +210,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ];
         daemons.push(start_daemon(&exe, name, &a, log)?);
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let registered = format!("all {blocks} block servers registered");
+    wait_ready(&mut daemons, &registered, &logs, || async {
         let alive = continuum_blockstore::cluster::alive_nodes(&client)
             .await
-            .unwrap_or_default();
-        if alive.len() as u64 >= blocks {
-            break;
-        }
-        if let Some(why) = exited_during_startup(&mut daemons) {
-            stop_all(&mut daemons).await;
-            bail!(why);
-        }
-        if tokio::time::Instant::now() > deadline {
-            stop_all(&mut daemons).await;
-            bail!(
-                "only {} of {blocks} block servers registered within 30 s; see the logs in {}",
-                alive.len(),
-                logs.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            .ok()?;
+        (alive.len() as u64 >= blocks).then_some(())
+    })
+    .await?;
     let socket = data_dir.join("nbd.sock");
     let a = vec![
         "gateway".to_string(),
@@ -251,24 +258,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .context("creating the demo volume")?;
         }
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", args.nbd_port))
-        .await
-        .is_err()
-    {
-        if let Some(why) = exited_during_startup(&mut daemons) {
-            stop_all(&mut daemons).await;
-            bail!(why);
-        }
-        if tokio::time::Instant::now() > deadline {
-            stop_all(&mut daemons).await;
-            bail!(
-                "the gateway did not listen within 30 s; see {}",
-                logs.join("gateway.log").display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let nbd_port = args.nbd_port;
+    wait_ready(&mut daemons, "the gateway listened", &logs, || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", nbd_port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await?;
     println!();
     println!("Continuum is up.");
     println!("  meta members   {}", endpoints.join(", "));

@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::handshake::{ExportEntry, ExportInfo, Refusal};
 use crate::server::{Catalog, Export, ExportResult};
-use crate::transmission::{Extent, MAX_PAYLOAD_BYTES};
+use crate::transmission::{extents_by_chunk, Extent, MAX_PAYLOAD_BYTES};
 use crate::wire;
 
 const CHUNK: u64 = 64 * 1024;
@@ -122,23 +122,9 @@ impl Export for MemExport {
 
     async fn block_status(&self, offset: u64, length: u32) -> ExportResult<Vec<Extent>> {
         let chunks = self.chunks.read().expect("poisoned");
-        let mut out = Vec::new();
-        let mut at = offset;
-        while at < offset + length as u64 {
-            let c = at / CHUNK;
-            let n = (CHUNK - at % CHUNK).min(offset + length as u64 - at);
-            let flags = if chunks.contains_key(&c) {
-                0
-            } else {
-                wire::STATE_HOLE | wire::STATE_ZERO
-            };
-            out.push(Extent {
-                length: n as u32,
-                flags,
-            });
-            at += n;
-        }
-        Ok(out)
+        Ok(extents_by_chunk(offset, length, CHUNK, |c| {
+            chunks.contains_key(&c)
+        }))
     }
 }
 

@@ -459,6 +459,35 @@ pub struct Extent {
     pub flags: u32,
 }
 
+/// `base:allocation` extents of `[offset, offset + length)` for a store that allocates in
+/// `chunk`-byte pieces: a piece for which `allocated(index)` is false is a hole that reads as
+/// zeros.
+pub fn extents_by_chunk(
+    offset: u64,
+    length: u32,
+    chunk: u64,
+    allocated: impl Fn(u64) -> bool,
+) -> Vec<Extent> {
+    let end = offset + length as u64;
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let index = at / chunk;
+        let n = ((index + 1) * chunk).min(end) - at;
+        let flags = if allocated(index) {
+            0
+        } else {
+            wire::STATE_HOLE | wire::STATE_ZERO
+        };
+        out.push(Extent {
+            length: n as u32,
+            flags,
+        });
+        at += n;
+    }
+    out
+}
+
 /// A BLOCK_STATUS reply: one chunk for the context. Adjacent extents with equal flags are
 /// merged; at most [`MAX_EXTENTS`] (or one with `req_one`, clipped to `length`) are sent.
 pub fn encode_block_status(
