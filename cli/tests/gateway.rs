@@ -291,6 +291,8 @@ async fn gateway_serves_volumes_to_qemu_libnbd_and_fio() {
             "--verify_fatal=1",
             "--do_verify=1",
         ]);
+        // fio leaves verify state files in its working directory.
+        c.current_dir(f.dir.path());
         c
     };
     let out = run(&mut fio("small", "32M"));
