@@ -204,6 +204,8 @@ struct ClusterMap {
     clients: HashMap<u64, BlockClient>,
     /// Servers of the map that are down.
     down: BTreeSet<u64>,
+    /// Placement of each group under this map (filled as groups are used).
+    groups: HashMap<u32, Vec<u64>>,
 }
 
 /// An open volume (see the module doc).
@@ -288,6 +290,7 @@ impl Volume {
                 servers: Vec::new(),
                 clients: HashMap::new(),
                 down: BTreeSet::new(),
+                groups: HashMap::new(),
             }),
             unreachable: Mutex::default(),
             views: Mutex::default(),
@@ -339,6 +342,7 @@ impl Volume {
         let mut c = self.cluster.lock().expect("poisoned");
         c.servers = servers.iter().map(to_placement).collect();
         c.down = servers.iter().filter(|s| !s.up).map(|s| s.id).collect();
+        c.groups.clear();
         for s in servers {
             let stale = c.clients.get(&s.id).is_none_or(|cl| cl.addr() != s.addr);
             if stale {
@@ -387,18 +391,23 @@ impl Volume {
         }
     }
 
-    /// The servers of a stripe's positions.
+    /// The servers of a stripe's positions (computed once per placement group and map).
     fn placement(&self, stripe: u64) -> Result<Vec<u64>> {
-        let c = self.cluster.lock().expect("poisoned");
-        Ok(placement::place_stripe(
+        let group = placement::group_of(self.spec.id, stripe, self.spec.pg_count)?;
+        let mut c = self.cluster.lock().expect("poisoned");
+        if let Some(p) = c.groups.get(&group) {
+            return Ok(p.clone());
+        }
+        let p = placement::place_group(
             self.spec.id,
-            stripe,
-            self.spec.pg_count,
+            group,
             self.spec.profile.width(),
             &c.servers,
             self.spec.level,
             &self.spec.members,
-        )?)
+        )?;
+        c.groups.insert(group, p.clone());
+        Ok(p)
     }
 
     fn client(&self, server: u64) -> Result<BlockClient> {
