@@ -81,6 +81,13 @@ pub struct GatewayArgs {
     /// Most bytes per second a repair started by this gateway rebuilds (0 = unthrottled).
     #[arg(long, default_value = "0", value_parser = crate::block::parse_size, value_name = "SIZE")]
     pub repair_rate: u64,
+    /// Scrub attached volumes every so many seconds (0 = never): verify every shard's
+    /// checksums and the parity, repair what is wrong, at most --scrub-rate.
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    pub scrub_interval_seconds: u64,
+    /// Most bytes per second a background scrub reads.
+    #[arg(long, default_value = "32M", value_parser = crate::block::parse_size, value_name = "SIZE")]
+    pub scrub_rate: u64,
     /// Address for Prometheus metrics (`/metrics`) and `/health`. [default: off]
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -340,7 +347,7 @@ pub struct GatewayInner {
     meta: MetaClient,
     holder: String,
     shard_timeout: Duration,
-    repair_rate: u64,
+    care: Care,
     attached: tokio::sync::Mutex<HashMap<String, Arc<Attached>>>,
     metrics: Arc<Metrics>,
     me: Weak<GatewayInner>,
@@ -418,7 +425,7 @@ impl GatewayInner {
             self.holder.clone(),
             lease.lease_id,
             servers,
-            self.repair_rate,
+            self.care,
         ));
         self.metrics.attaches.fetch_add(1, Ordering::Relaxed);
         self.metrics.attached.fetch_add(1, Ordering::Relaxed);
@@ -451,8 +458,20 @@ impl GatewayInner {
     }
 }
 
-/// Follows the cluster map while a volume is attached: placement changes go to the volume, and
-/// a server newly declared down starts a repair pass (progress published in meta).
+/// How an attached volume is looked after (gateway flags).
+#[derive(Clone, Copy, Debug)]
+struct Care {
+    repair_rate: u64,
+    scrub_every: Option<Duration>,
+    scrub_rate: u64,
+}
+
+/// Looks after a volume while it is attached: cluster-map changes go to the volume, a server
+/// newly declared down starts a repair pass, and with `--scrub-interval-seconds` the volume is
+/// scrubbed in the background (detached volumes are scrubbed by the block servers). Passes
+/// publish their progress in meta; at most one runs at a time. Passes are tasks of this one, so
+/// they stop when the volume is detached (a cut-short pass leaves only unstable versions,
+/// which the next writer reconciles).
 async fn follow_map(
     meta: MetaClient,
     vol: Weak<Volume>,
@@ -460,35 +479,59 @@ async fn follow_map(
     holder: String,
     lease: u64,
     mut servers: Vec<ServerInfo>,
-    repair_rate: u64,
+    care: Care,
 ) {
-    let mut repair: Option<tokio::task::JoinHandle<()>> = None;
+    let mut passes = tokio::task::JoinSet::new();
+    let mut map_tick = tokio::time::interval(MAP_REFRESH);
+    // Without scrubbing the tick is never polled; a year keeps `Instant` arithmetic in range.
+    let year = Duration::from_secs(365 * 24 * 3600);
+    let mut scrub_tick = tokio::time::interval(care.scrub_every.unwrap_or(year));
+    map_tick.tick().await;
+    scrub_tick.tick().await;
     loop {
-        tokio::time::sleep(MAP_REFRESH).await;
-        let Some(v) = vol.upgrade() else { return };
-        let Ok(map) = cluster::cluster_map(&meta).await else {
-            continue; // meta unreachable: keep serving from the map we have
-        };
-        if map == servers {
-            continue;
-        }
-        let was_up: BTreeSet<u64> = servers.iter().filter(|s| s.up).map(|s| s.id).collect();
-        let lost = map.iter().any(|s| !s.up && was_up.contains(&s.id));
-        tracing::info!(volume = name, lost, "cluster map changed");
-        v.set_servers(&map);
-        servers = map;
-        if lost && repair.as_ref().is_none_or(|r| r.is_finished()) {
-            let (meta, name, holder) = (meta.clone(), name.clone(), holder.clone());
-            let v = v.clone();
-            repair = Some(tokio::spawn(async move {
-                let reporter = cluster::report_progress(&meta, &v, &name, "repair", &holder, lease);
-                match v.repair_all(repair_rate).await {
-                    Ok(r) => tracing::info!(volume = name, report = ?r, "repair done"),
-                    Err(e) => tracing::warn!(volume = name, error = %e, "repair failed"),
+        let pass = tokio::select! {
+            _ = map_tick.tick() => {
+                let Some(v) = vol.upgrade() else { return };
+                let Ok(map) = cluster::cluster_map(&meta).await else {
+                    continue; // meta unreachable: keep serving from the map we have
+                };
+                if map == servers {
+                    continue;
                 }
-                reporter.abort();
-            }));
+                let was_up: BTreeSet<u64> = servers.iter().filter(|s| s.up).map(|s| s.id).collect();
+                let lost = map.iter().any(|s| !s.up && was_up.contains(&s.id));
+                tracing::info!(volume = name, lost, "cluster map changed");
+                v.set_servers(&map);
+                servers = map;
+                if !lost {
+                    continue;
+                }
+                cluster::Pass::Repair
+            }
+            _ = scrub_tick.tick(), if care.scrub_every.is_some() => cluster::Pass::Scrub,
+            Some(_) = passes.join_next(), if !passes.is_empty() => continue,
+        };
+        if !passes.is_empty() {
+            continue; // one pass at a time; a loss during a scrub is caught by the next map change
         }
+        let Some(v) = vol.upgrade() else { return };
+        let (meta, name, holder) = (meta.clone(), name.clone(), holder.clone());
+        passes.spawn(async move {
+            let kind = match pass {
+                cluster::Pass::Repair => "repair",
+                cluster::Pass::Scrub => "scrub",
+            };
+            let reporter = cluster::report_progress(&meta, &v, &name, kind, &holder, lease);
+            let r = match pass {
+                cluster::Pass::Repair => v.repair_all(care.repair_rate).await,
+                cluster::Pass::Scrub => v.scrub(care.scrub_rate).await,
+            };
+            reporter.abort();
+            match r {
+                Ok(r) => tracing::info!(volume = name, report = ?r, "{kind} done"),
+                Err(e) => tracing::warn!(volume = name, error = %e, "{kind} failed"),
+            }
+        });
     }
 }
 
@@ -572,7 +615,12 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         meta,
         holder: format!("{GATEWAY_HOLDER_PREFIX}{}", args.id),
         shard_timeout: Duration::from_millis(args.shard_timeout_ms),
-        repair_rate: args.repair_rate,
+        care: Care {
+            repair_rate: args.repair_rate,
+            scrub_every: (args.scrub_interval_seconds > 0)
+                .then(|| Duration::from_secs(args.scrub_interval_seconds)),
+            scrub_rate: args.scrub_rate,
+        },
         attached: tokio::sync::Mutex::default(),
         metrics: metrics.clone(),
         me: me.clone(),

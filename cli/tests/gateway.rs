@@ -560,3 +560,48 @@ async fn requests_fail_with_eio_instead_of_hanging_when_too_many_servers_are_los
     let info = run(Command::new("nbdinfo").args(["--size", &uri]));
     assert_eq!(info.trim(), (64u64 << 20).to_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_volume_is_scrubbed_by_its_gateway() {
+    let f = fabric().await;
+    let ep = f.meta_ep.clone();
+    continuum(&ep, &["volume", "create", "kept", "--size", "16M"]);
+    let gw = Gateway::start(
+        f.dir.path(),
+        "gw-scrub",
+        &ep,
+        &["--scrub-interval-seconds=1"],
+    );
+    // One client writes, then keeps the export attached (qemu-io sleeps before it exits).
+    let mut holder = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 0 4M",
+            "-c",
+            "flush",
+            "-c",
+            "sleep 6000",
+        ])
+        .arg(gw.uri("kept"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let scrubbed = common::wait_for(Duration::from_secs(30), || async {
+        gw.logs().contains("scrub done").then_some(())
+    })
+    .await;
+    let _ = holder.wait();
+    assert!(
+        scrubbed.is_some(),
+        "the gateway scrubs what it serves: {}",
+        gw.logs()
+    );
+    assert!(
+        gw.logs().contains("checksum_errors: 0"),
+        "nothing to fix on a healthy volume: {}",
+        gw.logs()
+    );
+}
