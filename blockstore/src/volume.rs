@@ -958,6 +958,8 @@ impl Volume {
             }
             delta
         };
+        // Shared, not copied, by the parity writes (and a retry of them).
+        let parity: Vec<Bytes> = parity.into_iter().map(Bytes::from).collect();
         let data_base: Vec<(u32, Version)> = touched
             .iter()
             .map(|&t| (t as u32, old_view.expected[t]))
@@ -967,7 +969,7 @@ impl Volume {
         let parity_writes: Vec<ShardWrite> = (k..width)
             .filter(|&pos| !view.is_stale(pos))
             .map(|pos| {
-                let payload = Bytes::from(parity[pos - k].clone());
+                let payload = parity[pos - k].clone();
                 ShardWrite {
                     pos,
                     req: WriteReq {
