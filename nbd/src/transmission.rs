@@ -142,10 +142,6 @@ impl Transmission {
         }
     }
 
-    pub fn params(&self) -> &Params {
-        &self.params
-    }
-
     /// Feeds bytes from the client.
     pub fn handle_input(&mut self, bytes: &[u8]) {
         self.input.extend_from_slice(bytes);

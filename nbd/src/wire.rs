@@ -110,8 +110,6 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 pub const GREETING_LEN: usize = 18;
 pub const OPTION_HEADER_LEN: usize = 16;
 pub const REQUEST_HEADER_LEN: usize = 28;
-pub const SIMPLE_REPLY_LEN: usize = 16;
-pub const STRUCTURED_HEADER_LEN: usize = 20;
 
 /// NBD error values (errno numbering, as the protocol fixes them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -254,53 +252,6 @@ pub fn emit_chunk_header(out: &mut BytesMut, flags: u16, kind: u16, cookie: u64,
     out.put_u32(length);
 }
 
-/// A parsed reply (used by tests and by the in-crate client side of fuzzing).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReplyHeader {
-    Simple {
-        error: u32,
-        cookie: u64,
-    },
-    Chunk {
-        flags: u16,
-        kind: u16,
-        cookie: u64,
-        length: u32,
-    },
-}
-
-impl ReplyHeader {
-    /// `Ok(None)` while the header is incomplete.
-    pub fn parse(b: &[u8]) -> Result<Option<(Self, usize)>, WireError> {
-        if b.len() < 4 {
-            return Ok(None);
-        }
-        match be_u32(&b[0..4]) {
-            SIMPLE_REPLY_MAGIC if b.len() >= SIMPLE_REPLY_LEN => Ok(Some((
-                Self::Simple {
-                    error: be_u32(&b[4..8]),
-                    cookie: be_u64(&b[8..16]),
-                },
-                SIMPLE_REPLY_LEN,
-            ))),
-            STRUCTURED_REPLY_MAGIC if b.len() >= STRUCTURED_HEADER_LEN => Ok(Some((
-                Self::Chunk {
-                    flags: be_u16(&b[4..6]),
-                    kind: be_u16(&b[6..8]),
-                    cookie: be_u64(&b[8..16]),
-                    length: be_u32(&b[16..20]),
-                },
-                STRUCTURED_HEADER_LEN,
-            ))),
-            SIMPLE_REPLY_MAGIC | STRUCTURED_REPLY_MAGIC => Ok(None),
-            other => Err(WireError::BadMagic {
-                expected: SIMPLE_REPLY_MAGIC as u64,
-                found: other as u64,
-            }),
-        }
-    }
-}
-
 /// Reads a length-prefixed (u32) string at `at`; `None` if it does not fit or is not UTF-8.
 pub fn parse_string(b: &[u8], at: usize) -> Option<(String, usize)> {
     let len = be_u32(b.get(at..at + 4)?) as usize;
@@ -316,11 +267,6 @@ pub fn parse_u16(b: &[u8], at: usize) -> Option<u16> {
 /// Reads a u32 at `at`.
 pub fn parse_u32(b: &[u8], at: usize) -> Option<u32> {
     b.get(at..at + 4).map(be_u32)
-}
-
-/// Reads a u64 at `at`.
-pub fn parse_u64(b: &[u8], at: usize) -> Option<u64> {
-    b.get(at..at + 8).map(be_u64)
 }
 
 #[cfg(test)]
@@ -351,10 +297,8 @@ mod tests {
         fn parsers_never_panic(bytes: Vec<u8>, at in 0usize..64) {
             let _ = RequestHeader::parse(&bytes);
             let _ = OptionHeader::parse(&bytes);
-            let _ = ReplyHeader::parse(&bytes);
             let _ = parse_string(&bytes, at);
             let _ = parse_u16(&bytes, at);
-            let _ = parse_u64(&bytes, at);
         }
     }
 
