@@ -448,7 +448,11 @@ pub async fn acquire_attach_lease(
                 let Some(v) = meta.record::<VolumeRecord>(name).await? else {
                     return Err(ClusterError::VolumeNotFound { name: name.into() });
                 };
-                let key = format!("{:020}", v.record.id);
+                let key = WriterLease {
+                    volume_id: v.record.id,
+                    ..Default::default()
+                }
+                .name();
                 let Some(current) = meta.record::<WriterLease>(&key).await? else {
                     continue; // it went away meanwhile, or the volume changed: retry
                 };
@@ -666,8 +670,16 @@ impl VolumeHealth {
 
 /// The health of volume `v` from the cluster map, its writer lease and running passes.
 pub async fn volume_health(meta: &MetaClient, v: &VolumeRecord) -> Result<VolumeHealth> {
+    let mut h = volumes_health(meta, std::slice::from_ref(v)).await?;
+    Ok(h.pop().expect("one health per volume"))
+}
+
+/// [`volume_health`] of several volumes, reading the cluster-wide records once.
+pub async fn volumes_health(
+    meta: &MetaClient,
+    volumes: &[VolumeRecord],
+) -> Result<Vec<VolumeHealth>> {
     use continuum_proto::records_pb::VolumePass;
-    let spec = spec_of(v)?;
     let alive = alive_nodes(meta).await?;
     let nodes: Vec<Node> = meta
         .records::<Node>()
@@ -686,29 +698,41 @@ pub async fn volume_health(meta: &MetaClient, v: &VolumeRecord) -> Result<Volume
         .filter(|n| !n.declared_down && !alive.contains(&n.id))
         .map(|n| n.id)
         .collect();
-    let writer = meta
-        .record::<WriterLease>(&format!("{:020}", v.id))
+    let leases: Vec<WriterLease> = meta
+        .records::<WriterLease>()
         .await?
-        .map(|l| l.record.holder);
-    let pass = meta
+        .into_iter()
+        .map(|l| l.record)
+        .collect();
+    let passes: Vec<VolumePass> = meta
         .records::<VolumePass>()
         .await?
         .into_iter()
         .map(|p| p.record)
-        .find(|p| p.volume == v.name)
-        .map(|p| {
-            let pct = (p.stripes_done * 100)
-                .checked_div(p.stripes_total)
-                .unwrap_or(0);
-            (p.kind, pct as u32)
-        });
-    Ok(VolumeHealth {
-        writer,
-        servers_up: nodes.len() - down.len() - missing.len(),
-        missing,
-        down,
-        width: spec.profile.width(),
-        data: spec.profile.data,
-        pass,
-    })
+        .collect();
+    volumes
+        .iter()
+        .map(|v| {
+            let spec = spec_of(v)?;
+            let writer = leases
+                .iter()
+                .find(|l| l.volume_id == v.id)
+                .map(|l| l.holder.clone());
+            let pass = passes.iter().find(|p| p.volume == v.name).map(|p| {
+                let pct = (p.stripes_done * 100)
+                    .checked_div(p.stripes_total)
+                    .unwrap_or(0);
+                (p.kind.clone(), pct as u32)
+            });
+            Ok(VolumeHealth {
+                writer,
+                servers_up: nodes.len() - down.len() - missing.len(),
+                missing: missing.clone(),
+                down: down.clone(),
+                width: spec.profile.width(),
+                data: spec.profile.data,
+                pass,
+            })
+        })
+        .collect()
 }

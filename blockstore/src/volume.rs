@@ -1685,14 +1685,8 @@ impl Volume {
     pub async fn allocated_units(&self) -> Result<BTreeSet<u64>> {
         let listing = self.list_all(false).await?;
         let k = self.spec.profile.data as u64;
-        let exact = listing.failed.is_empty()
-            && self
-                .cluster
-                .lock()
-                .expect("poisoned")
-                .servers
-                .iter()
-                .all(|s| s.up);
+        let exact =
+            listing.failed.is_empty() && self.cluster.lock().expect("poisoned").down.is_empty();
         let mut units = BTreeSet::new();
         for (stripe, objs) in &listing.stripes {
             if exact {

@@ -442,19 +442,20 @@ async fn block_status(client: &MetaClient) {
         .await
     {
         println!("volumes: {}", volumes.len());
-        for v in volumes {
-            let h = continuum_blockstore::cluster::volume_health(client, &v.record).await;
-            let writer = match &h {
-                Ok(h) => h.writer.clone().unwrap_or_else(|| "detached".into()),
-                Err(_) => "?".into(),
-            };
-            let health = h.map(|h| h.summary()).unwrap_or_else(|e| e.to_string());
-            println!(
-                "  {:<24} {:>10}  {:<18} {health}",
-                v.record.name,
-                human_bytes(v.record.size_bytes),
-                writer
-            );
+        let records: Vec<_> = volumes.into_iter().map(|v| v.record).collect();
+        match continuum_blockstore::cluster::volumes_health(client, &records).await {
+            Ok(health) => {
+                for (v, h) in records.iter().zip(health) {
+                    println!(
+                        "  {:<24} {:>10}  {:<18} {}",
+                        v.name,
+                        human_bytes(v.size_bytes),
+                        h.writer.clone().unwrap_or_else(|| "detached".into()),
+                        h.summary()
+                    );
+                }
+            }
+            Err(e) => println!("  (health unknown: {e})"),
         }
     }
     if let Ok(passes) = client.records::<VolumePass>().await {

@@ -428,10 +428,15 @@ pub async fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
                 "{:<6} {:<24} {:>9} {:>6} {:>6} {:>6} {:<18} HEALTH",
                 "ID", "NAME", "SIZE", "EC", "UNIT", "EPOCH", "WRITER"
             );
-            for v in meta.records::<VolumeRecord>().await? {
-                let r = v.record;
+            let records: Vec<VolumeRecord> = meta
+                .records::<VolumeRecord>()
+                .await?
+                .into_iter()
+                .map(|v| v.record)
+                .collect();
+            let health = cluster::volumes_health(&meta, &records).await?;
+            for (r, h) in records.into_iter().zip(health) {
                 let spec = cluster::spec_of(&r)?;
-                let h = cluster::volume_health(&meta, &r).await?;
                 println!(
                     "{:<6} {:<24} {:>9} {:>6} {:>6} {:>6} {:<18} {}",
                     r.id,

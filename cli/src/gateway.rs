@@ -235,9 +235,14 @@ impl Attached {
     }
 }
 
+/// The export description clients see (NBD_INFO_DESCRIPTION, LIST).
+fn description(data: impl std::fmt::Display, parity: impl std::fmt::Display) -> String {
+    format!("Continuum volume, EC {data}+{parity}")
+}
+
 fn describe(vol: &Volume) -> String {
     let p = vol.spec().profile;
-    format!("Continuum volume, EC {}+{}", p.data, p.parity)
+    description(p.data, p.parity)
 }
 
 /// What one connection holds: the attached volume, counted so the last one to go detaches.
@@ -546,10 +551,7 @@ impl Catalog for Gateway {
                     let p = v.record.profile.unwrap_or_default();
                     ExportEntry {
                         name: v.record.name,
-                        description: format!(
-                            "Continuum volume, EC {}+{}",
-                            p.data_shards, p.parity_shards
-                        ),
+                        description: description(p.data_shards, p.parity_shards),
                     }
                 })
                 .collect(),
@@ -569,7 +571,7 @@ impl Catalog for Gateway {
                 let p = v.record.profile.unwrap_or_default();
                 Ok(continuum_nbd::mem::export_info(
                     name,
-                    &format!("Continuum volume, EC {}+{}", p.data_shards, p.parity_shards),
+                    &description(p.data_shards, p.parity_shards),
                     v.record.size_bytes,
                 ))
             }
