@@ -7,13 +7,15 @@
 //! until it has reconciled it. A server's explicit refusal is [`ShardError::Status`].
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use prost::Message;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::protocol::{self, pb};
@@ -47,6 +49,34 @@ impl ShardError {
     }
 }
 
+/// A byte stream to a block server.
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+/// What [`Dialer::dial`] returns.
+pub type Dialing = Pin<Box<dyn Future<Output = std::io::Result<Box<dyn Stream>>> + Send>>;
+
+/// How a client reaches a server address: TCP ([`TcpDialer`]) in every deployment; the chaos
+/// simulator dials in-process pipes through its simulated network instead.
+pub trait Dialer: Send + Sync + 'static {
+    fn dial(&self, addr: &str) -> Dialing;
+}
+
+/// Dials `host:port` over TCP (no Nagle: requests are small and latency-bound).
+#[derive(Debug, Default)]
+pub struct TcpDialer;
+
+impl Dialer for TcpDialer {
+    fn dial(&self, addr: &str) -> Dialing {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(&addr).await?;
+            stream.set_nodelay(true)?;
+            Ok(Box::new(stream) as Box<dyn Stream>)
+        })
+    }
+}
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<FrameRepr, ShardError>>>>>;
 
 struct Conn {
@@ -63,6 +93,7 @@ pub struct BlockClient {
     next_id: Arc<AtomicU64>,
     conn: Arc<tokio::sync::Mutex<Option<Conn>>>,
     slots: Arc<Semaphore>,
+    dialer: Arc<dyn Dialer>,
 }
 
 impl std::fmt::Debug for BlockClient {
@@ -73,12 +104,22 @@ impl std::fmt::Debug for BlockClient {
 
 impl BlockClient {
     pub fn new(addr: impl Into<String>, timeout: Duration) -> Self {
+        Self::with_dialer(addr, timeout, Arc::new(TcpDialer))
+    }
+
+    /// A client that reaches `addr` through `dialer`.
+    pub fn with_dialer(
+        addr: impl Into<String>,
+        timeout: Duration,
+        dialer: Arc<dyn Dialer>,
+    ) -> Self {
         Self {
             addr: addr.into(),
             timeout,
             next_id: Arc::new(AtomicU64::new(1)),
             conn: Arc::default(),
             slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            dialer,
         }
     }
 
@@ -100,14 +141,11 @@ impl BlockClient {
                 return Ok((c.tx.clone(), c.pending.clone()));
             }
         }
-        let stream = tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect(&self.addr))
+        let stream = tokio::time::timeout(self.timeout, self.dialer.dial(&self.addr))
             .await
             .map_err(|_| self.transport("connect timed out"))?
             .map_err(|e| self.transport(format!("connect: {e}")))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| self.transport(format!("nodelay: {e}")))?;
-        let (rd, wr) = stream.into_split();
+        let (rd, wr) = tokio::io::split(stream);
         let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
         let pending: Pending = Arc::default();
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -343,7 +381,7 @@ impl BlockClient {
 }
 
 async fn writer(
-    wr: tokio::net::tcp::OwnedWriteHalf,
+    wr: tokio::io::WriteHalf<Box<dyn Stream>>,
     mut rx: mpsc::Receiver<FrameRepr>,
     alive: Arc<std::sync::atomic::AtomicBool>,
 ) {
@@ -352,7 +390,7 @@ async fn writer(
 }
 
 async fn reader(
-    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut rd: tokio::io::ReadHalf<Box<dyn Stream>>,
     pending: Pending,
     alive: Arc<std::sync::atomic::AtomicBool>,
     addr: String,

@@ -164,6 +164,12 @@ impl MemDevice {
         self.state.borrow().current.len()
     }
 
+    /// The offset of the `n`-th block holding data, in offset order (for bit rot aimed at
+    /// real data).
+    pub fn block_in_use(&self, n: usize) -> Option<u64> {
+        self.state.borrow().current.keys().nth(n).copied()
+    }
+
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
         let aligned =
             offset.is_multiple_of(BLOCK_BYTES as u64) && len.is_multiple_of(BLOCK_BYTES as u64);

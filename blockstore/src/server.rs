@@ -80,7 +80,10 @@ pub async fn serve<D: Device + 'static, I: Index + 'static>(
         let store = store.clone();
         let node = cfg.node_id;
         tokio::task::spawn_local(async move {
-            if let Err(e) = connection(store, stream, peer, node).await {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "nodelay");
+            }
+            if let Err(e) = connection(store, stream, &peer.to_string(), node).await {
                 tracing::debug!(%peer, error = %e, "connection closed");
             }
             drop(permit);
@@ -90,14 +93,20 @@ pub async fn serve<D: Device + 'static, I: Index + 'static>(
     result
 }
 
-async fn connection<D: Device + 'static, I: Index + 'static>(
+/// Serves one connection until the peer closes it or sends a corrupt frame. Public for the
+/// chaos simulator, which hands it in-process streams.
+pub async fn connection<D, I, S>(
     store: Rc<Store<D, I>>,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
+    stream: S,
+    peer: &str,
     node: u64,
-) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
-    let (mut rd, wr) = stream.into_split();
+) -> std::io::Result<()>
+where
+    D: Device + 'static,
+    I: Index + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let (mut rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<FrameRepr>(MAX_IN_FLIGHT_PER_CONNECTION);
     let writer = tokio::task::spawn_local(write_loop(wr, rx));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
@@ -152,8 +161,8 @@ async fn connection<D: Device + 'static, I: Index + 'static>(
     result
 }
 
-async fn write_loop(
-    wr: tokio::net::tcp::OwnedWriteHalf,
+async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
+    wr: W,
     mut rx: mpsc::Receiver<FrameRepr>,
 ) -> std::io::Result<()> {
     crate::conn::write_frames(wr, &mut rx, None).await

@@ -28,14 +28,17 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so the chaos simulator's virtual time drives retries and throttles too.
+use tokio::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use futures::StreamExt;
 
 use crate::checksum::{self, BLOCK_BYTES};
-use crate::client::{BlockClient, ShardError};
+use crate::client::{BlockClient, Dialer, ShardError, TcpDialer};
 use crate::ec::{Codec, EcError, Profile};
 use crate::layout::{Layout, Segment};
 use crate::placement::{self, DomainLevel, PlacementError, Server};
@@ -216,6 +219,7 @@ pub struct Volume {
     epoch: u64,
     seq: AtomicU64,
     timeout: Duration,
+    dialer: Arc<dyn Dialer>,
     cluster: Mutex<ClusterMap>,
     unreachable: Mutex<HashMap<u64, Instant>>,
     views: Mutex<HashMap<u64, StripeView>>,
@@ -272,6 +276,17 @@ impl Volume {
         servers: &[ServerInfo],
         timeout: Duration,
     ) -> Result<Arc<Volume>> {
+        Self::open_with_dialer(spec, epoch, servers, timeout, Arc::new(TcpDialer)).await
+    }
+
+    /// [`Volume::open`], reaching the servers through `dialer` (the chaos simulator's network).
+    pub async fn open_with_dialer(
+        spec: VolumeSpec,
+        epoch: u64,
+        servers: &[ServerInfo],
+        timeout: Duration,
+        dialer: Arc<dyn Dialer>,
+    ) -> Result<Arc<Volume>> {
         if spec.size_bytes == 0 || !spec.size_bytes.is_multiple_of(BLOCK_BYTES as u64) {
             return Err(VolumeError::BadSize {
                 size: spec.size_bytes,
@@ -286,6 +301,7 @@ impl Volume {
             epoch,
             seq: AtomicU64::new(1),
             timeout,
+            dialer,
             cluster: Mutex::new(ClusterMap {
                 servers: Vec::new(),
                 clients: HashMap::new(),
@@ -346,8 +362,10 @@ impl Volume {
         for s in servers {
             let stale = c.clients.get(&s.id).is_none_or(|cl| cl.addr() != s.addr);
             if stale {
-                c.clients
-                    .insert(s.id, BlockClient::new(s.addr.clone(), self.timeout));
+                c.clients.insert(
+                    s.id,
+                    BlockClient::with_dialer(s.addr.clone(), self.timeout, self.dialer.clone()),
+                );
             }
         }
         drop(c);

@@ -33,6 +33,9 @@ pub struct SimConfig {
     /// Deliberately broken storage, to show the checkers catch it: the simulated log writer
     /// reports appends durable without syncing them (a crash then loses acknowledged entries).
     pub break_log_sync: bool,
+    /// Keys of a register workload (puts, linearizable gets and compare-and-swaps on a few
+    /// shared keys) whose history goes into the report for a linearizability checker; 0: off.
+    pub registers: usize,
 }
 
 impl Default for SimConfig {
@@ -45,6 +48,7 @@ impl Default for SimConfig {
             fault_every_ms: 1_500,
             snapshot_entries: 64,
             break_log_sync: false,
+            registers: 0,
         }
     }
 }
@@ -60,6 +64,39 @@ pub struct SimReport {
     pub messages_dropped: usize,
     pub snapshots_applied: u64,
     pub applied_index: u64,
+    /// The register workload's history (see [`SimConfig::registers`]).
+    pub history: Vec<KvRecord>,
+}
+
+/// One operation of the register workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvCall {
+    Put(Vec<u8>),
+    Get,
+    /// Put `new` if the key's value is `expect` (`None`: absent).
+    Cas {
+        expect: Option<Vec<u8>>,
+        new: Vec<u8>,
+    },
+}
+
+/// What the client learnt of an operation; `None` in [`KvRecord::result`] when it never
+/// learnt (timeout, crash, an error: the write may or may not have been applied).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvResult {
+    Put,
+    Get(Option<Vec<u8>>),
+    Cas(bool),
+}
+
+/// One entry of the history: invocation and completion in virtual ms.
+#[derive(Clone, Debug)]
+pub struct KvRecord {
+    pub key: Vec<u8>,
+    pub call: KvCall,
+    pub invoke_ms: u64,
+    pub complete_ms: Option<u64>,
+    pub result: Option<KvResult>,
 }
 
 const TICK_MS: u64 = 100;
@@ -97,6 +134,9 @@ struct Sim {
     next_key: u64,
     /// Whether clients keep sending puts.
     clients: bool,
+    /// request id → index in `report.history` of an outstanding register operation.
+    register_ops: BTreeMap<u64, usize>,
+    next_value: u64,
     report: SimReport,
 }
 
@@ -119,6 +159,8 @@ impl Sim {
             next_request: 1,
             next_key: 0,
             clients: true,
+            register_ops: BTreeMap::new(),
+            next_value: 0,
             report: SimReport {
                 seed,
                 ..Default::default()
@@ -187,8 +229,10 @@ impl Sim {
                     }
                 }
             }
-            // Requests on the crashed member are gone with it.
+            // Requests on the crashed member are gone with it (register operations stay in
+            // the history with unknown outcomes).
             self.outstanding.retain(|id, _| id % 16 != i as u64);
+            self.register_ops.retain(|id, _| id % 16 != i as u64);
         }
     }
 
@@ -240,6 +284,28 @@ impl Sim {
                         to: msg.to,
                         msg,
                     });
+                }
+                Output::Respond { id, result } if self.register_ops.contains_key(&id) => {
+                    let at = self.register_ops.remove(&id).expect("checked");
+                    let now = self.now_ms;
+                    let rec = &mut self.report.history[at];
+                    let learnt = match (&rec.call, result) {
+                        (KvCall::Put(_), Ok(Response::Applied(Applied::Put(_)))) => {
+                            Some(KvResult::Put)
+                        }
+                        (KvCall::Get, Ok(Response::Range(r))) => {
+                            Some(KvResult::Get(r.kvs.first().map(|kv| kv.value.clone())))
+                        }
+                        (KvCall::Cas { .. }, Ok(Response::Applied(Applied::Txn(t)))) => {
+                            Some(KvResult::Cas(t.succeeded))
+                        }
+                        (_, Ok(other)) => return Err(format!("unexpected response {other:?}")),
+                        (_, Err(_)) => None,
+                    };
+                    if learnt.is_some() {
+                        rec.complete_ms = Some(now);
+                        rec.result = learnt;
+                    }
                 }
                 Output::Respond { id, result } => {
                     if let Some(key) = self.outstanding.remove(&id) {
@@ -298,6 +364,105 @@ impl Sim {
                 prev_kv: false,
             }),
         );
+    }
+
+    /// One operation of the register workload on a shared key.
+    fn client_register(&mut self) {
+        use continuum_proto::meta::TxnRequest;
+        use continuum_proto::meta::{compare, request_op, Compare, RangeRequest, RequestOp};
+        let i = match self.leader() {
+            Some(l) if self.rng.gen_bool(0.9) => l,
+            _ => self.rng.gen_range(0..self.members.len()),
+        };
+        if self.members[i].core.is_none() {
+            return;
+        }
+        let key = format!("r{}", self.rng.gen_range(0..self.cfg.registers)).into_bytes();
+        self.next_value += 1;
+        let value = format!("v{}", self.next_value).into_bytes();
+        let (call, request) = match self.rng.gen_range(0..10) {
+            0..=3 => (
+                KvCall::Put(value.clone()),
+                Request::Put(PutRequest {
+                    key: key.clone(),
+                    value,
+                    lease: 0,
+                    prev_kv: false,
+                }),
+            ),
+            4..=6 => (
+                KvCall::Get,
+                Request::Range(RangeRequest {
+                    key: key.clone(),
+                    ..Default::default()
+                }),
+            ),
+            _ => {
+                // Expect a value this key really had (so swaps sometimes succeed), or absence.
+                let seen: Vec<Vec<u8>> = self
+                    .report
+                    .history
+                    .iter()
+                    .rev()
+                    .filter(|r| r.key == key)
+                    .filter_map(|r| match &r.call {
+                        KvCall::Put(v) | KvCall::Cas { new: v, .. } => Some(v.clone()),
+                        KvCall::Get => None,
+                    })
+                    .take(3)
+                    .collect();
+                let expect = if seen.is_empty() {
+                    None
+                } else {
+                    Some(seen[self.rng.gen_range(0..seen.len())].clone())
+                };
+                let compare = match &expect {
+                    Some(v) => Compare {
+                        result: compare::CompareResult::Equal as i32,
+                        target: compare::CompareTarget::Value as i32,
+                        key: key.clone(),
+                        target_union: Some(compare::TargetUnion::Value(v.clone())),
+                    },
+                    // Absent: its version is 0.
+                    None => Compare {
+                        result: compare::CompareResult::Equal as i32,
+                        target: compare::CompareTarget::Version as i32,
+                        key: key.clone(),
+                        target_union: Some(compare::TargetUnion::Version(0)),
+                    },
+                };
+                let put = RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: key.clone(),
+                        value: value.clone(),
+                        lease: 0,
+                        prev_kv: false,
+                    })),
+                };
+                (
+                    KvCall::Cas { expect, new: value },
+                    Request::Txn(TxnRequest {
+                        compare: vec![compare],
+                        success: vec![put],
+                        failure: vec![],
+                    }),
+                )
+            }
+        };
+        let id = self.next_request * 16 + i as u64;
+        self.next_request += 1;
+        self.register_ops.insert(id, self.report.history.len());
+        self.report.history.push(KvRecord {
+            key,
+            call,
+            invoke_ms: self.now_ms,
+            complete_ms: None,
+            result: None,
+        });
+        let now = self.now_ms;
+        if let Some(core) = self.members[i].core.as_mut() {
+            core.handle_request(now, id, request);
+        }
     }
 
     fn fault(&mut self) -> Result<(), String> {
@@ -415,6 +580,11 @@ impl Sim {
         if self.clients {
             for _ in 0..self.rng.gen_range(0..4) {
                 self.client_put();
+            }
+            if self.cfg.registers > 0 {
+                for _ in 0..self.rng.gen_range(0..3) {
+                    self.client_register();
+                }
             }
         }
         for j in 0..self.members.len() {
