@@ -235,6 +235,11 @@ pub struct Volume {
     corrupt: Mutex<BTreeSet<(u64, usize)>>,
     fenced: AtomicBool,
     crashed: AtomicBool,
+    /// A server failed at the transport level since the last verification pass: it may have
+    /// restarted and lost writes it had not synced (acknowledged but not flushed), which no
+    /// cached view shows. A pass over every stripe (`repair_all`) finds and rebuilds them
+    /// once the server answers again, before more losses can pile up on one stripe.
+    unverified: AtomicBool,
     /// Unstable versions of epochs below this are rolled back, never forward: while opening,
     /// the previous writer's epoch (it served I/O without what it could not see); once open,
     /// this writer's own (anything older it did not reconcile at open, it served without).
@@ -317,6 +322,8 @@ impl Volume {
             corrupt: Mutex::default(),
             fenced: AtomicBool::new(false),
             crashed: AtomicBool::new(false),
+            // A new writer does not know what happened before it: it verifies once, too.
+            unverified: AtomicBool::new(true),
             foreign_below: AtomicU64::new(0),
             stats: VolumeStats::default(),
             failpoints: Failpoints::default(),
@@ -338,6 +345,7 @@ impl Volume {
                 vol.send_stabilizations().await;
                 if round % 10 == 0 {
                     vol.heal(HEAL_PER_ROUND).await;
+                    vol.verify().await;
                 }
             }
         });
@@ -462,6 +470,32 @@ impl Volume {
         }
     }
 
+    /// Whether a server failed since the last complete verification pass (see
+    /// `Volume::unverified`); the volume is not known to be fully redundant until it is false.
+    pub fn unverified(&self) -> bool {
+        self.unverified.load(Ordering::Acquire)
+    }
+
+    /// Runs a verification pass if a server failed since the last one and every server it
+    /// failed on is being tried again; the pass must reach every position to count.
+    async fn verify(&self) {
+        let waiting = self
+            .unreachable
+            .lock()
+            .expect("poisoned")
+            .values()
+            .any(|t| t.elapsed() < RETRY_UNREACHABLE);
+        if waiting || !self.unverified.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        match self.repair_all(0).await {
+            Ok(r) if r.deferred == 0 => {
+                tracing::debug!(volume = self.spec.id, ?r, "verified after a server failure");
+            }
+            _ => self.unverified.store(true, Ordering::Release),
+        }
+    }
+
     /// Forgets which servers were unreachable, so the next I/O tries them at once (they are
     /// otherwise retried after a short back-off).
     pub fn retry_unreachable(&self) {
@@ -476,6 +510,7 @@ impl Volume {
                     .lock()
                     .expect("poisoned")
                     .insert(server, Instant::now());
+                self.unverified.store(true, Ordering::Release);
             }
             ShardError::Status {
                 status: pb::Status::StaleEpoch,

@@ -30,6 +30,12 @@ enum Mode {
         /// Deliberately broken storage (syncs that do nothing): the run must fail.
         #[arg(long)]
         broken_sync: bool,
+        /// Leave these fault kinds out of the block simulation (comma-separated names).
+        #[arg(long, value_delimiter = ',')]
+        without: Vec<String>,
+        /// Add whole-cluster power losses to the block simulation.
+        #[arg(long)]
+        cluster_power_loss: bool,
         /// Stop after this many failing seeds.
         #[arg(long, default_value_t = 1)]
         max_failures: usize,
@@ -46,10 +52,16 @@ fn main() -> anyhow::Result<()> {
             seeds,
             only,
             broken_sync,
+            without,
+            cluster_power_loss,
             max_failures,
             report,
         } => {
             let mut plan = SimPlan::both();
+            if let Some(b) = plan.blocks.as_mut() {
+                b.disabled = without.into_iter().collect();
+                b.cluster_power_loss = cluster_power_loss;
+            }
             match only.as_deref() {
                 Some("meta") => plan.blocks = None,
                 Some("blocks") => plan.meta = None,

@@ -97,6 +97,9 @@ pub struct KvRecord {
     pub invoke_ms: u64,
     pub complete_ms: Option<u64>,
     pub result: Option<KvResult>,
+    /// Refused before it could take effect (not the leader, overloaded, stopped): it never
+    /// happened.
+    pub refused: bool,
 }
 
 const TICK_MS: u64 = 100;
@@ -300,7 +303,17 @@ impl Sim {
                             Some(KvResult::Cas(t.succeeded))
                         }
                         (_, Ok(other)) => return Err(format!("unexpected response {other:?}")),
-                        (_, Err(_)) => None,
+                        (_, Err(e)) => {
+                            use crate::error::MetaError as E;
+                            rec.refused = matches!(
+                                e,
+                                E::NotLeader { .. }
+                                    | E::Busy { .. }
+                                    | E::Stopped
+                                    | E::InvalidArgument { .. }
+                            );
+                            None
+                        }
                     };
                     if learnt.is_some() {
                         rec.complete_ms = Some(now);
@@ -458,6 +471,7 @@ impl Sim {
             invoke_ms: self.now_ms,
             complete_ms: None,
             result: None,
+            refused: false,
         });
         let now = self.now_ms;
         if let Some(core) = self.members[i].core.as_mut() {

@@ -57,6 +57,10 @@ pub struct BlockSimConfig {
     /// Deliberately broken storage, to show the checker catches it: device and index syncs
     /// do nothing, so a power loss takes writes that were acknowledged as durable.
     pub broken_sync: bool,
+    /// Whole-cluster power losses (every server at once) among the faults.
+    pub cluster_power_loss: bool,
+    /// Fault kinds left out of the schedule (by name, as in the report).
+    pub disabled: BTreeSet<String>,
 }
 
 impl Default for BlockSimConfig {
@@ -70,6 +74,8 @@ impl Default for BlockSimConfig {
             region_blocks: 40,
             max_delay_us: 300,
             broken_sync: false,
+            cluster_power_loss: false,
+            disabled: BTreeSet::new(),
         }
     }
 }
@@ -204,6 +210,9 @@ struct Sim {
     unavailable: RefCell<BTreeSet<usize>>,
     stop: Cell<bool>,
     report: RefCell<BlockSimReport>,
+    /// The fault timeline (virtual ms, event), printed with a failure.
+    log: RefCell<Vec<String>>,
+    began: Instant,
 }
 
 /// Runs one seeded block simulation; `Err` names the violated property.
@@ -217,7 +226,15 @@ pub fn run(seed: u64, cfg: BlockSimConfig) -> Result<BlockSimReport, String> {
     local
         .block_on(&rt, async move {
             let sim = Rc::new(Sim::new(seed, cfg));
-            sim.clone().run().await
+            sim.clone().run().await.map_err(|e| {
+                let log = sim.log.borrow();
+                let tail = &log[log.len().saturating_sub(40)..];
+                format!(
+                    "{e}\n  timeline (last {} events):\n    {}",
+                    tail.len(),
+                    tail.join("\n    ")
+                )
+            })
         })
         .map_err(|e| format!("seed {seed}: {e}"))
 }
@@ -269,12 +286,19 @@ impl Sim {
                 seed,
                 ..Default::default()
             }),
+            log: RefCell::new(Vec::new()),
+            began: Instant::now(),
             cfg,
         }
     }
 
     fn rand(&self, range: std::ops::Range<u64>) -> u64 {
         self.rng.borrow_mut().gen_range(range)
+    }
+
+    fn note(&self, event: String) {
+        let t = self.began.elapsed().as_millis();
+        self.log.borrow_mut().push(format!("{t:>6} ms  {event}"));
     }
 
     fn count(&self, fault: &str) {
@@ -393,6 +417,7 @@ impl Sim {
             match opened {
                 Ok(vol) => {
                     self.report.borrow_mut().writers += 1;
+                    self.note(format!("writer {conn} open (epoch {epoch})"));
                     let w = Writer { vol, conn };
                     *self.writer.borrow_mut() = Some(w.clone());
                     return w;
@@ -475,6 +500,17 @@ impl Sim {
         }
     }
 
+    /// Waits until the current writer knows the volume is whole again (or the run ends).
+    async fn wait_verified(&self) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let verified = self.writer().is_some_and(|w| !w.vol.unverified());
+            if verified || self.stop.get() {
+                return;
+            }
+        }
+    }
+
     /// Makes server `i` unavailable for a while (`kind`), if the budget of m allows.
     fn take(&self, i: usize) -> bool {
         let mut u = self.unavailable.borrow_mut();
@@ -494,21 +530,39 @@ impl Sim {
         let n = self.cfg.servers;
         let i = self.rand(0..n as u64) as usize;
         let lasting = Duration::from_millis(self.rand(200..3000));
-        match self.rand(0..100) {
+        let pick = self.rand(0..100);
+        let kind = match pick {
+            0..=24 => "power_loss",
+            25..=44 => "partition",
+            45..=54 => "bit_flip",
+            55..=64 => "disk_full",
+            65..=79 => "writer_crash",
+            80..=94 => "stale_writer",
+            _ => "cluster_power_loss",
+        };
+        if self.cfg.disabled.contains(kind) {
+            return Ok(());
+        }
+        match pick {
             0..=24 => {
                 if !self.take(i) {
                     return Ok(());
                 }
                 self.count("power_loss");
+                self.note(format!("power loss: server {}", i + 1));
                 self.power_off(i).await;
                 let sim = self.clone();
                 tokio::task::spawn_local(async move {
                     tokio::time::sleep(lasting).await;
-                    let r = sim.start_server(i);
-                    sim.give_back(i);
-                    if let Err(e) = r {
+                    if let Err(e) = sim.start_server(i) {
                         sim.report.borrow_mut().violations.push(e);
                     }
+                    sim.note(format!("server {} back", i + 1));
+                    // The server is back but may have lost writes it had not synced: it counts
+                    // against the budget of m until the writer has verified the volume.
+                    sim.wait_verified().await;
+                    sim.note(format!("server {} verified", i + 1));
+                    sim.give_back(i);
                 });
             }
             25..=44 => {
@@ -519,30 +573,23 @@ impl Sim {
                     return Ok(());
                 }
                 self.count("partition");
+                self.note(format!("partition: writer {} / server {}", w.conn, i + 1));
                 self.net.hold(w.conn, i, true);
                 let sim = self.clone();
                 tokio::task::spawn_local(async move {
                     tokio::time::sleep(lasting).await;
                     sim.net.hold(w.conn, i, false);
+                    sim.note(format!("partition healed: server {}", i + 1));
                     sim.give_back(i);
                 });
             }
             45..=54 => {
-                // Bit rot, a few times per run at most (each costs a shard until repaired).
-                if self
-                    .report
-                    .borrow()
-                    .faults
-                    .get("bit_flip")
-                    .copied()
-                    .unwrap_or(0)
-                    >= 3
-                {
-                    return Ok(());
-                }
+                // Bit rot costs a shard until the scrubber has found and rebuilt it: it takes
+                // a unit of the budget until a scrub pass (the gateway's background scrubber,
+                // here started soon after) completes.
                 let device = self.servers.borrow()[i].device.clone();
                 let used = device.blocks_in_use();
-                if used == 0 {
+                if used == 0 || !self.take(i) {
                     return Ok(());
                 }
                 let at = device
@@ -550,18 +597,36 @@ impl Sim {
                     .expect("in range");
                 device.flip_bit(at + self.rand(0..BLOCK as u64), self.rand(0..8) as u8);
                 self.count("bit_flip");
+                self.note(format!("bit flip: server {} at {at}", i + 1));
+                let sim = self.clone();
+                let after = Duration::from_millis(self.rand(100..1000));
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep(after).await;
+                    while !sim.stop.get() {
+                        if let Some(w) = sim.writer() {
+                            if w.vol.scrub(0).await.is_ok() {
+                                break;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    sim.note(format!("scrubbed after the flip on server {}", i + 1));
+                    sim.give_back(i);
+                });
             }
             55..=64 => {
                 if !self.take(i) {
                     return Ok(());
                 }
                 self.count("disk_full");
+                self.note(format!("disk full: server {}", i + 1));
                 let faults = self.servers.borrow()[i].faults.clone();
                 faults.full.set(true);
                 let sim = self.clone();
                 tokio::task::spawn_local(async move {
                     tokio::time::sleep(lasting).await;
                     faults.full.set(false);
+                    sim.note(format!("disk has room: server {}", i + 1));
                     sim.give_back(i);
                 });
             }
@@ -570,6 +635,7 @@ impl Sim {
                     return Ok(());
                 };
                 self.count("writer_crash");
+                self.note(format!("writer {} crashes mid-stripe", w.conn));
                 let after = self.rand(1..self.cfg.profile.width() as u64) as usize;
                 w.vol
                     .failpoints
@@ -586,6 +652,10 @@ impl Sim {
                     return Ok(());
                 };
                 self.count("stale_writer");
+                self.note(format!(
+                    "writer {} cut off; a new writer takes over",
+                    old.conn
+                ));
                 for s in 0..n {
                     self.net.hold(old.conn, s, true);
                 }
@@ -597,13 +667,14 @@ impl Sim {
                     for s in 0..n {
                         sim.net.hold(old.conn, s, false);
                     }
+                    sim.note(format!("stale writer {} reconnected", old.conn));
                     // The old writer's requests arrive now; it must not have overwritten the
                     // new writer's data (the checker's reads say so).
                     drop(old);
                 });
             }
             _ => {
-                if !self.unavailable.borrow().is_empty() {
+                if !self.cfg.cluster_power_loss || !self.unavailable.borrow().is_empty() {
                     return Ok(());
                 }
                 self.count("cluster_power_loss");
@@ -645,6 +716,7 @@ impl Sim {
             let _ = w.await;
         }
         let healed_at = Instant::now();
+        self.note("faults stop; healing".into());
         self.net.release_all();
         for i in 0..self.cfg.servers {
             self.servers.borrow()[i].faults.full.set(false);

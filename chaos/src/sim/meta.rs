@@ -26,6 +26,7 @@ pub struct MetaSimReport {
 pub fn history(records: &[sim::KvRecord]) -> Vec<Op> {
     records
         .iter()
+        .filter(|r| !r.refused)
         .map(|r| Op {
             key: r.key.clone(),
             call: match &r.call {
@@ -51,7 +52,7 @@ pub fn history(records: &[sim::KvRecord]) -> Vec<Op> {
 /// One seeded meta run; `Err` names the violated property.
 pub fn run(seed: u64, mut cfg: SimConfig) -> Result<MetaSimReport, String> {
     if cfg.registers == 0 {
-        cfg.registers = 3;
+        cfg.registers = 6;
     }
     let r = sim::run(seed, cfg)?;
     let ops = history(&r.history);

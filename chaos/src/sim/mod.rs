@@ -60,7 +60,7 @@ pub fn run_seeds(
         s.seeds += 1;
         let mut failed = None;
         if let Some(cfg) = &plan.meta {
-            match meta::run(seed, cfg.clone()) {
+            match catching(|| meta::run(seed, cfg.clone())) {
                 Ok(r) => {
                     s.meta_register_ops += r.register_ops as u64;
                     s.meta_crashes += r.crashes as u64;
@@ -70,7 +70,7 @@ pub fn run_seeds(
             }
         }
         if let Some(cfg) = &plan.blocks {
-            match blocks::run(seed, cfg.clone()) {
+            match catching(|| blocks::run(seed, cfg.clone())) {
                 Ok(r) => {
                     s.block_writes += r.writes;
                     s.block_writes_acked += r.writes_acked;
@@ -97,4 +97,16 @@ pub fn run_seeds(
     }
     s.wall_ms = started.elapsed().as_millis() as u64;
     s
+}
+
+/// Runs `f`, turning a panic (a failed assertion in a core, a Raft invariant) into a failure.
+fn catching<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic".into());
+        Err(format!("panicked: {what}"))
+    })
 }
