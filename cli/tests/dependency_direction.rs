@@ -37,6 +37,18 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
         ]
         .into(),
     );
+    // Chaos drives meta's sans-IO core and storage twin in its simulator (sim mode only) and
+    // the volume client and block stores on their twins; live mode goes through meta-client.
+    m.insert(
+        "chaos",
+        [
+            "continuum-proto",
+            "continuum-meta",
+            "continuum-meta-client",
+            "continuum-blockstore",
+        ]
+        .into(),
+    );
     m
 }
 
