@@ -13,7 +13,8 @@
 //!   shard writes), and a new writer takes over (fencing, reconciliation);
 //! - `stale_writer`: the writer is cut off, a new writer takes over, and the old one's held
 //!   requests arrive later (they must all be refused: epoch fencing);
-//! - `cluster_power_loss`: every server loses power at once.
+//! - `cluster_power_loss` (opt-in, [`BlockSimConfig::cluster_power_loss`]): every server
+//!   loses power at once.
 //!
 //! After the faults stop, everything heals; a fresh writer takes over, repairs until the
 //! volume is fully redundant (the time this takes is reported), scrubs twice (the second pass
