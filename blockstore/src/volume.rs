@@ -1386,17 +1386,58 @@ impl Volume {
     ) -> Result<usize> {
         let servers = self.placement(stripe)?;
         let cached = self.views.lock().expect("poisoned").contains_key(&stripe);
-        let infos = match listed {
+        let mut infos = match listed {
             Some(infos) if !cached => infos,
             _ => self.learn(stripe, &servers).await?,
         };
-        let d = reconcile::reconcile(
-            self.spec.profile,
-            &infos,
-            self.foreign_below.load(Ordering::Acquire),
-        );
+        // Rolling back the stripe's top version exposes the next one, which must be decided
+        // now, under the same `foreign_below`: left for later, a writer that has opened since
+        // would take it for a leftover of an older epoch and roll back a write that was
+        // acknowledged (found by the chaos simulator). So decide until nothing rolls back.
+        for _ in 0..crate::store::MAX_UNSTABLE_VERSIONS {
+            let d = reconcile::reconcile(
+                self.spec.profile,
+                &infos,
+                self.foreign_below.load(Ordering::Acquire),
+            );
+            let rolled_back = !d.rollback.is_empty();
+            let unchanged = !rolled_back && d.stabilize.is_empty() && d.roll_forward.is_none();
+            self.apply_decision(stripe, &servers, &infos, &d).await?;
+            // Whatever is still behind (the rolled-forward positions among them) is rebuilt
+            // below, and so are shards the cached view knows to be corrupt.
+            if unchanged {
+                break;
+            }
+            let before = std::mem::replace(&mut infos, self.learn(stripe, &servers).await?);
+            // Nothing moved (a rollback refused or unreachable): deciding again cannot help.
+            if !rolled_back || before == infos {
+                break;
+            }
+        }
+        let mut view = reconcile::assess(self.spec.profile, &infos);
+        self.mark_corrupt(stripe, &mut view);
+        let n = self.rebuild_stale(stripe, &servers, &mut view).await?;
+        self.remember(stripe, view);
+        Ok(n)
+    }
+
+    /// Carries out one reconciliation decision on a stripe's shards.
+    async fn apply_decision(
+        &self,
+        stripe: u64,
+        servers: &[u64],
+        infos: &[Option<ObjectInfo>],
+        d: &reconcile::Decision,
+    ) -> Result<()> {
         if !d.rollback.is_empty() || d.roll_forward.as_ref().is_some_and(|(_, m)| !m.is_empty()) {
-            tracing::info!(volume = self.spec.id, stripe, ?d, ?infos, "reconciling");
+            tracing::info!(
+                volume = self.spec.id,
+                epoch = self.epoch,
+                stripe,
+                ?d,
+                ?infos,
+                "reconciling"
+            );
         }
         for &(pos, v) in &d.rollback {
             let c = self.client(servers[pos])?;
@@ -1424,19 +1465,7 @@ impl Volume {
                 self.note_error(servers[pos], &e)?;
             }
         }
-        // Whatever is still behind (the rolled-forward positions among them) is rebuilt, and
-        // so are shards the cached view knows to be corrupt (right version, bad bytes).
-        let settled = d.rollback.is_empty() && d.stabilize.is_empty() && d.roll_forward.is_none();
-        let infos = if settled {
-            infos
-        } else {
-            self.learn(stripe, &servers).await?
-        };
-        let mut view = reconcile::assess(self.spec.profile, &infos);
-        self.mark_corrupt(stripe, &mut view);
-        let n = self.rebuild_stale(stripe, &servers, &mut view).await?;
-        self.remember(stripe, view);
-        Ok(n)
+        Ok(())
     }
 
     /// Marks the positions reads found corrupt as stale in `view`.

@@ -46,6 +46,13 @@ enum Mode {
 }
 
 fn main() -> anyhow::Result<()> {
+    // RUST_LOG=continuum_blockstore=debug shows what the cores decide during a replay.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match Cli::parse().mode {
         Mode::Sim {
             seed,
@@ -76,7 +83,13 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             let step = (seeds / 20).max(1);
+            let mut reported = 0;
             let summary = sim::run_seeds(seed..seed + seeds, &plan, max_failures, |s, sum| {
+                // Failures are printed as they happen: a long campaign may be cut short.
+                for (f, why) in sum.failed_seeds.iter().zip(&sum.failures).skip(reported) {
+                    eprintln!("  seed {f} failed: {}", why.lines().next().unwrap_or(""));
+                }
+                reported = sum.failed_seeds.len();
                 if (s - seed + 1) % step == 0 {
                     eprintln!(
                         "  {} / {} seeds, {} failed, {:.1} s",

@@ -229,7 +229,7 @@ pub fn run(seed: u64, cfg: BlockSimConfig) -> Result<BlockSimReport, String> {
             let sim = Rc::new(Sim::new(seed, cfg));
             sim.clone().run().await.map_err(|e| {
                 let log = sim.log.borrow();
-                let tail = &log[log.len().saturating_sub(40)..];
+                let tail = &log[log.len().saturating_sub(80)..];
                 format!(
                     "{e}\n  timeline (last {} events):\n    {}",
                     tail.len(),
@@ -295,6 +295,15 @@ impl Sim {
 
     fn rand(&self, range: std::ops::Range<u64>) -> u64 {
         self.rng.borrow_mut().gen_range(range)
+    }
+
+    /// Whether `CONTINUUM_CHAOS_TRACE_BLOCK` names a block in `first..first + n` (its writes
+    /// then go into the timeline).
+    fn traced(&self, first: u64, n: u64) -> bool {
+        std::env::var("CONTINUUM_CHAOS_TRACE_BLOCK")
+            .ok()
+            .and_then(|b| b.parse::<u64>().ok())
+            .is_some_and(|b| (first..first + n).contains(&b))
     }
 
     fn note(&self, event: String) {
@@ -466,7 +475,15 @@ impl Sim {
         self.checker.borrow_mut().write_invoked(&blocks, id);
         self.report.borrow_mut().writes += 1;
         let data = Bytes::from(stamped(first, n as usize, id));
-        match w.vol.write(first * BLOCK as u64, data, fua).await {
+        let traced = self.traced(first, n);
+        let r = w.vol.write(first * BLOCK as u64, data, fua).await;
+        if traced {
+            self.note(format!(
+                "write {id} blocks {first}+{n} fua {fua} by writer {}: {r:?}",
+                w.conn
+            ));
+        }
+        match r {
             Ok(()) => self
                 .checker
                 .borrow_mut()
@@ -501,12 +518,16 @@ impl Sim {
         }
     }
 
-    /// Waits until the current writer knows the volume is whole again (or the run ends).
-    async fn wait_verified(&self) {
+    /// Waits until the current writer knows nothing of server `i` is missing any more: no
+    /// verification pending, no stale shard on it (or the run ends). Until then the server's
+    /// fault still costs a unit of the budget of m: its shards are not redundant yet.
+    async fn wait_whole(&self, i: usize) {
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let verified = self.writer().is_some_and(|w| !w.vol.unverified());
-            if verified || self.stop.get() {
+            let whole = self.writer().is_some_and(|w| {
+                !w.vol.unverified() && !w.vol.degraded().contains_key(&(i as u64 + 1))
+            });
+            if whole || self.stop.get() {
                 return;
             }
         }
@@ -561,8 +582,8 @@ impl Sim {
                     sim.note(format!("server {} back", i + 1));
                     // The server is back but may have lost writes it had not synced: it counts
                     // against the budget of m until the writer has verified the volume.
-                    sim.wait_verified().await;
-                    sim.note(format!("server {} verified", i + 1));
+                    sim.wait_whole(i).await;
+                    sim.note(format!("server {} whole again", i + 1));
                     sim.give_back(i);
                 });
             }
@@ -581,6 +602,7 @@ impl Sim {
                     tokio::time::sleep(lasting).await;
                     sim.net.hold(w.conn, i, false);
                     sim.note(format!("partition healed: server {}", i + 1));
+                    sim.wait_whole(i).await;
                     sim.give_back(i);
                 });
             }
@@ -612,6 +634,7 @@ impl Sim {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                     sim.note(format!("scrubbed after the flip on server {}", i + 1));
+                    sim.wait_whole(i).await;
                     sim.give_back(i);
                 });
             }
@@ -628,6 +651,7 @@ impl Sim {
                     tokio::time::sleep(lasting).await;
                     faults.full.set(false);
                     sim.note(format!("disk has room: server {}", i + 1));
+                    sim.wait_whole(i).await;
                     sim.give_back(i);
                 });
             }
