@@ -381,12 +381,16 @@ impl BlockClient {
 }
 
 async fn writer(
-    wr: tokio::io::WriteHalf<Box<dyn Stream>>,
+    mut wr: tokio::io::WriteHalf<Box<dyn Stream>>,
     mut rx: mpsc::Receiver<FrameRepr>,
     alive: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let _ = crate::conn::write_frames(wr, &mut rx, Some(&alive)).await;
+    let _ = crate::conn::write_frames(&mut wr, &mut rx, Some(&alive)).await;
     alive.store(false, Ordering::Release);
+    // Half-close: the server sees the end and closes its side, which ends the reader. (A
+    // split stream is closed only when both halves are gone; without this, every connection
+    // replaced after a timeout stayed open, with its reader task, for ever.)
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut wr).await;
 }
 
 async fn reader(
