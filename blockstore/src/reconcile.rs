@@ -193,6 +193,16 @@ pub fn reconcile(profile: Profile, infos: &[Option<ObjectInfo>], foreign_below: 
             .filter(|&p| in_set(p) && infos[p].as_ref().is_some_and(|i| i.version != top))
             .collect();
         d.stabilize.extend(holders.iter().map(|&p| (p, top)));
+        // The state rolled forward includes the untouched data shards as they are: an
+        // unstable version among them is committed with it. Left unstable, a later writer
+        // would roll it back as an older epoch's leftover while the parity keeps it.
+        for p in (0..k).filter(|&p| !in_set(p) && !view.is_stale(p)) {
+            if let Some(i) = &infos[p] {
+                if i.unstable.iter().any(|u| u.version == i.version) {
+                    d.stabilize.push((p, i.version));
+                }
+            }
+        }
         d.roll_forward = Some((top, missing));
     } else {
         d.rollback.extend(holders.iter().map(|&p| (p, top)));
@@ -316,6 +326,22 @@ mod tests {
                 ],
                 Decision {
                     stabilize: vec![(1, v(7))],
+                    rollback: vec![],
+                    roll_forward: Some((v(7), vec![4, 5])),
+                },
+            ),
+            (
+                "an untouched data shard's unstable version in the rolled-forward state is committed",
+                vec![
+                    info(1, &[], &[]),
+                    info(7, &[(7, set)], &[]),
+                    info(3, &[], &[]),
+                    info(4, &[(4, 0b111000)], &[]),
+                    info(6, &[], &dv_old),
+                    info(6, &[], &dv_old),
+                ],
+                Decision {
+                    stabilize: vec![(1, v(7)), (3, v(4))],
                     rollback: vec![],
                     roll_forward: Some((v(7), vec![4, 5])),
                 },
