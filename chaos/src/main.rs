@@ -143,5 +143,5 @@ fn print_sim(s: &sim::SimSummary) {
         .collect();
     println!("  faults: {}", faults.join(", "));
     println!("  longest heal: {} ms (virtual)", s.max_heal_ms);
-    println!("  acked writes lost / violations: {}", s.failed_seeds.len());
+    println!("  failed seeds (violations): {}", s.failed_seeds.len());
 }
