@@ -17,6 +17,13 @@
 //!
 //! Ids grow per block in the order writes are issued, so "newer" is "larger id". The checker
 //! is fed events in the order they happened (one thread, or under one lock).
+//!
+//! A write the client gave up on while the server kept running (its connection broke, the
+//! server was not restarted) is *floating*: the server may still apply it later, after newer
+//! writes, so reading it where a newer durable write is expected is allowed and counted
+//! (`floating_reads`). A write abandoned because its server process died is not floating: a
+//! dead process applies nothing later, and what reached the disks is settled by the next
+//! writer before it writes anything.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -126,6 +133,8 @@ struct BlockState {
     issued: BTreeSet<u64>,
     /// The newest durable write (0: none).
     durable: u64,
+    /// Writes that may still land late (see the module doc).
+    floating: BTreeSet<u64>,
 }
 
 /// The block checker (see the module doc).
@@ -139,6 +148,7 @@ pub struct BlockChecker {
     pub writes_acked: u64,
     pub writes_durable: u64,
     pub zero_reads: u64,
+    pub floating_reads: u64,
 }
 
 impl BlockChecker {
@@ -168,6 +178,14 @@ impl BlockChecker {
                 .entry(conn)
                 .or_default()
                 .push((blocks.to_vec(), id));
+        }
+    }
+
+    /// The client gave up on write `id` while its server may still apply it (see the module
+    /// doc).
+    pub fn write_floating(&mut self, blocks: &[u64], id: u64) {
+        for b in blocks {
+            self.blocks.entry(*b).or_default().floating.insert(id);
         }
     }
 
@@ -219,12 +237,14 @@ impl BlockChecker {
                 Err(format!("read write {id} of block {b} (misdirected)"))
             }
             Stamp::Write { id, .. } => {
-                let issued = self
-                    .blocks
-                    .get(&block)
-                    .is_some_and(|s| s.issued.contains(&id));
+                let state = self.blocks.get(&block);
+                let issued = state.is_some_and(|s| s.issued.contains(&id));
+                let floating = state.is_some_and(|s| s.floating.contains(&id));
                 if !issued {
                     Err(format!("read write {id}, which was never issued to it"))
+                } else if id < ticket.durable && floating {
+                    self.floating_reads += 1;
+                    Ok(())
                 } else if id < ticket.durable {
                     Err(format!(
                         "read write {id}, older than write {} that was durable before the read \
@@ -318,6 +338,24 @@ mod tests {
         let t = c.read_invoked(5);
         c.write_acked(1, &[5], 1, true);
         c.read_completed(t, &[0u8; BLOCK]).unwrap();
+    }
+
+    #[test]
+    fn a_floating_write_may_land_after_a_newer_durable_one() {
+        let mut c = BlockChecker::new();
+        c.write_invoked(&[4], 1);
+        c.write_floating(&[4], 1);
+        c.write_invoked(&[4], 2);
+        c.write_acked(1, &[4], 2, true);
+        let t = c.read_invoked(4);
+        c.read_completed(t, &stamped(4, 1, 1)).unwrap();
+        assert_eq!(c.floating_reads, 1);
+        // An abandoned write that is not floating may not.
+        c.write_invoked(&[4], 3);
+        c.write_invoked(&[4], 4);
+        c.write_acked(1, &[4], 4, true);
+        let t = c.read_invoked(4);
+        assert!(c.read_completed(t, &stamped(4, 1, 3)).is_err());
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! - [`blocks`]: stamped block contents and the block checker (what a read may return under
 //!   NBD's durability rules);
 //! - [`linear`]: a WGL linearizability checker for meta's key-value histories;
+//! - [`live`]: live mode, real `continuum` processes in network namespaces with real NBD and
+//!   meta workloads and a seeded schedule of process, network and disk faults;
 //! - [`sim`]: simulation mode, the protocol cores in one thread with virtual time and seeded
 //!   faults, many seeds per second.
 //!
@@ -10,4 +12,5 @@
 
 pub mod blocks;
 pub mod linear;
+pub mod live;
 pub mod sim;

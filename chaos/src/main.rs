@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use continuum_chaos::live;
 use continuum_chaos::sim::{self, SimPlan};
 
 #[derive(Parser)]
@@ -43,6 +44,52 @@ enum Mode {
         #[arg(long)]
         report: Option<std::path::PathBuf>,
     },
+    /// A cluster of real processes in network namespaces (needs root), real NBD and meta
+    /// workloads, a seeded schedule of faults.
+    Live {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// How long faults are injected (`120s`, `10m`); healing and the final checks follow.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        duration: std::time::Duration,
+        /// Mean time between fault starts.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        fault_every: std::time::Duration,
+        /// Leave these fault kinds out (comma-separated; all: kill, pause, partition,
+        /// one_way, wan, bit_flip, disk_full, gateway_crash).
+        #[arg(long, value_delimiter = ',')]
+        without: Vec<String>,
+        /// The `continuum` binary. [default: next to this one]
+        #[arg(long)]
+        continuum: Option<std::path::PathBuf>,
+        /// Where data, logs and the report go. [default: /tmp/continuum-chaos-live-SEED]
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// Write the JSON report here. [default: DIR/report.json]
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
+        /// How long full redundancy may take to return after the faults stop.
+        #[arg(long, default_value = "180s", value_parser = parse_duration)]
+        heal_timeout: std::time::Duration,
+    },
+}
+
+/// `90`, `90s`, `2m`, `1500ms`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (try 120s or 10m)"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        "h" => Ok(std::time::Duration::from_secs(n * 3600)),
+        _ => Err(format!("unknown unit {unit:?} in {s:?} (ms, s, m or h)")),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +101,59 @@ fn main() -> anyhow::Result<()> {
             .init();
     }
     match Cli::parse().mode {
+        Mode::Live {
+            seed,
+            duration,
+            fault_every,
+            without,
+            continuum,
+            dir,
+            report,
+            heal_timeout,
+        } => {
+            let exe = match continuum {
+                Some(p) => p,
+                None => std::env::current_exe()?
+                    .parent()
+                    .context("locating the continuum binary")?
+                    .join("continuum"),
+            };
+            if !exe.exists() {
+                bail!(
+                    "no continuum binary at {} (build it, or pass --continuum PATH)",
+                    exe.display()
+                );
+            }
+            for k in &without {
+                if !live::FAULT_KINDS.contains(&k.as_str()) {
+                    bail!(
+                        "unknown fault kind {k:?} (kinds: {})",
+                        live::FAULT_KINDS.join(", ")
+                    );
+                }
+            }
+            if !rustix::process::geteuid().is_root() {
+                bail!("live mode creates network namespaces and mounts: run it as root");
+            }
+            let mut cfg = live::LiveConfig::new(seed, exe);
+            cfg.duration = duration;
+            cfg.fault_every = fault_every;
+            cfg.disabled = without.into_iter().collect();
+            cfg.heal_timeout = heal_timeout;
+            if let Some(d) = dir {
+                cfg.run_dir = d;
+            }
+            cfg.report = report;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(live::run(cfg))?;
+            r.print();
+            if !r.ok {
+                bail!("live run failed (seed {seed})");
+            }
+            Ok(())
+        }
         Mode::Sim {
             seed,
             seeds,

@@ -105,6 +105,8 @@ struct Metrics {
     zeroes: AtomicU64,
     errors: AtomicU64,
     attached: AtomicU64,
+    repairs_done: AtomicU64,
+    scrubs_done: AtomicU64,
 }
 
 impl Metrics {
@@ -156,6 +158,16 @@ impl Metrics {
                 "Volumes attached now.",
                 &self.attached,
             ),
+            (
+                "continuum_gateway_repairs_total",
+                "Repair passes that reached every stripe of an attached volume.",
+                &self.repairs_done,
+            ),
+            (
+                "continuum_gateway_scrubs_total",
+                "Scrub passes that verified every stripe (checksums and parity) and repaired it.",
+                &self.scrubs_done,
+            ),
         ] {
             let kind = if name.ends_with("_total") {
                 "counter"
@@ -166,6 +178,35 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{gateway=\"{id}\"}} {}\n",
                 v.load(Ordering::Relaxed)
             ));
+        }
+        s
+    }
+
+    /// Redundancy of the attached volumes as this gateway sees it: shard positions it knows
+    /// are stale or corrupt, per block server, and whether a server failure still awaits a
+    /// verification pass. (`try_lock`: a scrape never waits behind an attach.)
+    fn render_volumes(inner: &GatewayInner, id: &str) -> String {
+        let mut s = String::from(
+            "# HELP continuum_gateway_volume_degraded_shards Stale or corrupt shard positions \
+             this gateway knows of, per volume and block server.\n\
+             # TYPE continuum_gateway_volume_degraded_shards gauge\n\
+             # HELP continuum_gateway_volume_unverified 1 while a server failure has not been \
+             followed by a verification pass.\n\
+             # TYPE continuum_gateway_volume_unverified gauge\n",
+        );
+        let Ok(map) = inner.attached.try_lock() else {
+            return s;
+        };
+        for (name, a) in map.iter() {
+            s.push_str(&format!(
+                "continuum_gateway_volume_unverified{{gateway=\"{id}\",volume=\"{name}\"}} {}\n",
+                u8::from(a.vol.unverified())
+            ));
+            for (server, n) in a.vol.degraded() {
+                s.push_str(&format!(
+                    "continuum_gateway_volume_degraded_shards{{gateway=\"{id}\",volume=\"{name}\",server=\"{server}\"}} {n}\n"
+                ));
+            }
         }
         s
     }
@@ -427,10 +468,10 @@ impl GatewayInner {
             meta.clone(),
             Arc::downgrade(&vol),
             name.to_string(),
-            self.holder.clone(),
-            lease.lease_id,
+            (self.holder.clone(), lease.lease_id),
             servers,
             self.care,
+            self.metrics.clone(),
         ));
         self.metrics.attaches.fetch_add(1, Ordering::Relaxed);
         self.metrics.attached.fetch_add(1, Ordering::Relaxed);
@@ -481,10 +522,10 @@ async fn follow_map(
     meta: MetaClient,
     vol: Weak<Volume>,
     name: String,
-    holder: String,
-    lease: u64,
+    (holder, lease): (String, u64),
     mut servers: Vec<ServerInfo>,
     care: Care,
+    metrics: Arc<Metrics>,
 ) {
     let mut passes = tokio::task::JoinSet::new();
     let mut map_tick = tokio::time::interval(MAP_REFRESH);
@@ -521,6 +562,7 @@ async fn follow_map(
         }
         let Some(v) = vol.upgrade() else { return };
         let (meta, name, holder) = (meta.clone(), name.clone(), holder.clone());
+        let metrics = metrics.clone();
         passes.spawn(async move {
             let kind = match pass {
                 cluster::Pass::Repair => "repair",
@@ -533,7 +575,16 @@ async fn follow_map(
             };
             reporter.abort();
             match r {
-                Ok(r) => tracing::info!(volume = name, report = ?r, "{kind} done"),
+                Ok(r) => {
+                    let done = match pass {
+                        cluster::Pass::Repair => &metrics.repairs_done,
+                        cluster::Pass::Scrub => &metrics.scrubs_done,
+                    };
+                    if r.deferred == 0 {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::info!(volume = name, report = ?r, "{kind} done")
+                }
                 Err(e) => tracing::warn!(volume = name, error = %e, "{kind} failed"),
             }
         });
@@ -636,10 +687,10 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
         let listener = std::net::TcpListener::bind(addr)
             .with_context(|| format!("cannot listen for metrics on {addr}"))?;
-        let (m, id) = (metrics.clone(), args.id.clone());
+        let (m, id, g) = (metrics.clone(), args.id.clone(), inner.clone());
         tokio::spawn(continuum_meta::metrics::serve_text(
             listener,
-            move || m.render(&id),
+            move || m.render(&id) + &Metrics::render_volumes(&g, &id),
             || Ok("ok\n"),
         ));
     }

@@ -38,7 +38,8 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
         .into(),
     );
     // Chaos drives meta's sans-IO core and storage twin in its simulator (sim mode only) and
-    // the volume client and block stores on their twins; live mode goes through meta-client.
+    // the volume client and block stores on their twins; live mode goes through meta-client
+    // and speaks NBD to the gateway (nbd's wire constants only).
     m.insert(
         "chaos",
         [
@@ -46,6 +47,7 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
             "continuum-meta",
             "continuum-meta-client",
             "continuum-blockstore",
+            "continuum-nbd",
         ]
         .into(),
     );
