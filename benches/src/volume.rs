@@ -255,6 +255,7 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
                     },
                     0,
                     1 << 20,
+                    0,
                 )
                 .await?;
             Ok(())
@@ -319,6 +320,7 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
                     },
                     off,
                     4096,
+                    0,
                 )
                 .await?;
             Ok(())

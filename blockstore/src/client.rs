@@ -238,16 +238,19 @@ impl BlockClient {
         })
     }
 
+    /// Reads a shard range as the writer of `epoch` (0: no lease; see `ReadShard.epoch`).
     pub async fn read(
         &self,
         object: ObjectKey,
         offset: u32,
         length: u32,
+        epoch: u64,
     ) -> Result<ReadOutcome, ShardError> {
         let op = pb::request::Op::Read(pb::ReadShard {
             object: Some(protocol::object_to_pb(object)),
             offset,
             length,
+            epoch,
         });
         let (resp, data) = self.call(op, Bytes::new()).await?;
         let Some(pb::response::Result::Read(r)) = resp.result else {
@@ -330,19 +333,21 @@ impl BlockClient {
         }
     }
 
-    /// One page of a volume's objects after `after`.
+    /// One page of a volume's objects after `after`, as the writer of `epoch` (0: no lease).
     pub async fn list(
         &self,
         volume: u64,
         after: Option<ObjectKey>,
         limit: u32,
         unstable_only: bool,
+        epoch: u64,
     ) -> Result<(Vec<ObjectInfo>, bool), ShardError> {
         let op = pb::request::Op::List(pb::ListObjects {
             volume,
             after: after.map(protocol::object_to_pb),
             limit,
             unstable_only,
+            epoch,
         });
         let (resp, _) = self.call(op, Bytes::new()).await?;
         let Some(pb::response::Result::List(l)) = resp.result else {
@@ -357,9 +362,15 @@ impl BlockClient {
         Ok((infos, l.more))
     }
 
-    pub async fn stat(&self, objects: &[ObjectKey]) -> Result<Vec<ObjectInfo>, ShardError> {
+    /// Metadata of `objects`, as the writer of `epoch` (0: no lease).
+    pub async fn stat(
+        &self,
+        objects: &[ObjectKey],
+        epoch: u64,
+    ) -> Result<Vec<ObjectInfo>, ShardError> {
         let op = pb::request::Op::Stat(pb::StatObjects {
             objects: objects.iter().map(|o| protocol::object_to_pb(*o)).collect(),
+            epoch,
         });
         let (resp, _) = self.call(op, Bytes::new()).await?;
         let Some(pb::response::Result::Stat(l)) = resp.result else {

@@ -240,6 +240,9 @@ pub async fn handle<D: Device, I: Index>(
             let Some(object) = protocol::object_from_pb(r.object.as_ref()) else {
                 return (protocol::invalid_response("read without an object"), empty);
             };
+            if let Err(e) = store.check_reader(object.volume, r.epoch) {
+                return (protocol::error_response(&e), empty);
+            }
             store.read(object, r.offset, r.length).await.map(|out| {
                 (
                     ok(pb::response::Result::Read(pb::ReadResult {
@@ -277,6 +280,9 @@ pub async fn handle<D: Device, I: Index>(
         },
         pb::request::Op::List(l) => {
             let after = protocol::object_from_pb(l.after.as_ref());
+            if let Err(e) = store.check_reader(l.volume, l.epoch) {
+                return (protocol::error_response(&e), empty);
+            }
             store
                 .list(l.volume, after, l.limit as usize, l.unstable_only)
                 .map(|(objects, more)| {
@@ -315,6 +321,13 @@ pub async fn handle<D: Device, I: Index>(
                 .iter()
                 .filter_map(|o| protocol::object_from_pb(Some(o)))
                 .collect();
+            let volumes: std::collections::BTreeSet<u64> =
+                objects.iter().map(|o| o.volume).collect();
+            for v in volumes {
+                if let Err(e) = store.check_reader(v, s.epoch) {
+                    return (protocol::error_response(&e), empty);
+                }
+            }
             store.stat(&objects).map(|infos| {
                 (
                     ok(pb::response::Result::Stat(pb::ListResult {

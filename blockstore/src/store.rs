@@ -643,6 +643,24 @@ impl<D: Device, I: Index> Store<D, I> {
         Ok(e)
     }
 
+    /// Checks a reader's epoch (reads record nothing): a reader whose writer epoch is below
+    /// the volume's highest is a replaced writer and is refused; 0 is a reader without a lease.
+    pub fn check_reader(&self, volume: u64, epoch: u64) -> Result<()> {
+        if epoch == 0 {
+            return Ok(());
+        }
+        let highest = self.highest_epoch(volume)?;
+        if epoch < highest {
+            bump(&self.stats.stale_epoch_refusals, 1);
+            return Err(StoreError::StaleEpoch {
+                volume,
+                epoch,
+                highest,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks the epoch; returns the index change that records a higher one, if any.
     fn fence(&self, volume: u64, epoch: u64) -> Result<Option<Change>> {
         let highest = self.highest_epoch(volume)?;

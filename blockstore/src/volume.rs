@@ -544,7 +544,7 @@ impl Volume {
                 return Ok(None);
             }
             let client = self.client(srv)?;
-            match client.stat(&[self.object(stripe, pos)]).await {
+            match client.stat(&[self.object(stripe, pos)], self.epoch).await {
                 Ok(mut infos) if infos.len() == 1 => Ok(infos.pop()),
                 Ok(_) => Ok(None),
                 Err(e) => {
@@ -658,7 +658,10 @@ impl Volume {
             return Ok(None);
         }
         let client = self.client(servers[pos])?;
-        match client.read(self.object(stripe, pos), offset, len).await {
+        match client
+            .read(self.object(stripe, pos), offset, len, self.epoch)
+            .await
+        {
             Ok(r) if r.version == view.expected[pos] => Ok(Some(r.data)),
             Ok(r) => {
                 tracing::debug!(volume = self.spec.id, stripe, pos, got = %r.version, expected = %view.expected[pos], "shard read: unexpected version");
@@ -1686,7 +1689,7 @@ impl Volume {
                     return Ok::<_, VolumeError>(None);
                 }
                 let c = self.client(servers[p])?;
-                match c.read(self.object(stripe, p), 0, unit).await {
+                match c.read(self.object(stripe, p), 0, unit, self.epoch).await {
                     Ok(r) if r.version == view.expected[p] => Ok(Some(r.data.to_vec())),
                     Ok(_) => Ok(None),
                     Err(e) => {
@@ -1812,7 +1815,10 @@ impl Volume {
             }
             let mut after = None;
             loop {
-                match c.list(self.spec.id, after, 4096, unstable_only).await {
+                match c
+                    .list(self.spec.id, after, 4096, unstable_only, self.epoch)
+                    .await
+                {
                     Ok((page, more)) => {
                         after = page.last().map(|i| i.object);
                         for info in page {

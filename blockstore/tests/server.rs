@@ -85,14 +85,14 @@ async fn writes_survive_a_restart_and_pipelined_requests_all_complete() {
     let srv = server::start(config(dir.path())).unwrap();
     let c = BlockClient::new(srv.addr.to_string(), Duration::from_secs(5));
     for i in (0..200u64).step_by(17) {
-        let r = c.read(obj(i, 0), 0, 2 * K as u32).await.unwrap();
+        let r = c.read(obj(i, 0), 0, 2 * K as u32, 0).await.unwrap();
         assert_eq!(r.version, Version::new(1, i + 1));
         assert!(r.data.iter().all(|b| *b == i as u8));
     }
-    let (page, more) = c.list(3, None, 50, false).await.unwrap();
+    let (page, more) = c.list(3, None, 50, false, 0).await.unwrap();
     assert_eq!(page.len(), 50);
     assert!(more);
-    let infos = c.stat(&[obj(5, 0), obj(999, 0)]).await.unwrap();
+    let infos = c.stat(&[obj(5, 0), obj(999, 0)], 0).await.unwrap();
     assert_eq!(infos[0].version, Version::new(1, 6));
     assert_eq!(infos[1].version, Version::NONE);
 }
@@ -120,6 +120,18 @@ async fn refusals_come_back_as_explicit_statuses() {
         .await
         .unwrap_err();
     assert_eq!(err.status(), Some(pb::Status::StaleEpoch), "{err}");
+    // A replaced writer's reads, stats and listings are refused the same way (it must not
+    // serve its clients data a newer writer owns); the current writer's and lease-less
+    // readers' are served.
+    let err = c.read(obj(0, 0), 0, K as u32, 3).await.unwrap_err();
+    assert_eq!(err.status(), Some(pb::Status::StaleEpoch), "{err}");
+    let err = c.stat(&[obj(0, 0)], 3).await.unwrap_err();
+    assert_eq!(err.status(), Some(pb::Status::StaleEpoch), "{err}");
+    let err = c.list(3, None, 10, false, 3).await.unwrap_err();
+    assert_eq!(err.status(), Some(pb::Status::StaleEpoch), "{err}");
+    c.read(obj(0, 0), 0, K as u32, 4).await.unwrap();
+    c.stat(&[obj(0, 0)], 0).await.unwrap();
+    c.list(3, None, 10, false, 4).await.unwrap();
     // Wrong base: the current version comes back.
     let err = c
         .write(
@@ -143,7 +155,7 @@ async fn refusals_come_back_as_explicit_statuses() {
     let err = c.write(&bad, data.clone(), &[]).await.unwrap_err();
     assert_eq!(err.status(), Some(pb::Status::BadPayload));
     // Misaligned.
-    let err = c.read(obj(0, 0), 5, 4096).await.unwrap_err();
+    let err = c.read(obj(0, 0), 5, 4096, 0).await.unwrap_err();
     assert_eq!(err.status(), Some(pb::Status::Invalid));
     // Full: 64 MiB of data file cannot take 65 MiB.
     let big = Bytes::from(vec![1u8; 4 << 20]);
@@ -163,7 +175,7 @@ async fn refusals_come_back_as_explicit_statuses() {
     }
     assert_eq!(refused.unwrap().status(), Some(pb::Status::NoSpace));
     // What was acknowledged is intact.
-    let r = c.read(obj(0, 0), 0, K as u32).await.unwrap();
+    let r = c.read(obj(0, 0), 0, K as u32, 0).await.unwrap();
     assert_eq!(r.data, data);
 }
 
@@ -258,7 +270,7 @@ async fn listing_more_objects_than_one_frame_holds_pages_through_all() {
     }
     let (mut seen, mut after, mut pages) = (0u64, None, 0);
     loop {
-        let (page, more) = c.list(3, after, 4096, false).await.unwrap();
+        let (page, more) = c.list(3, after, 4096, false, 0).await.unwrap();
         pages += 1;
         for (i, info) in page.iter().enumerate() {
             assert_eq!(

@@ -71,6 +71,10 @@ enum Mode {
         /// How long full redundancy may take to return after the faults stop.
         #[arg(long, default_value = "180s", value_parser = parse_duration)]
         heal_timeout: std::time::Duration,
+        /// Run a gateway broken on purpose (it acknowledges writes before they are durable):
+        /// the checkers must catch it and the run must fail.
+        #[arg(long)]
+        broken_gateway: bool,
     },
 }
 
@@ -110,6 +114,7 @@ fn main() -> anyhow::Result<()> {
             dir,
             report,
             heal_timeout,
+            broken_gateway,
         } => {
             let exe = match continuum {
                 Some(p) => p,
@@ -140,6 +145,7 @@ fn main() -> anyhow::Result<()> {
             cfg.fault_every = fault_every;
             cfg.disabled = without.into_iter().collect();
             cfg.heal_timeout = heal_timeout;
+            cfg.broken_gateway = broken_gateway;
             if let Some(d) = dir {
                 cfg.run_dir = d;
             }

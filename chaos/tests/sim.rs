@@ -93,13 +93,14 @@ fn block_simulation_loses_no_acknowledged_write() {
 
 /// Seeds on which the harness found bugs, kept as regression tests: an acknowledged write
 /// rolled back as an older epoch's leftover (6, 175), a stripe left below k current shards
-/// (231).
+/// (231), a replaced writer serving a read from a shard that missed its degraded writes —
+/// reads were not fenced by epoch (3295).
 #[test]
 fn block_simulation_regression_seeds() {
     let plan = SimPlan {
         meta: None,
         blocks: Some(BlockSimConfig::default()),
     };
-    let s = sim::run_seeds([6u64, 175, 231], &plan, 3, |_, _| {});
+    let s = sim::run_seeds([6u64, 175, 231, 3295], &plan, 4, |_, _| {});
     assert!(s.failed_seeds.is_empty(), "{:?}", s.failures);
 }

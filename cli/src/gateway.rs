@@ -91,6 +91,11 @@ pub struct GatewayArgs {
     /// Address for Prometheus metrics (`/metrics`) and `/health`. [default: off]
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// BROKEN ON PURPOSE, for the chaos harness's negative test only: acknowledge writes,
+    /// FUA and FLUSH before the data reaches any block server (it is queued in memory and
+    /// lost when the gateway dies).
+    #[arg(long, hide = true)]
+    pub failpoint_ack_before_durable: bool,
 }
 
 /// Counters exported at `/metrics`.
@@ -227,6 +232,8 @@ struct Attached {
     closed: AtomicBool,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     metrics: Arc<Metrics>,
+    /// `--failpoint-ack-before-durable`: writes acknowledged at once and applied from here.
+    ack_early: Option<tokio::sync::mpsc::UnboundedSender<(u64, Bytes)>>,
 }
 
 impl Attached {
@@ -329,6 +336,10 @@ impl Export for Handle {
         // Marked before the write: a concurrent BLOCK_STATUS may then say "data" for a range
         // that still reads as zeros, which is always allowed; never the other way round.
         a.allocated.lock().expect("poisoned").extend(units);
+        if let Some(q) = &a.ack_early {
+            let _ = q.send((offset, data));
+            return Ok(());
+        }
         a.vol.write(offset, data, fua).await.map_err(|e| a.error(e))
     }
 
@@ -371,6 +382,9 @@ impl Export for Handle {
     async fn flush(&self) -> ExportResult<()> {
         let a = &self.attached;
         a.metrics.flushes.fetch_add(1, Ordering::Relaxed);
+        if a.ack_early.is_some() {
+            return Ok(());
+        }
         a.vol.flush().await.map_err(|e| a.error(e))
     }
 
@@ -397,6 +411,7 @@ pub struct GatewayInner {
     attached: tokio::sync::Mutex<HashMap<String, Arc<Attached>>>,
     metrics: Arc<Metrics>,
     me: Weak<GatewayInner>,
+    ack_before_durable: bool,
 }
 
 /// The catalog NBD connections find exports in.
@@ -481,6 +496,21 @@ impl GatewayInner {
             units = allocated.len(),
             "attached"
         );
+        let mut tasks = vec![keep, watcher];
+        let ack_early = self.ack_before_durable.then(|| {
+            tracing::warn!(
+                volume = name,
+                "FAILPOINT: writes are acknowledged before they are durable"
+            );
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Bytes)>();
+            let v = vol.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some((offset, data)) = rx.recv().await {
+                    let _ = v.write(offset, data, false).await;
+                }
+            }));
+            tx
+        });
         Ok(Arc::new(Attached {
             name: name.to_string(),
             unit_bytes: vol.spec().unit as u64,
@@ -490,8 +520,9 @@ impl GatewayInner {
             connections: AtomicUsize::new(1),
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            tasks: vec![keep, watcher],
+            tasks,
             metrics: self.metrics.clone(),
+            ack_early,
         }))
     }
 
@@ -677,6 +708,7 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         attached: tokio::sync::Mutex::default(),
         metrics: metrics.clone(),
         me: me.clone(),
+        ack_before_durable: args.failpoint_ack_before_durable,
     });
     let catalog = Arc::new(Gateway(inner.clone()));
     let config = Arc::new(ServerConfig {
