@@ -314,11 +314,22 @@ impl BlockClient {
 
     /// Fences `volume` at `epoch` on this server (durable when it answers); returns the
     /// volume's highest epoch there before.
-    pub async fn fence(&self, volume: u64, epoch: u64) -> Result<u64, ShardError> {
-        let op = pb::request::Op::Fence(pb::Fence { volume, epoch });
+    /// Fences `volume` at `epoch` (with `opened`: records that this writer now serves I/O);
+    /// returns the highest epoch and the highest opened epoch the server had before.
+    pub async fn fence(
+        &self,
+        volume: u64,
+        epoch: u64,
+        opened: bool,
+    ) -> Result<(u64, u64), ShardError> {
+        let op = pb::request::Op::Fence(pb::Fence {
+            volume,
+            epoch,
+            opened,
+        });
         let (resp, _) = self.call(op, Bytes::new()).await?;
         match resp.result {
-            Some(pb::response::Result::Fence(f)) => Ok(f.previous_epoch),
+            Some(pb::response::Result::Fence(f)) => Ok((f.previous_epoch, f.previous_opened)),
             _ => Err(self.malformed("fence result missing")),
         }
     }

@@ -7,7 +7,9 @@
 //!   (DESIGN.md invariant 2): the writer serialises writes per stripe, so only the stripe's
 //!   highest version can be unacknowledged; every lower unstable version is committed. The
 //!   highest one is rolled forward when at least k shards hold the stripe state it created (the
-//!   shards it wrote plus the untouched, current data shards), and rolled back otherwise.
+//!   shards it wrote plus the untouched, current data shards), rolled back when even the
+//!   unreachable shards could not make up k with them (so it was never acknowledged), and left
+//!   undecided otherwise.
 
 use crate::ec::Profile;
 use crate::store::{ObjectInfo, Version};
@@ -90,6 +92,8 @@ pub struct Decision {
     /// The highest version is rolled forward: these positions of its write set lack it and
     /// must be rebuilt (from the shards that have it) at this version.
     pub roll_forward: Option<(Version, Vec<usize>)>,
+    /// The top version cannot be decided from the shards that answered (see [`reconcile`]).
+    pub undecided: bool,
 }
 
 /// Decides a stripe's reconciliation (see the module doc). `infos[pos]` is `None` when the
@@ -204,6 +208,13 @@ pub fn reconcile(profile: Profile, infos: &[Option<ObjectInfo>], foreign_below: 
             }
         }
         d.roll_forward = Some((top, missing));
+    } else if available + infos.iter().filter(|i| i.is_none()).count() >= k {
+        // The shards out of reach may be the ones that made the write acknowledged (it needs
+        // k positions holding its state): rolling it back could drop an acknowledged write,
+        // rolling it forward cannot be done from what is visible. Undecided until more shards
+        // answer; the stripe serves no I/O meanwhile (found by the live chaos run: a WAN cut
+        // hid both parity shards of a stripe whose last, acknowledged write was unstable).
+        d.undecided = true;
     } else {
         d.rollback.extend(holders.iter().map(|&p| (p, top)));
     }
@@ -312,6 +323,7 @@ mod tests {
                     stabilize: vec![(1, v(7)), (4, v(7)), (5, v(7))],
                     rollback: vec![],
                     roll_forward: Some((v(7), vec![])),
+                    undecided: false,
                 },
             ),
             (
@@ -328,6 +340,7 @@ mod tests {
                     stabilize: vec![(1, v(7))],
                     rollback: vec![],
                     roll_forward: Some((v(7), vec![4, 5])),
+                    undecided: false,
                 },
             ),
             (
@@ -344,10 +357,12 @@ mod tests {
                     stabilize: vec![(1, v(7)), (3, v(4))],
                     rollback: vec![],
                     roll_forward: Some((v(7), vec![4, 5])),
+                    undecided: false,
                 },
             ),
             (
-                "only the data shard got it and another data shard is lost: back",
+                "only the data shard got it and another data shard is out of reach: undecided \
+                 (with that shard current and both parity stale, the write had k and was acked)",
                 vec![
                     info(1, &[], &[]),
                     info(7, &[(7, set)], &[]),
@@ -357,9 +372,40 @@ mod tests {
                     info(6, &[], &dv_old),
                 ],
                 Decision {
+                    undecided: true,
+                    ..Decision::default()
+                },
+            ),
+            (
+                "two data shards got it, both parity and a data shard out of reach: undecided",
+                vec![
+                    info(7, &[(7, 0b110011)], &[]),
+                    info(7, &[(7, 0b110011)], &[]),
+                    info(3, &[], &[]),
+                    None,
+                    None,
+                    None,
+                ],
+                Decision {
+                    undecided: true,
+                    ..Decision::default()
+                },
+            ),
+            (
+                "only the data shard got it, another is behind, two are out of reach: back",
+                vec![
+                    info(0, &[], &[]),
+                    info(7, &[(7, set)], &[]),
+                    None,
+                    None,
+                    info(6, &[], &dv_old),
+                    info(6, &[], &dv_old),
+                ],
+                Decision {
                     stabilize: vec![],
                     rollback: vec![(1, v(7))],
                     roll_forward: None,
+                    undecided: false,
                 },
             ),
             (
@@ -376,6 +422,7 @@ mod tests {
                     stabilize: vec![(1, v(7)), (4, v(7))],
                     rollback: vec![],
                     roll_forward: Some((v(7), vec![5])),
+                    undecided: false,
                 },
             ),
             (
@@ -399,6 +446,7 @@ mod tests {
                     ],
                     rollback: vec![],
                     roll_forward: None,
+                    undecided: false,
                 },
             ),
         ];
@@ -420,7 +468,8 @@ mod tests {
             Decision {
                 stabilize: vec![],
                 rollback: vec![(0, v(3))],
-                roll_forward: None
+                roll_forward: None,
+                undecided: false,
             }
         );
         // A previous writer served I/O without seeing epoch 1's unstable write: back, even
@@ -438,7 +487,8 @@ mod tests {
             Decision {
                 stabilize: vec![],
                 rollback: vec![(1, v(7))],
-                roll_forward: None
+                roll_forward: None,
+                undecided: false,
             }
         );
     }

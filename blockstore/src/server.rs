@@ -343,14 +343,17 @@ pub async fn handle<D: Device, I: Index>(
             .delete_volume(d.volume, d.epoch)
             .await
             .map(|_| (done(), empty)),
-        pb::request::Op::Fence(f) => store.fence_volume(f.volume, f.epoch).await.map(|previous| {
-            (
-                ok(pb::response::Result::Fence(pb::FenceResult {
-                    previous_epoch: previous,
-                })),
-                empty,
-            )
-        }),
+        pb::request::Op::Fence(f) => store.fence_open(f.volume, f.epoch, f.opened).await.map(
+            |(previous, previous_opened)| {
+                (
+                    ok(pb::response::Result::Fence(pb::FenceResult {
+                        previous_epoch: previous,
+                        previous_opened,
+                    })),
+                    empty,
+                )
+            },
+        ),
         pb::request::Op::Hello(_) => Ok((
             ok(pb::response::Result::Hello(pb::HelloResult {
                 node_id: node,

@@ -330,6 +330,7 @@ fn dv_list(d: &[DvRecord]) -> Vec<(u32, Version)> {
 
 const OBJECT_PREFIX: u8 = b'o';
 const EPOCH_PREFIX: u8 = b'e';
+const OPENED_PREFIX: u8 = b's';
 
 fn object_key(o: &ObjectKey) -> Vec<u8> {
     let mut k = Vec::with_capacity(21);
@@ -361,6 +362,12 @@ fn volume_range(volume: u64) -> (Vec<u8>, Vec<u8>) {
 
 fn epoch_key(volume: u64) -> Vec<u8> {
     let mut k = vec![EPOCH_PREFIX];
+    k.extend_from_slice(&volume.to_be_bytes());
+    k
+}
+
+fn opened_key(volume: u64) -> Vec<u8> {
+    let mut k = vec![OPENED_PREFIX];
     k.extend_from_slice(&volume.to_be_bytes());
     k
 }
@@ -1238,11 +1245,33 @@ impl<D: Device, I: Index> Store<D, I> {
     /// Records `epoch` as the volume's highest, durably; refused when a higher one exists.
     /// Returns the highest epoch before.
     pub async fn fence_volume(&self, volume: u64, epoch: u64) -> Result<u64> {
+        Ok(self.fence_open(volume, epoch, false).await?.0)
+    }
+
+    /// Fences `volume` at `epoch` and, with `opened`, records that the writer of `epoch`
+    /// has reconciled and serves I/O. Returns the highest epoch and the highest opened epoch
+    /// recorded before (durable when it returns).
+    pub async fn fence_open(&self, volume: u64, epoch: u64, opened: bool) -> Result<(u64, u64)> {
         let previous = self.highest_epoch(volume)?;
-        if let Some(change) = self.fence(volume, epoch)? {
-            self.commit(vec![change], true, Vec::new()).await?;
+        let key = opened_key(volume);
+        let previous_opened = match self.index.get(&key)? {
+            Some(v) if v.len() == 8 => u64::from_be_bytes(v[..8].try_into().unwrap_or_default()),
+            Some(_) => {
+                return Err(StoreError::CorruptRecord {
+                    key,
+                    reason: "opened epoch is not 8 bytes".into(),
+                })
+            }
+            None => 0,
+        };
+        let mut changes: Vec<Change> = self.fence(volume, epoch)?.into_iter().collect();
+        if opened && epoch > previous_opened {
+            changes.push((key, Some(epoch.to_be_bytes().to_vec())));
         }
-        Ok(previous)
+        if !changes.is_empty() {
+            self.commit(changes, true, Vec::new()).await?;
+        }
+        Ok((previous, previous_opened))
     }
 
     /// Deletes every object of `volume` (its space is freed at the next flush).

@@ -241,9 +241,16 @@ pub struct Volume {
     /// once the server answers again, before more losses can pile up on one stripe.
     unverified: AtomicBool,
     /// Unstable versions of epochs below this are rolled back, never forward: while opening,
-    /// the previous writer's epoch (it served I/O without what it could not see); once open,
-    /// this writer's own (anything older it did not reconcile at open, it served without).
+    /// the previous writer's epoch that *opened* (it served I/O without what it could not
+    /// see; a writer whose open failed fenced but served nothing); once open, this writer's
+    /// own (anything older it did not reconcile at open, it served without).
     foreign_below: AtomicU64,
+    /// The previous opened epoch (`foreign_below` while opening).
+    previous_opened: AtomicU64,
+    /// Stripes whose top unstable version was left undecided while opening (the shards that
+    /// could tell were out of reach): this writer served no I/O from them, so they are still
+    /// decided against `previous_opened`, not against this writer's epoch.
+    undecided: Mutex<BTreeSet<u64>>,
     pub stats: VolumeStats,
     pub failpoints: Failpoints,
 }
@@ -325,13 +332,19 @@ impl Volume {
             // A new writer does not know what happened before it: it verifies once, too.
             unverified: AtomicBool::new(true),
             foreign_below: AtomicU64::new(0),
+            previous_opened: AtomicU64::new(0),
+            undecided: Mutex::default(),
             stats: VolumeStats::default(),
             failpoints: Failpoints::default(),
         });
         vol.set_servers(servers);
-        let previous = vol.fence_all().await?;
+        let previous = vol.fence_all(false).await?;
         vol.foreign_below.store(previous, Ordering::Release);
+        vol.previous_opened.store(previous, Ordering::Release);
         vol.reconcile_all().await?;
+        // Recorded on at least k servers before any I/O: a later writer fences all but at
+        // most k-1 of them, so it learns that this epoch served.
+        vol.fence_all(true).await?;
         vol.foreign_below.store(epoch, Ordering::Release);
         let weak = Arc::downgrade(&vol);
         tokio::spawn(async move {
@@ -1260,11 +1273,13 @@ impl Volume {
     /// Records this writer's epoch on every server in the map before the first write, so a
     /// previous writer's later writes are refused everywhere (DESIGN.md invariant 1).
     /// Returns the highest epoch the servers had seen before (the previous writer's).
-    async fn fence_all(&self) -> Result<u64> {
+    /// Fences every server at this writer's epoch (with `opened`: also records that it
+    /// serves I/O now); returns the highest epoch below this one recorded as opened.
+    async fn fence_all(&self, opened: bool) -> Result<u64> {
         let servers = self.up_servers();
         let results = join_all(servers.iter().map(|(id, c)| async move {
-            match c.fence(self.spec.id, self.epoch).await {
-                Ok(previous) => Ok(Some(previous)),
+            match c.fence(self.spec.id, self.epoch, opened).await {
+                Ok((_, previous_opened)) => Ok(Some(previous_opened)),
                 Err(e) => {
                     tracing::warn!(volume = self.spec.id, server = id, error = %e, "cannot fence");
                     self.note_error(*id, &e).map(|_| None)
@@ -1398,11 +1413,24 @@ impl Volume {
         // would take it for a leftover of an older epoch and roll back a write that was
         // acknowledged (found by the chaos simulator). So decide until nothing rolls back.
         for _ in 0..crate::store::MAX_UNSTABLE_VERSIONS {
-            let d = reconcile::reconcile(
-                self.spec.profile,
-                &infos,
-                self.foreign_below.load(Ordering::Acquire),
-            );
+            let foreign_below = if self.undecided.lock().expect("poisoned").contains(&stripe) {
+                self.previous_opened.load(Ordering::Acquire)
+            } else {
+                self.foreign_below.load(Ordering::Acquire)
+            };
+            let d = reconcile::reconcile(self.spec.profile, &infos, foreign_below);
+            {
+                let mut u = self.undecided.lock().expect("poisoned");
+                if d.undecided {
+                    // Only while opening, or when it was already undecided then: a stripe
+                    // this writer served I/O from is decided against its own epoch.
+                    if foreign_below < self.epoch {
+                        u.insert(stripe);
+                    }
+                } else {
+                    u.remove(&stripe);
+                }
+            }
             let rolled_back = !d.rollback.is_empty();
             let unchanged = !rolled_back && d.stabilize.is_empty() && d.roll_forward.is_none();
             self.apply_decision(stripe, &servers, &infos, &d).await?;

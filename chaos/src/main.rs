@@ -75,6 +75,10 @@ enum Mode {
         /// the checkers must catch it and the run must fail.
         #[arg(long)]
         broken_gateway: bool,
+        /// Loss of every WAN fault in percent (100: the link is cut). [default: 5, 10, 20
+        /// or 100 at random]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+        wan_loss: Option<u32>,
     },
 }
 
@@ -115,6 +119,7 @@ fn main() -> anyhow::Result<()> {
             report,
             heal_timeout,
             broken_gateway,
+            wan_loss,
         } => {
             let exe = match continuum {
                 Some(p) => p,
@@ -146,6 +151,7 @@ fn main() -> anyhow::Result<()> {
             cfg.disabled = without.into_iter().collect();
             cfg.heal_timeout = heal_timeout;
             cfg.broken_gateway = broken_gateway;
+            cfg.wan_loss = wan_loss;
             if let Some(d) = dir {
                 cfg.run_dir = d;
             }

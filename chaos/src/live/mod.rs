@@ -76,6 +76,8 @@ pub struct LiveConfig {
     pub meta_workers: usize,
     /// How long full redundancy may take to return after the faults stop.
     pub heal_timeout: Duration,
+    /// Loss of every `wan` fault in percent (100: a cut); `None`: 5, 10, 20 or 100 at random.
+    pub wan_loss: Option<u32>,
     /// Run a gateway broken on purpose (it acknowledges writes before they are durable):
     /// the negative test, which must fail.
     pub broken_gateway: bool,
@@ -96,6 +98,7 @@ impl LiveConfig {
             meta_workers: 2,
             heal_timeout: Duration::from_secs(180),
             broken_gateway: false,
+            wan_loss: None,
         }
     }
 }
@@ -812,7 +815,10 @@ async fn inject(
                 if free < BUDGET || f.active.iter().any(|a| matches!(a.undo, Undo::Wan)) {
                     continue;
                 }
-                let loss = *[5u32, 10, 20, 100].choose(&mut f.rng).expect("non-empty");
+                let loss = match c.cfg.wan_loss {
+                    Some(l) => l,
+                    None => *[5u32, 10, 20, 100].choose(&mut f.rng).expect("non-empty"),
+                };
                 net::wan_loss(2, loss)?;
                 let detail = if loss >= 100 {
                     "link cut".to_string()
