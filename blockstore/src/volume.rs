@@ -1290,12 +1290,20 @@ impl Volume {
         let previous = results.into_iter().collect::<Result<Vec<Option<u64>>>>()?;
         // A previous writer still running somewhere can only complete a write with k shards
         // that are not fenced; with fewer than k unfenced servers in the whole map it cannot.
+        // The opening record must reach k servers: any later writer fences all but k-1 of
+        // them, so at least one it reaches has the record.
+        let k = self.spec.profile.data;
         let unfenced = previous.iter().filter(|p| p.is_none()).count();
-        if unfenced >= self.spec.profile.data {
+        let limit = if opened {
+            previous.len().saturating_sub(k).min(k - 1)
+        } else {
+            k - 1
+        };
+        if unfenced > limit {
             return Err(VolumeError::FenceIncomplete {
                 volume: self.spec.id,
                 unfenced,
-                limit: self.spec.profile.data - 1,
+                limit,
             });
         }
         Ok(previous
