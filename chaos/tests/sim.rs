@@ -83,6 +83,7 @@ fn block_simulation_loses_no_acknowledged_write() {
         "disk_full",
         "writer_crash",
         "stale_writer",
+        "wide_partition",
     ] {
         assert!(
             s.block_faults.contains_key(kind),
@@ -97,10 +98,40 @@ fn block_simulation_loses_no_acknowledged_write() {
 /// reads were not fenced by epoch (3295).
 #[test]
 fn block_simulation_regression_seeds() {
+    // Their schedules predate `wide_partition` (it takes picks that did nothing then).
     let plan = SimPlan {
         meta: None,
-        blocks: Some(BlockSimConfig::default()),
+        blocks: Some(BlockSimConfig {
+            disabled: ["wide_partition".to_string()].into(),
+            ..BlockSimConfig::default()
+        }),
     };
     let s = sim::run_seeds([6u64, 175, 231, 3295], &plan, 4, |_, _| {});
     assert!(s.failed_seeds.is_empty(), "{:?}", s.failures);
+}
+
+/// A writer that loses more than m servers (a WAN cut) while its last writes are unstable, and
+/// a writer crash: reconciliation rolled acknowledged writes back when the shards that made
+/// them acknowledged were out of reach (seeds 4 and 72 of this mix failed before the fix).
+#[test]
+fn wide_partitions_do_not_roll_back_acknowledged_writes() {
+    let plan = SimPlan {
+        meta: None,
+        blocks: Some(BlockSimConfig {
+            disabled: [
+                "power_loss",
+                "partition",
+                "bit_flip",
+                "disk_full",
+                "stale_writer",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+            ..BlockSimConfig::default()
+        }),
+    };
+    let s = sim::run_seeds([4u64, 72], &plan, 2, |_, _| {});
+    assert!(s.failed_seeds.is_empty(), "{:?}", s.failures);
+    assert!(s.block_faults.contains_key("wide_partition"), "{s:?}");
 }

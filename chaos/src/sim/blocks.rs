@@ -13,6 +13,9 @@
 //!   shard writes), and a new writer takes over (fencing, reconciliation);
 //! - `stale_writer`: the writer is cut off, a new writer takes over, and the old one's held
 //!   requests arrive later (they must all be refused: epoch fencing);
+//! - `wide_partition`: the writer loses m+1 servers at once (more than the stripes can spare:
+//!   I/O on some stripes fails until they return, but nothing acknowledged may be lost; a WAN
+//!   cut between sites looks like this), taken only when no other server is out;
 //! - `cluster_power_loss` (opt-in, [`BlockSimConfig::cluster_power_loss`]): every server
 //!   loses power at once.
 //!
@@ -560,6 +563,7 @@ impl Sim {
             55..=64 => "disk_full",
             65..=79 => "writer_crash",
             80..=94 => "stale_writer",
+            95..=97 => "wide_partition",
             _ => "cluster_power_loss",
         };
         if self.cfg.disabled.contains(kind) {
@@ -696,6 +700,40 @@ impl Sim {
                     // The old writer's requests arrive now; it must not have overwritten the
                     // new writer's data (the checker's reads say so).
                     drop(old);
+                });
+            }
+            95..=97 => {
+                let Some(w) = self.writer() else {
+                    return Ok(());
+                };
+                if !self.unavailable.borrow().is_empty() {
+                    return Ok(());
+                }
+                let mut cut = BTreeSet::new();
+                while cut.len() <= self.cfg.profile.parity {
+                    cut.insert(self.rand(0..n as u64) as usize);
+                }
+                self.count("wide_partition");
+                self.note(format!(
+                    "wide partition: writer {} / servers {:?}",
+                    w.conn,
+                    cut.iter().map(|s| s + 1).collect::<Vec<_>>()
+                ));
+                for &s in &cut {
+                    self.unavailable.borrow_mut().insert(s);
+                    self.net.hold(w.conn, s, true);
+                }
+                let sim = self.clone();
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep(lasting).await;
+                    for &s in &cut {
+                        sim.net.hold(w.conn, s, false);
+                    }
+                    sim.note("wide partition healed".to_string());
+                    for s in cut {
+                        sim.wait_whole(s).await;
+                        sim.give_back(s);
+                    }
                 });
             }
             _ => {
