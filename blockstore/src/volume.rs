@@ -133,6 +133,12 @@ pub enum VolumeError {
     },
     #[error("block server {server} is not in the cluster map")]
     UnknownServer { server: u64 },
+    #[error("volume {volume}: flush failed on {failed} block servers (at most {limit} may fail), so written data may not be durable")]
+    FlushIncomplete {
+        volume: u64,
+        failed: usize,
+        limit: usize,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, VolumeError>;
@@ -1254,27 +1260,46 @@ impl Volume {
         let results = join_all(dirty.iter().map(|&srv| async move {
             let c = self.client(srv)?;
             match c.flush().await {
-                Ok(()) => Ok(()),
+                Ok(()) => Ok(true),
                 Err(e) => {
                     // An unreachable server's shards are stale for this writer; they are
                     // rebuilt, so the flush stands on the others (degraded within m).
                     self.note_error(srv, &e)?;
-                    Ok(())
+                    Ok(false)
                 }
             }
         }))
         .await;
-        results.into_iter().collect::<Result<Vec<()>>>()?;
+        let flushed = results.into_iter().collect::<Result<Vec<bool>>>()?;
+        // Beyond m failed servers some stripe may have fewer than k durable shards: the
+        // flush is not acknowledged (the servers stay dirty, so the next flush retries them).
+        let failed: Vec<u64> = dirty
+            .iter()
+            .zip(&flushed)
+            .filter(|(_, ok)| !**ok)
+            .map(|(srv, _)| *srv)
+            .collect();
+        let limit = self.spec.profile.parity;
+        if failed.len() > limit {
+            self.dirty
+                .lock()
+                .expect("poisoned")
+                .extend(failed.iter().copied());
+            return Err(VolumeError::FlushIncomplete {
+                volume: self.spec.id,
+                failed: failed.len(),
+                limit,
+            });
+        }
         Ok(())
     }
 
     // ---- Reconciliation and repair ----
 
     /// Records this writer's epoch on every server in the map before the first write, so a
-    /// previous writer's later writes are refused everywhere (DESIGN.md invariant 1).
-    /// Returns the highest epoch the servers had seen before (the previous writer's).
-    /// Fences every server at this writer's epoch (with `opened`: also records that it
-    /// serves I/O now); returns the highest epoch below this one recorded as opened.
+    /// previous writer's later writes are refused everywhere (DESIGN.md invariant 1); with
+    /// `opened`, also that it serves I/O now. Returns the highest epoch below this one that
+    /// the servers recorded as opened (the previous writer that served).
     async fn fence_all(&self, opened: bool) -> Result<u64> {
         let servers = self.up_servers();
         let results = join_all(servers.iter().map(|(id, c)| async move {
@@ -1288,16 +1313,19 @@ impl Volume {
         }))
         .await;
         let previous = results.into_iter().collect::<Result<Vec<Option<u64>>>>()?;
-        // A previous writer still running somewhere can only complete a write with k shards
-        // that are not fenced; with fewer than k unfenced servers in the whole map it cannot.
-        // The opening record must reach k servers: any later writer fences all but k-1 of
-        // them, so at least one it reaches has the record.
-        let k = self.spec.profile.data;
+        // A previous writer still running somewhere must not complete a write on unfenced
+        // servers alone. A write needs k current shards, but a partial one touches only m+1
+        // positions (the untouched data shards count as current): with at most
+        // min(k-1, m) servers unfenced, every write touches a fenced one and fails there.
+        // The opening record must reach k servers: any later writer fences all but that
+        // many, so at least one it reaches has the record.
+        let (k, m) = (self.spec.profile.data, self.spec.profile.parity);
         let unfenced = previous.iter().filter(|p| p.is_none()).count();
+        let fence_limit = (k - 1).min(m);
         let limit = if opened {
-            previous.len().saturating_sub(k).min(k - 1)
+            previous.len().saturating_sub(k).min(fence_limit)
         } else {
-            k - 1
+            fence_limit
         };
         if unfenced > limit {
             return Err(VolumeError::FenceIncomplete {

@@ -44,6 +44,14 @@ enum Mode {
         #[arg(long)]
         report: Option<std::path::PathBuf>,
     },
+    /// The WAN delay line (started by `live` inside the router namespace; not for direct use).
+    #[command(hide = true)]
+    WanRelay {
+        #[arg(long)]
+        dev: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// A cluster of real processes in network namespaces (needs root), real NBD and meta
     /// workloads, a seeded schedule of faults.
     Live {
@@ -109,6 +117,13 @@ fn main() -> anyhow::Result<()> {
             .init();
     }
     match Cli::parse().mode {
+        Mode::WanRelay { dev, seed } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            rt.block_on(live::wan::relay(&dev, seed))
+        }
         Mode::Live {
             seed,
             duration,

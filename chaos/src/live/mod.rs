@@ -12,6 +12,7 @@
 pub mod nbd;
 pub mod net;
 pub mod procs;
+pub mod wan;
 pub mod workload;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -66,6 +67,8 @@ pub struct LiveConfig {
     pub fault_every: Duration,
     /// The `continuum` binary.
     pub exe: PathBuf,
+    /// The `continuum-chaos` binary (runs the WAN delay line inside the router namespace).
+    pub chaos_exe: PathBuf,
     /// Data, logs and the report go here (removed first).
     pub run_dir: PathBuf,
     /// Where to write the JSON report (default `<run_dir>/report.json`).
@@ -76,7 +79,8 @@ pub struct LiveConfig {
     pub meta_workers: usize,
     /// How long full redundancy may take to return after the faults stop.
     pub heal_timeout: Duration,
-    /// Loss of every `wan` fault in percent (100: a cut); `None`: 5, 10, 20 or 100 at random.
+    /// Loss of every `wan` fault in percent (100: a cut); `None`: a seeded mix of delay with
+    /// jitter (reordering), loss, both, and cuts.
     pub wan_loss: Option<u32>,
     /// Run a gateway broken on purpose (it acknowledges writes before they are durable):
     /// the negative test, which must fail.
@@ -89,6 +93,7 @@ impl LiveConfig {
             seed,
             duration: Duration::from_secs(120),
             fault_every: Duration::from_secs(5),
+            chaos_exe: exe.with_file_name("continuum-chaos"),
             exe,
             run_dir: PathBuf::from(format!("/tmp/continuum-chaos-live-{seed}")),
             report: None,
@@ -393,6 +398,41 @@ struct Cluster {
     gateway_metrics: String,
     nbd_addr: String,
     mounts: Vec<PathBuf>,
+    wan: WanRelay,
+}
+
+/// The WAN delay line's process (inside the router namespace) and its control pipe.
+struct WanRelay {
+    child: std::process::Child,
+    control: std::process::ChildStdin,
+}
+
+impl WanRelay {
+    fn start(cfg: &LiveConfig) -> Result<Self> {
+        let log = std::fs::File::create(cfg.run_dir.join("logs").join("wan-relay.log"))?;
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", net::ROUTER])
+            .arg(&cfg.chaos_exe)
+            .args(["wan-relay", "--dev", net::WAN_DEV, "--seed"])
+            .arg(cfg.seed.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting the WAN relay ({})", cfg.chaos_exe.display()))?;
+        let control = child.stdin.take().context("relay stdin")?;
+        net::route_wan()?;
+        Ok(Self { child, control })
+    }
+
+    fn set(&mut self, link: wan::Link) -> Result<()> {
+        use std::io::Write;
+        self.control
+            .write_all(link.line().as_bytes())
+            .context("the WAN relay went away")?;
+        self.control.flush()?;
+        Ok(())
+    }
 }
 
 impl Cluster {
@@ -415,6 +455,8 @@ impl Cluster {
         for m in &self.mounts {
             let _ = net::run("umount", &["-l", &m.display().to_string()]);
         }
+        let _ = self.wan.child.kill();
+        let _ = self.wan.child.wait();
         net::cleanup();
     }
 }
@@ -533,6 +575,7 @@ async fn build(cfg: &LiveConfig) -> Result<Cluster> {
     }
     let gateway = procs.len() - 1;
     let gw_ip = hosts[gateway].ip;
+    let wan = WanRelay::start(cfg)?;
     let mut c = Cluster {
         cfg: cfg.clone(),
         hosts,
@@ -542,6 +585,7 @@ async fn build(cfg: &LiveConfig) -> Result<Cluster> {
         gateway_metrics: format!("{gw_ip}:{GATEWAY_METRICS_PORT}"),
         nbd_addr: format!("{gw_ip}:{NBD_PORT}"),
         mounts,
+        wan,
     };
     let exe = cfg.exe.clone();
     for p in c.metas().collect::<Vec<_>>() {
@@ -815,16 +859,43 @@ async fn inject(
                 if free < BUDGET || f.active.iter().any(|a| matches!(a.undo, Undo::Wan)) {
                     continue;
                 }
-                let loss = match c.cfg.wan_loss {
-                    Some(l) => l,
-                    None => *[5u32, 10, 20, 100].choose(&mut f.rng).expect("non-empty"),
+                let link = match c.cfg.wan_loss {
+                    Some(l) => wan::Link {
+                        loss_pct: l,
+                        ..Default::default()
+                    },
+                    None => *[
+                        wan::Link {
+                            delay_ms: 40,
+                            jitter_ms: 40,
+                            loss_pct: 0,
+                        },
+                        wan::Link {
+                            delay_ms: 150,
+                            jitter_ms: 50,
+                            loss_pct: 2,
+                        },
+                        wan::Link {
+                            delay_ms: 0,
+                            jitter_ms: 0,
+                            loss_pct: 10,
+                        },
+                        wan::Link {
+                            delay_ms: 0,
+                            jitter_ms: 0,
+                            loss_pct: 30,
+                        },
+                        wan::Link {
+                            delay_ms: 0,
+                            jitter_ms: 0,
+                            loss_pct: 100,
+                        },
+                    ]
+                    .choose(&mut f.rng)
+                    .expect("non-empty"),
                 };
-                net::wan_loss(2, loss)?;
-                let detail = if loss >= 100 {
-                    "link cut".to_string()
-                } else {
-                    format!("{loss}% loss each way")
-                };
+                c.wan.set(link)?;
+                let detail = link.describe();
                 f.record(kind, "cloud<->edge", hold, detail);
                 f.impaired.insert(Slot::All, Impaired { ended: None });
                 f.active.push(Active {
@@ -894,7 +965,7 @@ fn end_faults(c: &mut Cluster, f: &mut Faults, view: &GatewayView, all: bool) ->
             Undo::Restart(p) => c.procs[p].start(&exe)?,
             Undo::Resume(p) => c.procs[p].resume(),
             Undo::Heal(p) => net::heal(&c.hosts[c.procs[p].host])?,
-            Undo::Wan => net::wan_heal()?,
+            Undo::Wan => c.wan.set(wan::Link::default())?,
             Undo::FreeDisk(path) => {
                 let _ = std::fs::remove_file(path);
             }

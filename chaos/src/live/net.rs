@@ -1,8 +1,9 @@
 //! The live run's network: one network namespace per simulated host, joined by veth pairs to
 //! one bridge per site inside a router namespace that forwards between the sites (the WAN
 //! link). The harness itself stays in the root namespace and reaches the hosts through one
-//! more veth pair into the router. Faults are nftables rules: in a host's namespace for
-//! partitions (full or one-way), in the router's forward hook for the WAN link.
+//! more veth pair into the router. Traffic between the sites is routed through a TUN device
+//! in the router (`wan0`), where the delay line of `wan.rs` runs. Partitions (full or
+//! one-way) are nftables rules in a host's namespace.
 //!
 //! Every name starts with `ccl-`, so a run that died without cleaning up is removed by the
 //! next one ([`cleanup`]).
@@ -18,6 +19,10 @@ pub const ROUTER: &str = "ccl-router";
 const ROOT_DEV: &str = "ccl-up";
 const ROOT_IP: &str = "10.77.0.1";
 const ROUTER_UP_IP: &str = "10.77.0.2";
+/// The routing table that sends site-to-site traffic into the WAN delay line.
+const WAN_TABLE: &str = "100";
+/// The delay line's TUN device in the router namespace.
+pub const WAN_DEV: &str = "wan0";
 
 /// One simulated host.
 #[derive(Clone, Debug)]
@@ -155,12 +160,34 @@ pub fn build(sites: usize, hosts: &[(String, usize)]) -> Result<Vec<Host>> {
         )?;
         in_ns(ROUTER, &["ip", "link", "set", &br, "up"])?;
     }
-    // The router's filter table: the WAN faults add rules to its forward chain.
-    in_ns_input(
+    // Site-to-site traffic goes through the WAN delay line (`wan0`, created by the relay;
+    // its route is added by `route_wan`); packets the relay writes back come in on wan0 and
+    // take the main table to the other bridge.
+    in_ns(ROUTER, &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])?;
+    in_ns(
         ROUTER,
-        &["nft", "-f", "-"],
-        "table inet wan {\n  chain wanfwd {\n    type filter hook forward priority 0;\n  }\n}\n",
+        &["sysctl", "-qw", "net.ipv4.conf.default.rp_filter=0"],
     )?;
+    for a in 0..sites {
+        for b in 0..sites {
+            if a != b {
+                in_ns(
+                    ROUTER,
+                    &[
+                        "ip",
+                        "rule",
+                        "add",
+                        "iif",
+                        &format!("br{a}"),
+                        "to",
+                        &format!("10.77.{}.0/24", b + 1),
+                        "lookup",
+                        WAN_TABLE,
+                    ],
+                )?;
+            }
+        }
+    }
     let mut out = Vec::new();
     let mut per_site = vec![0u8; sites];
     for (i, (name, site)) in hosts.iter().enumerate() {
@@ -226,28 +253,26 @@ pub fn heal(host: &Host) -> Result<()> {
     Ok(())
 }
 
-/// Degrades the WAN links between the `sites` sites: drops `loss_pct` % of the packets
-/// forwarded from one site to another, in each direction (100: the links are cut).
-pub fn wan_loss(sites: usize, loss_pct: u32) -> Result<()> {
-    let verdict = if loss_pct >= 100 {
-        "drop".to_string()
-    } else {
-        format!("numgen random mod 100 < {loss_pct} drop")
-    };
-    let mut rules = String::new();
-    for a in 0..sites {
-        for b in 0..sites {
-            if a != b {
-                rules.push_str(&format!(
-                    "add rule inet wan wanfwd iifname \"br{a}\" oifname \"br{b}\" {verdict}\n"
-                ));
-            }
+/// Routes site-to-site traffic through the WAN delay line once its device exists.
+pub fn route_wan() -> Result<()> {
+    for _ in 0..100 {
+        if in_ns(ROUTER, &["ip", "link", "show", WAN_DEV]).is_ok() {
+            in_ns(
+                ROUTER,
+                &[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv4.conf.{WAN_DEV}.rp_filter=0"),
+                ],
+            )?;
+            return in_ns(
+                ROUTER,
+                &[
+                    "ip", "route", "add", "default", "dev", WAN_DEV, "table", WAN_TABLE,
+                ],
+            );
         }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    in_ns_input(ROUTER, &["nft", "-f", "-"], &rules)
-}
-
-/// Restores the WAN link.
-pub fn wan_heal() -> Result<()> {
-    in_ns(ROUTER, &["nft", "flush", "chain", "inet", "wan", "wanfwd"])
+    bail!("the WAN relay did not create {WAN_DEV}")
 }
