@@ -47,11 +47,22 @@ impl StripeView {
 /// says: for data shard i the newer of its own version and every parity's record of it; for
 /// parity (which every stripe write touches) the newest version in the stripe. Unstable
 /// leftovers of failed writes must be reconciled first ([`reconcile`]), or they would count.
+///
+/// Only the parity shards at the newest parity version vouch for data versions: a parity
+/// behind them missed writes, and may hold the leftover of a write that failed (its records
+/// name data versions no data shard has; trusted, they made current data shards look behind
+/// and left a stripe below k current shards for good — found by the live chaos run).
 pub fn assess(profile: Profile, infos: &[Option<ObjectInfo>]) -> StripeView {
     let k = profile.data;
     let width = profile.width();
     assert_eq!(infos.len(), width, "one info per shard position");
     let newest = infos
+        .iter()
+        .flatten()
+        .map(|i| i.version)
+        .max()
+        .unwrap_or_default();
+    let parity_newest = infos[k..]
         .iter()
         .flatten()
         .map(|i| i.version)
@@ -65,6 +76,7 @@ pub fn assess(profile: Profile, infos: &[Option<ObjectInfo>]) -> StripeView {
             infos[k..]
                 .iter()
                 .flatten()
+                .filter(|p| p.version == parity_newest)
                 .flat_map(|p| p.data_versions.iter())
                 .filter(|(s, _)| *s as usize == pos)
                 .map(|(_, v)| *v)
@@ -298,6 +310,27 @@ mod tests {
         // A never-written stripe is all current.
         let empty = vec![info(0, &[], &[]); 6];
         assert_eq!(assess(P, &empty).stale, 0);
+    }
+
+    #[test]
+    fn a_parity_behind_does_not_vouch_for_data_versions() {
+        // Parity 5 holds the leftover of a failed write (21, unstable) naming data versions
+        // 21 that no data shard has; parity 4 is at the stripe's top and complete.
+        let infos = vec![
+            info(10, &[], &[]),
+            info(12, &[], &[]),
+            info(30, &[], &[]),
+            info(30, &[], &[]),
+            info(30, &[], &[(0, 10), (1, 12), (2, 30), (3, 30)]),
+            info(21, &[(21, 0b110011)], &[(0, 21), (1, 21), (2, 15), (3, 14)]),
+        ];
+        let view = assess(P, &infos);
+        assert_eq!(
+            view.stale,
+            1 << 5,
+            "only the parity behind is stale: {view:?}"
+        );
+        assert_eq!(view.current(), 5);
     }
 
     #[test]
