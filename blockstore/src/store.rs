@@ -631,21 +631,25 @@ impl<D: Device, I: Index> Store<D, I> {
         }
     }
 
+    /// A u64 the index keeps under `key` (an epoch; 0 when absent).
+    fn index_u64(&self, key: Vec<u8>, what: &str) -> Result<u64> {
+        match self.index.get(&key)? {
+            Some(v) if v.len() == 8 => {
+                Ok(u64::from_be_bytes(v[..8].try_into().unwrap_or_default()))
+            }
+            Some(_) => Err(StoreError::CorruptRecord {
+                key,
+                reason: format!("{what} is not 8 bytes"),
+            }),
+            None => Ok(0),
+        }
+    }
+
     fn highest_epoch(&self, volume: u64) -> Result<u64> {
         if let Some(e) = self.epochs.borrow().get(&volume) {
             return Ok(*e);
         }
-        let key = epoch_key(volume);
-        let e = match self.index.get(&key)? {
-            Some(v) if v.len() == 8 => u64::from_be_bytes(v[..8].try_into().unwrap_or_default()),
-            Some(_) => {
-                return Err(StoreError::CorruptRecord {
-                    key,
-                    reason: "epoch is not 8 bytes".into(),
-                })
-            }
-            None => 0,
-        };
+        let e = self.index_u64(epoch_key(volume), "epoch")?;
         self.epochs.borrow_mut().insert(volume, e);
         Ok(e)
     }
@@ -1253,20 +1257,10 @@ impl<D: Device, I: Index> Store<D, I> {
     /// recorded before (durable when it returns).
     pub async fn fence_open(&self, volume: u64, epoch: u64, opened: bool) -> Result<(u64, u64)> {
         let previous = self.highest_epoch(volume)?;
-        let key = opened_key(volume);
-        let previous_opened = match self.index.get(&key)? {
-            Some(v) if v.len() == 8 => u64::from_be_bytes(v[..8].try_into().unwrap_or_default()),
-            Some(_) => {
-                return Err(StoreError::CorruptRecord {
-                    key,
-                    reason: "opened epoch is not 8 bytes".into(),
-                })
-            }
-            None => 0,
-        };
+        let previous_opened = self.index_u64(opened_key(volume), "opened epoch")?;
         let mut changes: Vec<Change> = self.fence(volume, epoch)?.into_iter().collect();
         if opened && epoch > previous_opened {
-            changes.push((key, Some(epoch.to_be_bytes().to_vec())));
+            changes.push((opened_key(volume), Some(epoch.to_be_bytes().to_vec())));
         }
         if !changes.is_empty() {
             self.commit(changes, true, Vec::new()).await?;

@@ -349,7 +349,7 @@ impl Volume {
         vol.previous_opened.store(previous, Ordering::Release);
         vol.reconcile_all().await?;
         // Recorded on at least k servers before any I/O: a later writer fences all but at
-        // most k-1 of them, so it learns that this epoch served.
+        // most min(k-1, m) of them, so it learns that this epoch served.
         vol.fence_all(true).await?;
         vol.foreign_below.store(epoch, Ordering::Release);
         let weak = Arc::downgrade(&vol);

@@ -372,10 +372,17 @@ async fn a_flush_that_more_than_m_servers_fail_is_not_acknowledged() {
     let vol = Volume::open(spec(size), 1, &cluster.servers(), TIMEOUT)
         .await
         .unwrap();
-    // Full stripes: every server holds a shard of them and has writes to sync.
-    vol.write(0, Bytes::from(vec![7u8; 512 * 1024]), false)
-        .await
-        .unwrap();
+    // The opening verification pass flushes when it is done: let it finish first, so the
+    // writes below are still unsynced when the servers go.
+    while vol.unverified() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Small writes all over: every server holds a shard of them and has writes to sync.
+    for i in 0..64u64 {
+        vol.write(i * 16 * 1024, Bytes::from(vec![7u8; 4096]), false)
+            .await
+            .unwrap();
+    }
     for i in 0..3 {
         cluster.kill(i);
     }
