@@ -150,13 +150,18 @@ pub fn reconcile(profile: Profile, infos: &[Option<ObjectInfo>], foreign_below: 
             d.stabilize.push((pos, below));
         }
         // A data shard whose current version is unstable and below the stripe's top: committed
-        // if the parity recorded it, otherwise a leftover of a write that failed elsewhere.
+        // if the parity recorded exactly it, a leftover of a write that failed elsewhere if
+        // the parity recorded an older one. A newer record only says the shard missed a later
+        // write — which may be the very top this decision rolls back (a write redone without
+        // the shard after its first attempt timed out, the attempt landing late): decided
+        // in the next round, once the top is settled (chaos seed 15769).
         let own = info.unstable.iter().find(|u| u.version == info.version);
         if let (Some(u), true, true) = (own, info.version < top, pos < k) {
             match record(&infos, pos) {
-                Some(r) if r >= info.version && info.version.epoch >= foreign_below => {
+                Some(r) if r == info.version && info.version.epoch >= foreign_below => {
                     d.stabilize.push((pos, info.version))
                 }
+                Some(r) if r > info.version && info.version.epoch >= foreign_below => {}
                 Some(_) if infos[k..].iter().flatten().any(|p| p.version == top) => {
                     d.rollback.push((pos, info.version));
                     let i = infos[pos].as_mut().expect("present");
@@ -310,6 +315,34 @@ mod tests {
         // A never-written stripe is all current.
         let empty = vec![info(0, &[], &[]); 6];
         assert_eq!(assess(P, &empty).stale, 0);
+    }
+
+    #[test]
+    fn a_late_first_attempt_of_a_redone_write_is_not_committed() {
+        // Write 28 to data 2 timed out and was redone as 41 without data 2; 41 reached only
+        // parity 4 (recording data 2 at 41) before the writer crashed; then 28 landed late.
+        let infos = vec![
+            info(20, &[], &[]),
+            info(20, &[], &[]),
+            info(28, &[(28, 0b110100)], &[]),
+            info(15, &[], &[]),
+            info(41, &[(41, 0b110100)], &[(0, 20), (1, 20), (2, 41), (3, 36)]),
+            info(36, &[], &[(0, 20), (1, 20), (2, 20), (3, 36)]),
+        ];
+        let d = reconcile(P, &infos, 1);
+        assert!(d.stabilize.is_empty(), "28 is not committed: {d:?}");
+        assert_eq!(d.rollback, vec![(4, v(41))]);
+        // Next round, with 41 gone: parity records data 2 at 20, so 28 is a leftover.
+        let infos = vec![
+            info(20, &[], &[]),
+            info(20, &[], &[]),
+            info(28, &[(28, 0b110100)], &[]),
+            info(15, &[], &[]),
+            info(36, &[], &[(0, 20), (1, 20), (2, 20), (3, 36)]),
+            info(36, &[], &[(0, 20), (1, 20), (2, 20), (3, 36)]),
+        ];
+        let d = reconcile(P, &infos, 1);
+        assert_eq!(d.rollback, vec![(2, v(28))], "{d:?}");
     }
 
     #[test]
