@@ -135,3 +135,16 @@ fn wide_partitions_do_not_roll_back_acknowledged_writes() {
     assert!(s.failed_seeds.is_empty(), "{:?}", s.failures);
     assert!(s.block_faults.contains_key("wide_partition"), "{s:?}");
 }
+
+/// Seeds of the default mix (with `wide_partition`) on which the harness found bugs: a late
+/// first attempt of a redone write committed while the top that redid it was rolled back, a
+/// stripe stuck below k for good (15769).
+#[test]
+fn block_simulation_regression_seeds_of_the_default_mix() {
+    let plan = SimPlan {
+        meta: None,
+        blocks: Some(BlockSimConfig::default()),
+    };
+    let s = sim::run_seeds([15769u64], &plan, 1, |_, _| {});
+    assert!(s.failed_seeds.is_empty(), "{:?}", s.failures);
+}
