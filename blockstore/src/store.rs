@@ -660,6 +660,11 @@ impl<D: Device, I: Index> Store<D, I> {
         if epoch == 0 {
             return Ok(());
         }
+        self.refuse_stale(volume, epoch).map(|_| ())
+    }
+
+    /// Refuses (and counts) an epoch below the volume's highest; returns the highest.
+    fn refuse_stale(&self, volume: u64, epoch: u64) -> Result<u64> {
         let highest = self.highest_epoch(volume)?;
         if epoch < highest {
             bump(&self.stats.stale_epoch_refusals, 1);
@@ -669,20 +674,12 @@ impl<D: Device, I: Index> Store<D, I> {
                 highest,
             });
         }
-        Ok(())
+        Ok(highest)
     }
 
     /// Checks the epoch; returns the index change that records a higher one, if any.
     fn fence(&self, volume: u64, epoch: u64) -> Result<Option<Change>> {
-        let highest = self.highest_epoch(volume)?;
-        if epoch < highest {
-            bump(&self.stats.stale_epoch_refusals, 1);
-            return Err(StoreError::StaleEpoch {
-                volume,
-                epoch,
-                highest,
-            });
-        }
+        let highest = self.refuse_stale(volume, epoch)?;
         Ok((epoch > highest).then(|| (epoch_key(volume), Some(epoch.to_be_bytes().to_vec()))))
     }
 

@@ -734,34 +734,33 @@ async fn inject(
     let meta_free =
         f.meta_busy_until.is_none_or(|t| Instant::now() >= t) && !f.active.iter().any(|a| a.meta);
     let hold = Duration::from_millis(f.rng.gen_range(2000..8000));
-    for kind in kinds {
-        let free = BUDGET - f.used();
-        // Candidate targets for process / host faults.
-        let mut targets: Vec<usize> = Vec::new();
-        let busy: BTreeSet<usize> = f
-            .active
-            .iter()
-            .filter_map(|a| match a.undo {
-                Undo::Restart(p) | Undo::Resume(p) | Undo::Heal(p) => Some(p),
-                _ => None,
-            })
-            .collect();
-        let block_ok = |p: usize, f: &Faults| {
-            free >= 1 && !f.impaired.contains_key(&Slot::Block(c.procs[p].id))
-        };
-        for p in 0..c.procs.len() {
-            if busy.contains(&p) {
-                continue;
-            }
-            let ok = match c.procs[p].role {
-                Role::Meta => meta_free,
-                Role::Block => block_ok(p, f),
-                Role::Gateway => free >= BUDGET,
-            };
-            if ok {
-                targets.push(p);
-            }
+    let free = BUDGET - f.used();
+    // Candidate targets for process / host faults.
+    let mut targets: Vec<usize> = Vec::new();
+    let busy: BTreeSet<usize> = f
+        .active
+        .iter()
+        .filter_map(|a| match a.undo {
+            Undo::Restart(p) | Undo::Resume(p) | Undo::Heal(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    let block_ok =
+        |p: usize, f: &Faults| free >= 1 && !f.impaired.contains_key(&Slot::Block(c.procs[p].id));
+    for p in 0..c.procs.len() {
+        if busy.contains(&p) {
+            continue;
         }
+        let ok = match c.procs[p].role {
+            Role::Meta => meta_free,
+            Role::Block => block_ok(p, f),
+            Role::Gateway => free >= BUDGET,
+        };
+        if ok {
+            targets.push(p);
+        }
+    }
+    for kind in kinds {
         let slots_of = |p: usize| match c.procs[p].role {
             Role::Block => vec![Slot::Block(c.procs[p].id)],
             Role::Gateway => vec![Slot::All],
