@@ -34,12 +34,17 @@ pub trait Device {
     async fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Usable bytes.
     fn capacity(&self) -> u64;
+    /// Names the span during which completed but unsynced writes can only be lost together
+    /// with the whole machine: it changes when a power loss (or, for the twin, a simulated
+    /// one) may have dropped them. A process that dies leaves its writes in the page cache.
+    fn boot_id(&self) -> Vec<u8>;
 }
 
 /// The data file, through io_uring.
 pub struct UringDevice {
     file: tokio_uring::fs::File,
     capacity: u64,
+    boot_id: Vec<u8>,
 }
 
 impl std::fmt::Debug for UringDevice {
@@ -62,9 +67,13 @@ impl UringDevice {
         if file.metadata()?.len() < capacity {
             file.set_len(capacity)?;
         }
+        // The kernel's boot id changes at every boot; without it (not Linux, or /proc not
+        // mounted) every start counts as after a power loss, which is safe.
+        let boot_id = std::fs::read("/proc/sys/kernel/random/boot_id").unwrap_or_default();
         Ok(Self {
             file: tokio_uring::fs::File::from_std(file),
             capacity,
+            boot_id,
         })
     }
 }
@@ -94,10 +103,16 @@ impl Device for UringDevice {
     fn capacity(&self) -> u64 {
         self.capacity
     }
+
+    fn boot_id(&self) -> Vec<u8> {
+        self.boot_id.clone()
+    }
 }
 
 #[derive(Default)]
 struct MemState {
+    /// Simulated power losses so far (the boot id).
+    crashes: u64,
     /// Durable blocks (offset → 4 KiB).
     durable: BTreeMap<u64, Bytes>,
     /// Writes since the last sync, in order (offset → 4 KiB).
@@ -131,6 +146,7 @@ impl MemDevice {
     /// among the unsynced writes), so multi-block writes can tear.
     pub fn crash(&self, mut keep: impl FnMut(usize) -> bool) {
         let mut s = self.state.borrow_mut();
+        s.crashes += 1;
         let volatile = std::mem::take(&mut s.volatile);
         for (i, (off, data)) in volatile.into_iter().enumerate() {
             if keep(i) {
@@ -228,5 +244,9 @@ impl Device for MemDevice {
 
     fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    fn boot_id(&self) -> Vec<u8> {
+        format!("mem-{}", self.state.borrow().crashes).into_bytes()
     }
 }

@@ -30,6 +30,16 @@
 //!    stabilization is queued and applied after a device sync (at the next flush, or by the
 //!    next write to an object with many undo entries). Otherwise a power loss could leave a
 //!    stable version whose blocks never reached the disk, with nothing to roll back to.
+//! 8. Sync generations: a power loss can keep an unsynced index record and drop the device
+//!    write it points at, leaving the record over whatever the reused block held before. The
+//!    CRC does not always catch that: content that ends with its own CRC-32 (a common way to
+//!    seal a block) always has the same CRC-32, so an old sealed block passes for a new one.
+//!    So every undo entry records the generation it was committed in; each device sync
+//!    starts a new generation and, once done, the index records the last generation it
+//!    covered; [`Store::open`] after a power loss (the device's boot id changed) rolls back
+//!    every version committed in a later generation (never acknowledged as durable, so
+//!    losing it is allowed; the writer's reconciliation and repair bring the shard back).
+//!    After a mere process crash the page cache kept every completed write: nothing is lost.
 //!
 //! The store is single-threaded (one io_uring reactor per block server); operations on one
 //! object are serialised by a per-object lock, operations on different objects interleave at
@@ -258,6 +268,10 @@ struct UndoRecord {
     prev_len: u32,
     #[prost(message, repeated, tag = "10")]
     prev_data_versions: Vec<DvRecord>,
+    /// The sync generation this version was committed in (invariant 8); 0 in data
+    /// directories older than generations (treated as durable).
+    #[prost(uint64, tag = "11")]
+    generation: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -275,6 +289,12 @@ struct ObjectRecord {
     undo: Vec<UndoRecord>,
     #[prost(message, repeated, tag = "6")]
     data_versions: Vec<DvRecord>,
+}
+
+impl UndoRecord {
+    fn version(&self) -> Version {
+        Version::new(self.epoch, self.seq)
+    }
 }
 
 impl ObjectRecord {
@@ -331,6 +351,10 @@ fn dv_list(d: &[DvRecord]) -> Vec<(u32, Version)> {
 const OBJECT_PREFIX: u8 = b'o';
 const EPOCH_PREFIX: u8 = b'e';
 const OPENED_PREFIX: u8 = b's';
+/// The highest sync generation whose device writes are known durable (invariant 8).
+const SYNCED_KEY: &[u8] = b"g";
+/// The device's boot id when the store last opened (invariant 8).
+const BOOT_KEY: &[u8] = b"b";
 
 fn object_key(o: &ObjectKey) -> Vec<u8> {
     let mut k = Vec::with_capacity(21);
@@ -489,6 +513,10 @@ pub struct Store<D: Device, I: Index> {
     epochs: RefCell<HashMap<u64, u64>>,
     /// Stabilizations waiting for a device sync: object → highest version to stabilize.
     pending_stable: RefCell<HashMap<ObjectKey, Version>>,
+    /// The current sync generation (invariant 8): what commits now are tagged with.
+    generation: Cell<u64>,
+    /// The highest generation recorded in the index as covered by a device sync.
+    synced: Cell<u64>,
     pub stats: Arc<Stats>,
 }
 
@@ -550,23 +578,48 @@ fn validate(req: &WriteReq, payload: usize) -> Option<&'static str> {
 }
 
 impl<D: Device, I: Index> Store<D, I> {
-    /// Opens a store: scans every record to rebuild the free-space map.
+    /// Opens a store: rolls back versions whose blocks may not have reached the device
+    /// (invariant 8), then scans every record to rebuild the free-space map.
     pub fn open(device: D, index: I) -> Result<Self> {
         let blocks = device.capacity() / BLOCK;
         let mut alloc = Allocator::new(blocks);
+        let synced = read_u64(&index, SYNCED_KEY.to_vec(), "synced generation")?;
+        let boot_id = device.boot_id();
+        let powered_off = index.get(BOOT_KEY)?.is_none_or(|b| b != boot_id);
         let (from, to) = (vec![OBJECT_PREFIX], vec![OBJECT_PREFIX + 1]);
         let mut cursor = from;
+        let mut undone: Batch = Vec::new();
+        let mut rolled_back = 0;
         loop {
             let page = index.scan(&cursor, &to, MAX_LIST_OBJECTS)?;
             let Some((last, _)) = page.last() else { break };
             let mut next = last.clone();
             next.push(0);
             for (k, v) in &page {
-                let rec = decode_record(k, v)?;
+                let mut rec = decode_record(k, v)?;
                 let object = parse_object_key(k).ok_or_else(|| StoreError::CorruptRecord {
                     key: k.clone(),
                     reason: "malformed object key".into(),
                 })?;
+                let not_durable = rec
+                    .undo
+                    .iter()
+                    .position(|u| u.generation > synced)
+                    .unwrap_or(rec.undo.len());
+                if powered_off && not_durable < rec.undo.len() {
+                    if rec.undo[not_durable..]
+                        .iter()
+                        .any(|u| u.generation <= synced)
+                    {
+                        return Err(StoreError::CorruptRecord {
+                            key: k.clone(),
+                            reason: "undo generations out of order".into(),
+                        });
+                    }
+                    let from = rec.undo[not_durable].version();
+                    rolled_back += undo_from(&object, &mut rec, from).0;
+                    undone.push(record_change(&object, &rec));
+                }
                 for loc in rec.all_locs() {
                     if !alloc.mark_used(loc) {
                         return Err(StoreError::DoubleClaim { block: loc, object });
@@ -575,6 +628,14 @@ impl<D: Device, I: Index> Store<D, I> {
             }
             cursor = next;
         }
+        if powered_off {
+            // Durable before any freed block is reused: otherwise a second power loss could
+            // bring back a record claiming a block that a new write holds.
+            undone.push((BOOT_KEY.to_vec(), Some(boot_id)));
+            index.write(undone, true)?;
+        }
+        let stats = Stats::default();
+        stats.rolled_back.store(rolled_back, Ordering::Relaxed);
         Ok(Self {
             device,
             index,
@@ -582,8 +643,10 @@ impl<D: Device, I: Index> Store<D, I> {
             locks: RefCell::default(),
             unsynced: Cell::new(0),
             pending_stable: RefCell::default(),
+            generation: Cell::new(synced + 1),
+            synced: Cell::new(synced),
             epochs: RefCell::default(),
-            stats: Arc::default(),
+            stats: Arc::new(stats),
         })
     }
 
@@ -633,16 +696,24 @@ impl<D: Device, I: Index> Store<D, I> {
 
     /// A u64 the index keeps under `key` (an epoch; 0 when absent).
     fn index_u64(&self, key: Vec<u8>, what: &str) -> Result<u64> {
-        match self.index.get(&key)? {
-            Some(v) if v.len() == 8 => {
-                Ok(u64::from_be_bytes(v[..8].try_into().unwrap_or_default()))
-            }
-            Some(_) => Err(StoreError::CorruptRecord {
-                key,
-                reason: format!("{what} is not 8 bytes"),
-            }),
-            None => Ok(0),
-        }
+        read_u64(&self.index, key, what)
+    }
+
+    /// Starts a new sync generation and syncs the device; returns the generation the sync
+    /// covers (every commit tagged with it or below had its device writes done before).
+    async fn sync_device(&self) -> Result<u64> {
+        let covered = self.generation.get();
+        self.generation.set(covered + 1);
+        self.device.sync().await?;
+        Ok(covered)
+    }
+
+    /// The index change recording that generation `covered` is durable on the device.
+    fn synced_change(&self, covered: u64) -> Option<Change> {
+        (covered > self.synced.get()).then(|| {
+            self.synced.set(covered);
+            (SYNCED_KEY.to_vec(), Some(covered.to_be_bytes().to_vec()))
+        })
     }
 
     fn highest_epoch(&self, volume: u64) -> Result<u64> {
@@ -744,9 +815,10 @@ impl<D: Device, I: Index> Store<D, I> {
     }
 
     /// Commits `batch` (synced when `sync`), then hands `freed` to the allocator.
-    async fn commit(&self, batch: Batch, sync: bool, freed: Vec<u64>) -> Result<()> {
+    async fn commit(&self, mut batch: Batch, sync: bool, freed: Vec<u64>) -> Result<()> {
         if sync {
-            self.device.sync().await?;
+            let covered = self.sync_device().await?;
+            batch.extend(self.synced_change(covered));
         }
         // Epoch records of the batch, for the in-memory copy once the batch is written.
         let epochs: Vec<(u64, u64)> = batch
@@ -874,10 +946,10 @@ impl<D: Device, I: Index> Store<D, I> {
         if rec.undo.len() >= APPLY_STABLE_AT || low_space {
             let queued = self.pending_stable.borrow_mut().remove(&object);
             if let Some(upto) = queued {
-                self.device.sync().await?;
-                freed = drop_stable(&mut rec, upto).1;
+                let covered = self.sync_device().await?;
+                freed = self.drop_stable(&object, &mut rec, upto, covered).1;
                 if low_space {
-                    let change = vec![self.record_change(&object, &rec)];
+                    let change = vec![record_change(&object, &rec)];
                     self.commit(change, true, std::mem::take(&mut freed))
                         .await?;
                 }
@@ -974,6 +1046,8 @@ impl<D: Device, I: Index> Store<D, I> {
             write_set: req.write_set,
             prev_len: prev_len as u32,
             prev_data_versions: rec.data_versions.clone(),
+            // No await from here to the commit: the tag is the generation it commits in.
+            generation: self.generation.get(),
             ..Default::default()
         };
         for &i in &touched {
@@ -1072,16 +1146,17 @@ impl<D: Device, I: Index> Store<D, I> {
         Ok(())
     }
 
-    /// Applies queued stabilizations (the device was synced after they were queued).
-    async fn apply_stable(&self, queued: HashMap<ObjectKey, Version>) -> Result<()> {
+    /// Applies queued stabilizations (the device was synced after they were queued, covering
+    /// generation `covered`).
+    async fn apply_stable(&self, queued: HashMap<ObjectKey, Version>, covered: u64) -> Result<()> {
         for (object, version) in queued {
             let _g = self.lock(object).await;
             let mut rec = self.load(&object)?;
-            let (done, freed) = drop_stable(&mut rec, version);
+            let (done, freed) = self.drop_stable(&object, &mut rec, version, covered);
             if done == 0 {
                 continue;
             }
-            self.commit(vec![self.record_change(&object, &rec)], false, freed)
+            self.commit(vec![record_change(&object, &rec)], false, freed)
                 .await?;
             bump(&self.stats.stabilized, done);
         }
@@ -1095,33 +1170,7 @@ impl<D: Device, I: Index> Store<D, I> {
             let _g = self.lock(object).await;
             let epoch_change = self.fence(object.volume, epoch)?;
             let mut rec = self.load(&object)?;
-            let mut freed = Vec::new();
-            let mut undone = 0;
-            while let Some(u) = rec.undo.last() {
-                if Version::new(u.epoch, u.seq) < version {
-                    break;
-                }
-                let u = rec.undo.pop().expect("checked above");
-                for ((&i, &l), &c) in u.idx.iter().zip(&u.locs).zip(&u.crcs) {
-                    let i = i as usize;
-                    if i >= rec.locs.len() {
-                        rec.locs.resize(i + 1, 0);
-                        rec.crcs.resize(i + 1, 0);
-                    }
-                    freed.push(rec.locs[i]);
-                    rec.locs[i] = l;
-                    rec.crcs[i] = c;
-                }
-                let prev_len = u.prev_len as usize;
-                for l in rec.locs.iter().skip(prev_len) {
-                    assert_eq!(*l, 0, "object {object}: blocks beyond the undone length");
-                }
-                rec.locs.truncate(prev_len);
-                rec.crcs.truncate(prev_len);
-                rec.set_version(Version::new(u.prev_epoch, u.prev_seq));
-                rec.data_versions = u.prev_data_versions;
-                undone += 1;
-            }
+            let (undone, freed) = undo_from(&object, &mut rec, version);
             {
                 // A queued stabilization of what is undone is void.
                 let mut pending = self.pending_stable.borrow_mut();
@@ -1132,22 +1181,12 @@ impl<D: Device, I: Index> Store<D, I> {
             if undone == 0 && epoch_change.is_none() {
                 continue;
             }
-            freed.retain(|l| *l != 0);
-            let mut batch = vec![self.record_change(&object, &rec)];
+            let mut batch = vec![record_change(&object, &rec)];
             batch.extend(epoch_change);
             self.commit(batch, false, freed).await?;
             bump(&self.stats.rolled_back, undone);
         }
         Ok(())
-    }
-
-    fn record_change(&self, object: &ObjectKey, rec: &ObjectRecord) -> Change {
-        let key = object_key(object);
-        if rec.is_empty() {
-            (key, None)
-        } else {
-            (key, Some(rec.encode_to_vec()))
-        }
     }
 
     fn info(object: ObjectKey, rec: &ObjectRecord) -> ObjectInfo {
@@ -1235,8 +1274,11 @@ impl<D: Device, I: Index> Store<D, I> {
             }
             queued
         };
-        self.device.sync().await?;
-        self.apply_stable(queued).await?;
+        let covered = self.sync_device().await?;
+        self.apply_stable(queued, covered).await?;
+        if let Some(change) = self.synced_change(covered) {
+            self.index.write(vec![change], false)?;
+        }
         self.index.sync()?;
         self.after_sync().await?;
         bump(&self.stats.flushes, 1);
@@ -1290,20 +1332,87 @@ impl<D: Device, I: Index> Store<D, I> {
     }
 }
 
-/// Drops the undo entries of versions up to `upto`; returns how many and the blocks they held.
-fn drop_stable(rec: &mut ObjectRecord, upto: Version) -> (u64, Vec<u64>) {
-    let keep_from = rec
-        .undo
-        .iter()
-        .position(|u| Version::new(u.epoch, u.seq) > upto)
-        .unwrap_or(rec.undo.len());
-    let done: Vec<UndoRecord> = rec.undo.drain(..keep_from).collect();
-    let freed = done
-        .iter()
-        .flat_map(|u| u.locs.iter().copied())
-        .filter(|l| *l != 0)
-        .collect();
-    (done.len() as u64, freed)
+/// A u64 the index keeps under `key` (0 when absent).
+fn read_u64<I: Index>(index: &I, key: Vec<u8>, what: &str) -> Result<u64> {
+    match index.get(&key)? {
+        Some(v) if v.len() == 8 => Ok(u64::from_be_bytes(v[..8].try_into().unwrap_or_default())),
+        Some(_) => Err(StoreError::CorruptRecord {
+            key,
+            reason: format!("{what} is not 8 bytes"),
+        }),
+        None => Ok(0),
+    }
+}
+
+fn record_change(object: &ObjectKey, rec: &ObjectRecord) -> Change {
+    let key = object_key(object);
+    if rec.is_empty() {
+        (key, None)
+    } else {
+        (key, Some(rec.encode_to_vec()))
+    }
+}
+
+/// Undoes versions at or above `version`, newest first, restoring what they replaced;
+/// returns how many and the blocks they had written.
+fn undo_from(object: &ObjectKey, rec: &mut ObjectRecord, version: Version) -> (u64, Vec<u64>) {
+    let mut freed = Vec::new();
+    let mut undone = 0;
+    while rec.undo.last().is_some_and(|u| u.version() >= version) {
+        let u = rec.undo.pop().expect("checked above");
+        for ((&i, &l), &c) in u.idx.iter().zip(&u.locs).zip(&u.crcs) {
+            let i = i as usize;
+            if i >= rec.locs.len() {
+                rec.locs.resize(i + 1, 0);
+                rec.crcs.resize(i + 1, 0);
+            }
+            freed.push(rec.locs[i]);
+            rec.locs[i] = l;
+            rec.crcs[i] = c;
+        }
+        let prev_len = u.prev_len as usize;
+        for l in rec.locs.iter().skip(prev_len) {
+            assert_eq!(*l, 0, "object {object}: blocks beyond the undone length");
+        }
+        rec.locs.truncate(prev_len);
+        rec.crcs.truncate(prev_len);
+        rec.set_version(Version::new(u.prev_epoch, u.prev_seq));
+        rec.data_versions = u.prev_data_versions;
+        undone += 1;
+    }
+    freed.retain(|l| *l != 0);
+    (undone, freed)
+}
+
+impl<D: Device, I: Index> Store<D, I> {
+    /// Drops the undo entries of versions up to `upto` whose blocks a device sync covering
+    /// generation `covered` made durable; returns how many and the blocks they held. Versions
+    /// up to `upto` of a later generation stay queued for the next sync.
+    fn drop_stable(
+        &self,
+        object: &ObjectKey,
+        rec: &mut ObjectRecord,
+        upto: Version,
+        covered: u64,
+    ) -> (u64, Vec<u64>) {
+        let keep_from = rec
+            .undo
+            .iter()
+            .position(|u| u.version() > upto || u.generation > covered)
+            .unwrap_or(rec.undo.len());
+        let done: Vec<UndoRecord> = rec.undo.drain(..keep_from).collect();
+        if rec.undo.first().is_some_and(|u| u.version() <= upto) {
+            let mut pending = self.pending_stable.borrow_mut();
+            let v = pending.entry(*object).or_default();
+            *v = (*v).max(upto);
+        }
+        let freed = done
+            .iter()
+            .flat_map(|u| u.locs.iter().copied())
+            .filter(|l| *l != 0)
+            .collect();
+        (done.len() as u64, freed)
+    }
 }
 
 /// Holds an object's lock; drops the lock table entry when no one else waits on it.

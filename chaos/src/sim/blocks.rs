@@ -143,6 +143,10 @@ impl Device for SimDevice {
     fn capacity(&self) -> u64 {
         self.inner.capacity()
     }
+
+    fn boot_id(&self) -> Vec<u8> {
+        self.inner.boot_id()
+    }
 }
 
 /// [`MemIndex`], with syncs that lie when the build is deliberately broken.
