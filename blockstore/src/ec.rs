@@ -155,6 +155,48 @@ impl Codec {
             .map_err(|_| EcError::ShapeMismatch)
     }
 
+    /// Whether the present shards (`None`: not read) are one codeword: the stripe decoded from
+    /// the first k of them agrees with every other. Needs at least k present.
+    pub fn consistent(&self, shards: &[Option<&[u8]>]) -> Result<bool, EcError> {
+        let k = self.profile.data;
+        let mut decoded: Vec<Option<Vec<u8>>> = vec![None; shards.len()];
+        for (i, s) in shards
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_some())
+            .take(k)
+        {
+            decoded[i] = s.map(<[u8]>::to_vec);
+        }
+        self.reconstruct(&mut decoded)?;
+        Ok(shards
+            .iter()
+            .zip(&decoded)
+            .all(|(s, d)| s.is_none_or(|s| Some(s) == d.as_deref())))
+    }
+
+    /// When the present shards are not one codeword, the single shard whose removal makes
+    /// them one, if exactly one does. Locating needs k + 2 shards present (with k + 1, the
+    /// removal of any one leaves k, always consistent); `None` when it cannot tell.
+    pub fn locate_bad(&self, shards: &[Option<&[u8]>]) -> Result<Option<usize>, EcError> {
+        let present = shards.iter().filter(|s| s.is_some()).count();
+        if present < self.profile.data + 2 || self.consistent(shards)? {
+            return Ok(None);
+        }
+        let mut culprit = None;
+        for c in (0..shards.len()).filter(|&c| shards[c].is_some()) {
+            let mut without = shards.to_vec();
+            without[c] = None;
+            if self.consistent(&without)? {
+                if culprit.is_some() {
+                    return Ok(None);
+                }
+                culprit = Some(c);
+            }
+        }
+        Ok(culprit)
+    }
+
     /// Updates `parity` for data shard `index` changing from `old` to `new`.
     pub fn apply_delta(
         &self,
@@ -279,6 +321,41 @@ mod tests {
             let after = stripe(&codec, &data);
             prop_assert_eq!(&parity[..], &after[profile.data..]);
         }
+    }
+
+    proptest! {
+        #[test]
+        fn one_wrong_shard_is_located_when_two_spares_exist(
+            profile in profiles(),
+            bad_seed in any::<usize>(),
+            missing_seed in any::<usize>(),
+            flip in 1u8..=255,
+            at in 0usize..32,
+        ) {
+            let codec = Codec::new(profile).unwrap();
+            let data: Vec<Vec<u8>> = (0..profile.data).map(|i| vec![i as u8 * 29 + 3; 32]).collect();
+            let mut full = stripe(&codec, &data);
+            let width = profile.width();
+            let bad = bad_seed % width;
+            full[bad][at] ^= flip;
+            let mut shards: Vec<Option<&[u8]>> = full.iter().map(|s| Some(s.as_slice())).collect();
+            prop_assert!(!codec.consistent(&shards).unwrap());
+            prop_assert_eq!(codec.locate_bad(&shards).unwrap(), (profile.parity >= 2).then_some(bad));
+            // One shard fewer (not the bad one): locatable only with m >= 3.
+            let missing = (bad + 1 + missing_seed % (width - 1)) % width;
+            shards[missing] = None;
+            prop_assert_eq!(codec.locate_bad(&shards).unwrap(), (profile.parity >= 3).then_some(bad));
+        }
+    }
+
+    #[test]
+    fn a_consistent_stripe_has_nothing_to_locate() {
+        let codec = Codec::new(Profile::DEFAULT).unwrap();
+        let data: Vec<Vec<u8>> = (0..4).map(|i| vec![i as u8; 16]).collect();
+        let full = stripe(&codec, &data);
+        let shards: Vec<Option<&[u8]>> = full.iter().map(|s| Some(s.as_slice())).collect();
+        assert!(codec.consistent(&shards).unwrap());
+        assert_eq!(codec.locate_bad(&shards).unwrap(), None);
     }
 
     #[test]

@@ -1784,28 +1784,49 @@ impl Volume {
                 }
             }
         }
-        // Parity consistency, when all data and some parity were read.
-        if shards[..k].iter().all(Option::is_some) {
-            let data: Vec<&[u8]> = shards[..k]
-                .iter()
-                .map(|s| s.as_deref().expect("read"))
-                .collect();
-            let mut parity = vec![vec![0u8; unit as usize]; width - k];
-            let mut prefs: Vec<&mut [u8]> = parity.iter_mut().map(Vec::as_mut_slice).collect();
-            self.codec.encode(&data, &mut prefs)?;
-            let mut mismatch = false;
-            for p in k..width {
-                if shards[p]
-                    .as_deref()
-                    .is_some_and(|s| s != &parity[p - k][..])
-                {
-                    mismatch = true;
-                    view.set_stale(p, true);
+        // Consistency, when more than k shards were read: a stripe that is not one codeword
+        // has a shard whose bytes pass their checksums but are wrong. With two shards to
+        // spare the wrong one is located (the only one whose removal leaves a codeword);
+        // otherwise, with all data read, the parity is rebuilt from the data.
+        let read: Vec<Option<&[u8]>> = shards.iter().map(Option::as_deref).collect();
+        let present = read.iter().filter(|s| s.is_some()).count();
+        if present > k && !self.codec.consistent(&read)? {
+            report.parity_mismatches += 1;
+            self.stats.parity_repaired.fetch_add(1, Ordering::Relaxed);
+            match self.codec.locate_bad(&read)? {
+                Some(bad) => {
+                    tracing::warn!(
+                        stripe,
+                        position = bad,
+                        server = servers[bad],
+                        "scrub: shard disagrees with the rest of its stripe; rebuilding it"
+                    );
+                    view.set_stale(bad, true);
                 }
-            }
-            if mismatch {
-                report.parity_mismatches += 1;
-                self.stats.parity_repaired.fetch_add(1, Ordering::Relaxed);
+                None if read[..k].iter().all(Option::is_some) => {
+                    let data: Vec<&[u8]> = read[..k].iter().map(|s| s.expect("read")).collect();
+                    let mut parity = vec![vec![0u8; unit as usize]; width - k];
+                    let mut prefs: Vec<&mut [u8]> =
+                        parity.iter_mut().map(Vec::as_mut_slice).collect();
+                    self.codec.encode(&data, &mut prefs)?;
+                    for p in k..width {
+                        if read[p].is_some_and(|s| s != &parity[p - k][..]) {
+                            tracing::warn!(
+                                stripe,
+                                position = p,
+                                server = servers[p],
+                                "scrub: parity disagrees with the data; rebuilding it"
+                            );
+                            view.set_stale(p, true);
+                        }
+                    }
+                }
+                None => {
+                    tracing::warn!(
+                        stripe,
+                        "scrub: stripe is inconsistent and the wrong shard cannot be located"
+                    );
+                }
             }
         }
         let n = self.rebuild_stale(stripe, &servers, &mut view).await?;

@@ -522,7 +522,73 @@ async fn bit_rot_is_found_by_reads_and_the_scrubber_and_repaired() {
     check_all(&vol, &model).await;
 }
 
-/// A server killed for good: it is declared down, placement moves its shards, and repair
+/// A shard whose bytes pass their checksums but are wrong (what a misdirected or lost write
+/// under a sealed block looks like): the scrubber finds the stripe inconsistent, locates the
+/// wrong shard with the two parities, and rebuilds it, instead of "fixing" the parity to match
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scrubber_locates_a_wrong_shard_that_passes_its_checksums() {
+    use continuum_blockstore::checksum;
+    use continuum_blockstore::client::BlockClient;
+    use continuum_blockstore::store::{ObjectKey, WriteMode, WriteReq};
+    let cluster = Cluster::start(6);
+    let size = 256 * 1024;
+    let model = pattern(5, size as usize);
+    let spec = spec(size);
+    let vol = Volume::open(spec.clone(), 1, &cluster.servers(), TIMEOUT)
+        .await
+        .unwrap();
+    vol.write(0, Bytes::from(model.clone()), true)
+        .await
+        .unwrap();
+    vol.flush().await.unwrap();
+    for (stripe, pos) in [(1u64, 2usize), (2, 5)] {
+        let (servers, infos, _) = vol.inspect_stripe(stripe).await.unwrap();
+        let version = infos[pos].as_ref().expect("shard exists").version;
+        let addr = cluster
+            .servers()
+            .into_iter()
+            .find(|s| s.id == servers[pos])
+            .unwrap()
+            .addr;
+        let wrong = Bytes::from(pattern(77 + stripe, spec.unit as usize));
+        let req = WriteReq {
+            object: ObjectKey {
+                volume: spec.id,
+                stripe,
+                shard: pos as u32,
+            },
+            epoch: 1,
+            version,
+            base: version,
+            mode: WriteMode::Install,
+            offset: 0,
+            length: spec.unit,
+            crcs: checksum::compute(&wrong),
+            fua: true,
+            write_set: 0,
+            data_base: vec![],
+            data_after: vec![],
+            return_old: false,
+        };
+        BlockClient::new(addr, TIMEOUT)
+            .write(&req, wrong, &[])
+            .await
+            .unwrap();
+    }
+    let report = vol.scrub(0).await.unwrap();
+    assert_eq!(report.checksum_errors, 0, "{report:?}");
+    assert_eq!(report.parity_mismatches, 2, "{report:?}");
+    assert_eq!(report.shards_rebuilt, 2, "{report:?}");
+    check_labelled(&vol, &model, "after the scrub").await;
+    let again = vol.scrub(0).await.unwrap();
+    assert_eq!(
+        (again.parity_mismatches, again.shards_rebuilt),
+        (0, 0),
+        "{again:?}"
+    );
+}
+
 /// restores full redundancy on the others while a workload runs; then m more servers are
 /// killed and all data still reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
