@@ -501,6 +501,24 @@ impl Stats {
     }
 }
 
+/// A stabilization waiting for a device sync: versions up to `upto`, asked by the writer of
+/// `epoch`. Applied only while no higher epoch has fenced the volume: a newer writer decides
+/// from what it finds after fencing, and a replaced writer's queued stabilization landing
+/// later would change a stripe under its decision (chaos seed 15546: half of a rollback was
+/// undone by the old writer's stabilization, applied by a background flush in between).
+#[derive(Clone, Copy, Debug, Default)]
+struct Queued {
+    upto: Version,
+    epoch: u64,
+}
+
+impl Queued {
+    fn merge(&mut self, upto: Version, epoch: u64) {
+        self.upto = self.upto.max(upto);
+        self.epoch = self.epoch.max(epoch);
+    }
+}
+
 /// Shard store over a device and an index (see the module doc).
 pub struct Store<D: Device, I: Index> {
     device: D,
@@ -512,7 +530,7 @@ pub struct Store<D: Device, I: Index> {
     /// Highest epoch per volume, as in the index (read once, updated after each write of it).
     epochs: RefCell<HashMap<u64, u64>>,
     /// Stabilizations waiting for a device sync: object → highest version to stabilize.
-    pending_stable: RefCell<HashMap<ObjectKey, Version>>,
+    pending_stable: RefCell<HashMap<ObjectKey, Queued>>,
     /// The current sync generation (invariant 8): what commits now are tagged with.
     generation: Cell<u64>,
     /// The highest generation recorded in the index as covered by a device sync.
@@ -945,9 +963,9 @@ impl<D: Device, I: Index> Store<D, I> {
         let low_space = req.mode != WriteMode::Zero && self.alloc.borrow().free_blocks() < n as u64;
         if rec.undo.len() >= APPLY_STABLE_AT || low_space {
             let queued = self.pending_stable.borrow_mut().remove(&object);
-            if let Some(upto) = queued {
+            if let Some(queued) = queued {
                 let covered = self.sync_device().await?;
-                freed = self.drop_stable(&object, &mut rec, upto, covered).1;
+                freed = self.drop_stable(&object, &mut rec, queued, covered)?.1;
                 if low_space {
                     let change = vec![record_change(&object, &rec)];
                     self.commit(change, true, std::mem::take(&mut freed))
@@ -1140,19 +1158,18 @@ impl<D: Device, I: Index> Store<D, I> {
                 self.commit(vec![change], false, Vec::new()).await?;
             }
             let mut pending = self.pending_stable.borrow_mut();
-            let v = pending.entry(object).or_default();
-            *v = (*v).max(version);
+            pending.entry(object).or_default().merge(version, epoch);
         }
         Ok(())
     }
 
     /// Applies queued stabilizations (the device was synced after they were queued, covering
     /// generation `covered`).
-    async fn apply_stable(&self, queued: HashMap<ObjectKey, Version>, covered: u64) -> Result<()> {
-        for (object, version) in queued {
+    async fn apply_stable(&self, queued: HashMap<ObjectKey, Queued>, covered: u64) -> Result<()> {
+        for (object, queued) in queued {
             let _g = self.lock(object).await;
             let mut rec = self.load(&object)?;
-            let (done, freed) = self.drop_stable(&object, &mut rec, version, covered);
+            let (done, freed) = self.drop_stable(&object, &mut rec, queued, covered)?;
             if done == 0 {
                 continue;
             }
@@ -1174,7 +1191,7 @@ impl<D: Device, I: Index> Store<D, I> {
             {
                 // A queued stabilization of what is undone is void.
                 let mut pending = self.pending_stable.borrow_mut();
-                if pending.get(&object).is_some_and(|p| *p >= version) {
+                if pending.get(&object).is_some_and(|p| p.upto >= version) {
                     pending.remove(&object);
                 }
             }
@@ -1385,16 +1402,21 @@ fn undo_from(object: &ObjectKey, rec: &mut ObjectRecord, version: Version) -> (u
 }
 
 impl<D: Device, I: Index> Store<D, I> {
-    /// Drops the undo entries of versions up to `upto` whose blocks a device sync covering
-    /// generation `covered` made durable; returns how many and the blocks they held. Versions
-    /// up to `upto` of a later generation stay queued for the next sync.
+    /// Drops the undo entries of versions up to `queued.upto` whose blocks a device sync
+    /// covering generation `covered` made durable; returns how many and the blocks they held.
+    /// Versions up to `upto` of a later generation stay queued for the next sync; nothing is
+    /// dropped for a writer that a newer one has fenced since it asked (see [`Queued`]).
     fn drop_stable(
         &self,
         object: &ObjectKey,
         rec: &mut ObjectRecord,
-        upto: Version,
+        queued: Queued,
         covered: u64,
-    ) -> (u64, Vec<u64>) {
+    ) -> Result<(u64, Vec<u64>)> {
+        if queued.epoch < self.highest_epoch(object.volume)? {
+            return Ok((0, Vec::new()));
+        }
+        let Queued { upto, epoch } = queued;
         let keep_from = rec
             .undo
             .iter()
@@ -1403,15 +1425,14 @@ impl<D: Device, I: Index> Store<D, I> {
         let done: Vec<UndoRecord> = rec.undo.drain(..keep_from).collect();
         if rec.undo.first().is_some_and(|u| u.version() <= upto) {
             let mut pending = self.pending_stable.borrow_mut();
-            let v = pending.entry(*object).or_default();
-            *v = (*v).max(upto);
+            pending.entry(*object).or_default().merge(upto, epoch);
         }
         let freed = done
             .iter()
             .flat_map(|u| u.locs.iter().copied())
             .filter(|l| *l != 0)
             .collect();
-        (done.len() as u64, freed)
+        Ok((done.len() as u64, freed))
     }
 }
 

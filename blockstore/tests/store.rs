@@ -188,6 +188,32 @@ fn stale_epochs_are_refused_for_every_change() {
     );
 }
 
+/// Chaos seed 15546: a writer's stabilization, queued until the next flush, must not land
+/// after a newer writer has fenced the volume (it decides from what it finds after fencing).
+#[test]
+fn a_replaced_writers_queued_stabilization_is_not_applied() {
+    let (s, _, _) = store(64);
+    let (o, p) = (obj(3, 0), obj(3, 1));
+    let a = fill(1, 1);
+    block_on(s.write(&req(o, v(5, 1), Version::NONE, 0, &a), a.clone())).unwrap();
+    block_on(s.write(&req(p, v(5, 2), Version::NONE, 0, &a), a.clone())).unwrap();
+    block_on(s.stabilize(5, &[(o, v(5, 1)), (p, v(5, 2))])).unwrap();
+    block_on(s.fence_volume(7, 6)).unwrap();
+    // The new writer stabilizes one of them itself.
+    block_on(s.stabilize(6, &[(p, v(5, 2))])).unwrap();
+    block_on(s.flush()).unwrap();
+    let infos = s.stat(&[o, p]).unwrap();
+    assert_eq!(
+        infos[0].unstable.len(),
+        1,
+        "writer 5's stabilization is void"
+    );
+    assert!(infos[1].unstable.is_empty(), "writer 6's is applied");
+    // The new writer can still decide: roll the version back.
+    block_on(s.rollback(6, &[(o, v(5, 1))])).unwrap();
+    assert_eq!(read(&s, o, 0, K as u32).0, Version::NONE);
+}
+
 #[test]
 fn versions_are_compare_and_swap() {
     let (s, _, _) = store(64);

@@ -138,13 +138,21 @@ fn wide_partitions_do_not_roll_back_acknowledged_writes() {
 
 /// Seeds of the default mix (with `wide_partition`) on which the harness found bugs: a late
 /// first attempt of a redone write committed while the top that redid it was rolled back, a
-/// stripe stuck below k for good (15769).
+/// stripe stuck below k for good (15769); an unsynced record surviving a power loss over a
+/// reused block whose old, CRC-sealed bytes passed the checksum — misdirected or torn reads
+/// (16139, 16350, 16356, 20108); a replaced writer's queued stabilization applied after the
+/// new writer had fenced and decided, undoing half of its rollback (15546).
 #[test]
 fn block_simulation_regression_seeds_of_the_default_mix() {
     let plan = SimPlan {
         meta: None,
         blocks: Some(BlockSimConfig::default()),
     };
-    let s = sim::run_seeds([15769u64], &plan, 1, |_, _| {});
+    let s = sim::run_seeds(
+        [15769u64, 16139, 16350, 16356, 20108, 15546],
+        &plan,
+        6,
+        |_, _| {},
+    );
     assert!(s.failed_seeds.is_empty(), "{:?}", s.failures);
 }
