@@ -1,0 +1,15 @@
+//! Continuum's overlay: the WireGuard protocol (so stock WireGuard peers interoperate) linking
+//! every site.
+//!
+//! - [`crypto`], [`messages`], [`noise`], [`cookie`], [`replay`]: the protocol's pieces.
+//! - [`peer`], [`device`]: the sans-IO core — sessions, timers, cryptokey routing, load —
+//!   driven with time, packets and a seeded RNG as inputs.
+
+pub mod cookie;
+pub mod crypto;
+pub mod device;
+pub mod keys;
+pub mod messages;
+pub mod noise;
+pub mod peer;
+pub mod replay;
