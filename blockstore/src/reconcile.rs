@@ -113,6 +113,26 @@ pub struct Decision {
 /// that an earlier writer served I/O without (it could not see them): they are rolled back,
 /// never forward, so a block never changes from old to new without a write.
 pub fn reconcile(profile: Profile, infos: &[Option<ObjectInfo>], foreign_below: u64) -> Decision {
+    let mut unknown = Vec::new();
+    let mut d = decide(profile, infos, foreign_below, &mut unknown);
+    // A version left unknown below and not decided with the top keeps the stripe undecided.
+    if unknown
+        .iter()
+        .any(|u| !d.stabilize.contains(u) && !d.rollback.contains(u))
+    {
+        d.undecided = true;
+    }
+    d
+}
+
+/// [`reconcile`], with the data shards' versions below the top that could not be judged in
+/// `unknown`.
+fn decide(
+    profile: Profile,
+    infos: &[Option<ObjectInfo>],
+    foreign_below: u64,
+    unknown: &mut Vec<(usize, Version)>,
+) -> Decision {
     let k = profile.data;
     let mut d = Decision::default();
     let mut infos: Vec<Option<ObjectInfo>> = infos.to_vec();
@@ -155,20 +175,24 @@ pub fn reconcile(profile: Profile, infos: &[Option<ObjectInfo>], foreign_below: 
         // write — which may be the very top this decision rolls back (a write redone without
         // the shard after its first attempt timed out, the attempt landing late): decided
         // in the next round, once the top is settled (chaos seed 15769).
+        // Without a parity at the top in reach, it cannot be told either way: the stripe is
+        // undecided, and stays judged against the previous writer's epoch (this writer serves
+        // I/O with the version as it is; taken later for an older epoch's leftover, it was
+        // rolled back under the parity that had it — chaos seed 12857).
         let own = info.unstable.iter().find(|u| u.version == info.version);
         if let (Some(u), true, true) = (own, info.version < top, pos < k) {
+            let ours = info.version.epoch >= foreign_below;
             match record(&infos, pos) {
-                Some(r) if r == info.version && info.version.epoch >= foreign_below => {
-                    d.stabilize.push((pos, info.version))
-                }
-                Some(r) if r > info.version && info.version.epoch >= foreign_below => {}
-                Some(_) if infos[k..].iter().flatten().any(|p| p.version == top) => {
+                Some(r) if r == info.version && ours => d.stabilize.push((pos, info.version)),
+                Some(r) if r > info.version && ours => unknown.push((pos, info.version)),
+                Some(_) => {
                     d.rollback.push((pos, info.version));
                     let i = infos[pos].as_mut().expect("present");
                     i.version = u.previous;
                     i.unstable.retain(|x| x.version < u.version);
                 }
-                _ => {}
+                None if ours => unknown.push((pos, info.version)),
+                None => {}
             }
         }
     }
@@ -343,6 +367,41 @@ mod tests {
         ];
         let d = reconcile(P, &infos, 1);
         assert_eq!(d.rollback, vec![(2, v(28))], "{d:?}");
+    }
+
+    #[test]
+    fn a_data_version_no_parity_in_reach_can_judge_leaves_the_stripe_undecided() {
+        // Chaos seed 12857: write 34 reached data 1-3 (and the parity), write 36 data 0 and the
+        // parity; both parity servers are out of reach when the new writer opens.
+        let set = 0b111110;
+        let open_time = vec![
+            info(36, &[], &[]),
+            info(34, &[(34, set)], &[]),
+            info(34, &[(34, set)], &[]),
+            info(34, &[(34, set)], &[]),
+            None,
+            None,
+        ];
+        let d = reconcile(P, &open_time, 1);
+        assert!(d.undecided, "34 cannot be judged: {d:?}");
+        assert!(d.rollback.is_empty(), "{d:?}");
+        // Later the parity answers: judged against the previous writer's epoch (1, since the
+        // stripe was undecided), 34 is what the parity recorded — committed, not rolled back.
+        let later = vec![
+            info(36, &[], &[]),
+            info(34, &[(34, set)], &[]),
+            info(34, &[(34, set)], &[]),
+            info(34, &[(34, set)], &[]),
+            None,
+            info(36, &[], &[(0, 36), (1, 34), (2, 34), (3, 34)]),
+        ];
+        let d = reconcile(P, &later, 1);
+        assert_eq!(
+            d.stabilize,
+            vec![(1, v(34)), (2, v(34)), (3, v(34))],
+            "{d:?}"
+        );
+        assert!(!d.undecided && d.rollback.is_empty(), "{d:?}");
     }
 
     #[test]

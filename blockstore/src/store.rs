@@ -608,6 +608,10 @@ impl<D: Device, I: Index> Store<D, I> {
         let mut cursor = from;
         let mut undone: Batch = Vec::new();
         let mut rolled_back = 0;
+        // After a process crash on the same boot, records may carry generations above the
+        // synced one: this process's generations start above every one of them (a sync now
+        // covers their writes, which the page cache kept).
+        let mut highest_generation = synced;
         loop {
             let page = index.scan(&cursor, &to, MAX_LIST_OBJECTS)?;
             let Some((last, _)) = page.last() else { break };
@@ -643,6 +647,11 @@ impl<D: Device, I: Index> Store<D, I> {
                         return Err(StoreError::DoubleClaim { block: loc, object });
                     }
                 }
+                highest_generation = rec
+                    .undo
+                    .iter()
+                    .map(|u| u.generation)
+                    .fold(highest_generation, u64::max);
             }
             cursor = next;
         }
@@ -661,7 +670,7 @@ impl<D: Device, I: Index> Store<D, I> {
             locks: RefCell::default(),
             unsynced: Cell::new(0),
             pending_stable: RefCell::default(),
-            generation: Cell::new(synced + 1),
+            generation: Cell::new(highest_generation + 1),
             synced: Cell::new(synced),
             epochs: RefCell::default(),
             stats: Arc::new(stats),

@@ -523,6 +523,30 @@ fn a_process_crash_without_power_loss_keeps_unsynced_writes() {
     assert_eq!(read(&s, obj(3, 0), 0, 2 * K as u32), (v(1, 1), d.to_vec()));
 }
 
+/// Chaos seed 12857: after a process crash, records carried sync generations above the synced
+/// one, the new process counted from the synced one, and its flushes could not stabilize
+/// them (each flush retried, the simulator crawled).
+#[test]
+fn after_a_process_crash_one_flush_stabilizes_what_the_old_process_wrote() {
+    let (s, dev, idx) = store(256);
+    let o = obj(4, 0);
+    let d = fill(2, 1);
+    // Many unstable versions: writes apply queued stabilizations with device syncs of their
+    // own (each a new generation) that record nothing in the index.
+    let mut cur = Version::NONE;
+    for seq in 1..=80 {
+        block_on(s.write(&req(o, v(1, seq), cur, 0, &d), d.clone())).unwrap();
+        cur = v(1, seq);
+        block_on(s.stabilize(1, &[(o, v(1, seq.saturating_sub(40).max(1)))])).unwrap();
+    }
+    drop(s);
+    let s = Store::open(dev, idx).unwrap();
+    block_on(s.stabilize(1, &[(o, cur)])).unwrap();
+    block_on(s.flush()).unwrap();
+    assert!(s.stat(&[o]).unwrap()[0].unstable.is_empty());
+    assert!(!s.flush_due(), "nothing left queued");
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Write {

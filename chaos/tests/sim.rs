@@ -141,7 +141,8 @@ fn wide_partitions_do_not_roll_back_acknowledged_writes() {
 /// stripe stuck below k for good (15769); an unsynced record surviving a power loss over a
 /// reused block whose old, CRC-sealed bytes passed the checksum — misdirected or torn reads
 /// (16139, 16350, 16356, 20108); a replaced writer's queued stabilization applied after the
-/// new writer had fenced and decided, undoing half of its rollback (15546).
+/// new writer had fenced and decided, undoing half of its rollback (15546); a restarted server
+/// whose flushes could not stabilize what its previous process wrote (12857: the run crawled).
 #[test]
 fn block_simulation_regression_seeds_of_the_default_mix() {
     let plan = SimPlan {

@@ -191,6 +191,8 @@ struct SimServer {
 const DEVICE_BYTES: u64 = 256 << 20;
 /// The block client's per-request deadline.
 const TIMEOUT: Duration = Duration::from_millis(800);
+/// How long (virtual) opening a writer may keep failing before the seed fails.
+const OPEN_DEADLINE: Duration = Duration::from_secs(120);
 /// How often a server flushes when something is unsynced.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
@@ -417,7 +419,11 @@ impl Sim {
         index.crash(keep);
     }
 
-    async fn open_writer(&self) -> Writer {
+    /// Opens a new writer, retrying while too few servers answer; a volume that no writer can
+    /// open for [`OPEN_DEADLINE`] of virtual time is a failure (a stripe lost for good), not
+    /// a reason to spin forever.
+    async fn open_writer(&self) -> Result<Writer, String> {
+        let deadline = Instant::now() + OPEN_DEADLINE;
         loop {
             let epoch = self.next_epoch.get();
             self.next_epoch.set(epoch + 1);
@@ -437,10 +443,19 @@ impl Sim {
                     self.note(format!("writer {conn} open (epoch {epoch})"));
                     let w = Writer { vol, conn };
                     *self.writer.borrow_mut() = Some(w.clone());
-                    return w;
+                    return Ok(w);
+                }
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!(
+                        "no writer could open the volume for {} s: {e}",
+                        OPEN_DEADLINE.as_secs()
+                    ));
                 }
                 // Too few servers reachable to fence and reconcile: a new lease later.
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(e) => {
+                    tracing::debug!(epoch, error = %e, "writer open failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
             }
         }
     }
@@ -678,7 +693,7 @@ impl Sim {
                 // over.
                 tokio::time::sleep(Duration::from_millis(self.rand(5..200))).await;
                 *self.writer.borrow_mut() = None;
-                self.open_writer().await;
+                self.open_writer().await?;
             }
             80..=94 => {
                 let Some(old) = self.writer() else {
@@ -693,7 +708,7 @@ impl Sim {
                     self.net.hold(old.conn, s, true);
                 }
                 tokio::time::sleep(Duration::from_millis(self.rand(1..100))).await;
-                self.open_writer().await;
+                self.open_writer().await?;
                 let sim = self.clone();
                 tokio::task::spawn_local(async move {
                     tokio::time::sleep(lasting).await;
@@ -767,7 +782,7 @@ impl Sim {
         for i in 0..self.cfg.servers {
             self.start_server(i)?;
         }
-        self.open_writer().await;
+        self.open_writer().await?;
         let workers: Vec<_> = (0..self.cfg.workers)
             .map(|w| tokio::task::spawn_local(self.clone().worker(w)))
             .collect();
@@ -795,7 +810,7 @@ impl Sim {
         // A fresh writer (as after a gateway restart) reconciles, then repair restores full
         // redundancy.
         *self.writer.borrow_mut() = None;
-        let w = self.open_writer().await;
+        let w = self.open_writer().await?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let pass = w.vol.repair_all(0).await;
