@@ -52,10 +52,10 @@ pub fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 fn kdf<const N: usize>(key: &[u8; 32], input: &[u8]) -> [[u8; 32]; N] {
     let t0 = hmac(key, &[input]);
     let mut out = [[0u8; 32]; N];
-    let mut prev: &[u8] = &[];
-    for i in 0..N {
-        out[i] = hmac(&t0, &[prev, &[i as u8 + 1]]);
-        prev = &out[i];
+    let mut prev = Vec::new();
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = hmac(&t0, &[&prev, &[i as u8 + 1]]);
+        prev = slot.to_vec();
     }
     out
 }

@@ -366,6 +366,7 @@ impl Device {
     }
 
     /// mac1, then (under load) mac2: whether to go on with a handshake message.
+    #[allow(clippy::too_many_arguments)]
     fn admit_handshake(
         &mut self,
         now: Duration,
