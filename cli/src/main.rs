@@ -6,6 +6,7 @@ mod admin;
 mod block;
 mod config;
 mod gateway;
+mod overlay;
 mod up;
 
 use std::process::ExitCode;
@@ -41,6 +42,9 @@ enum Command {
     Block(Box<block::BlockArgs>),
     /// Serve volumes over NBD (QEMU, qemu-img, fio and libnbd attach them by name).
     Gateway(Box<gateway::GatewayArgs>),
+    /// The WireGuard-protocol overlay between sites (daemon and keys).
+    #[command(subcommand)]
+    Overlay(overlay::OverlayCommand),
     /// Manage volumes (thin, erasure-coded virtual disks).
     #[command(subcommand)]
     Volume(block::VolumeCommand),
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
             Command::Meta(args) => config::run_meta(*args).await,
             Command::Block(args) => block::run_block(*args).await,
             Command::Gateway(args) => gateway::run_gateway(*args).await,
+            Command::Overlay(c) => overlay::overlay(c).await,
             Command::Volume(c) => block::volume(c).await,
             Command::Node(c) => block::node(c).await,
             Command::Up(args) => up::run(args).await,

@@ -15,6 +15,11 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
     );
     // The NBD protocol crate knows nothing of Continuum: the gateway (cli) adapts volumes to it.
     m.insert("nbd", BTreeSet::new());
+    // The overlay is the protocol and its drivers; control through meta will add meta-client.
+    m.insert(
+        "overlay",
+        ["continuum-proto", "continuum-meta-client"].into(),
+    );
     // Dev-dependency: meta's tests use the client; the binary wires everything together.
     m.insert(
         "cli",
@@ -24,6 +29,7 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
             "continuum-meta-client",
             "continuum-blockstore",
             "continuum-nbd",
+            "continuum-overlay",
         ]
         .into(),
     );

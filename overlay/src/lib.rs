@@ -4,10 +4,13 @@
 //! - [`crypto`], [`messages`], [`noise`], [`cookie`], [`replay`]: the protocol's pieces.
 //! - [`peer`], [`device`]: the sans-IO core — sessions, timers, cryptokey routing, load —
 //!   driven with time, packets and a seeded RNG as inputs.
+//! - [`config`]: wg-quick-style configuration files; [`driver`]: UDP socket + kernel TUN.
 
+pub mod config;
 pub mod cookie;
 pub mod crypto;
 pub mod device;
+pub mod driver;
 pub mod keys;
 pub mod messages;
 pub mod noise;
