@@ -627,8 +627,8 @@ impl<D: Device, I: Index> Store<D, I> {
                     .undo
                     .iter()
                     .position(|u| u.generation > synced)
-                    .unwrap_or(rec.undo.len());
-                if powered_off && not_durable < rec.undo.len() {
+                    .filter(|_| powered_off);
+                if let Some(not_durable) = not_durable {
                     if rec.undo[not_durable..]
                         .iter()
                         .any(|u| u.generation <= synced)

@@ -188,7 +188,7 @@ impl Device {
             .map(|(_, i)| *i)
     }
 
-    fn drop(&mut self, why: Drop) {
+    fn note_drop(&mut self, why: Drop) {
         *self.drops.entry(why).or_default() += 1;
     }
 
@@ -233,7 +233,7 @@ impl Device {
             cookie.as_ref(),
         ) else {
             self.by_index.remove(&index);
-            self.drop(Drop::Handshake);
+            self.note_drop(Drop::Handshake);
             return;
         };
         let p = &mut self.peers[i];
@@ -283,11 +283,11 @@ impl Device {
         out: &mut Vec<Output>,
     ) {
         let Some(dst) = ip_destination(packet) else {
-            self.drop(Drop::Malformed);
+            self.note_drop(Drop::Malformed);
             return;
         };
         let Some(i) = self.route(dst) else {
-            self.drop(Drop::NoRoute);
+            self.note_drop(Drop::NoRoute);
             return;
         };
         let mut actions = Vec::new();
@@ -333,7 +333,7 @@ impl Device {
             Ok(Packet::Data(d)) => Some((d.receiver, d.counter)),
             Ok(_) => None,
             Err(_) => {
-                self.drop(Drop::Malformed);
+                self.note_drop(Drop::Malformed);
                 return;
             }
         };
@@ -346,18 +346,18 @@ impl Device {
             Packet::Response(m) => self.receive_response(now, wall, src, &m, out),
             Packet::CookieReply(m) => {
                 let Some(&i) = self.by_index.get(&m.receiver) else {
-                    self.drop(Drop::UnknownIndex);
+                    self.note_drop(Drop::UnknownIndex);
                     return;
                 };
                 let p = &mut self.peers[i];
                 let Some(pending) = &p.pending else {
-                    self.drop(Drop::BadCookie);
+                    self.note_drop(Drop::BadCookie);
                     return;
                 };
                 let mac1 = pending.state.mac1;
                 let key = p.key.cookie_key;
                 if p.cookie.consume(now, &m, &key, &mac1).is_err() {
-                    self.drop(Drop::BadCookie);
+                    self.note_drop(Drop::BadCookie);
                 }
                 // The retry timer resends the initiation, now with mac2.
             }
@@ -378,7 +378,7 @@ impl Device {
         out: &mut Vec<Output>,
     ) -> bool {
         if !check_mac1(raw, mac1_at, &self.identity.mac1_key) {
-            self.drop(Drop::BadMac1);
+            self.note_drop(Drop::BadMac1);
             return false;
         }
         if self.note_handshake_load(now)
@@ -391,7 +391,7 @@ impl Device {
                 to: src,
                 datagram: reply.to_vec(),
             });
-            self.drop(Drop::CookieDemanded);
+            self.note_drop(Drop::CookieDemanded);
             return false;
         }
         true
@@ -416,11 +416,11 @@ impl Device {
         let (init, _) = match consumed {
             Ok(x) => x,
             Err(HandshakeError::UnknownPeer) => {
-                self.drop(Drop::UnknownPeer);
+                self.note_drop(Drop::UnknownPeer);
                 return;
             }
             Err(_) => {
-                self.drop(Drop::Handshake);
+                self.note_drop(Drop::Handshake);
                 return;
             }
         };
@@ -428,11 +428,11 @@ impl Device {
         let p = &self.peers[i];
         if let Some((ts, at)) = &p.last_initiation {
             if init.timestamp <= *ts {
-                self.drop(Drop::ReplayedInitiation);
+                self.note_drop(Drop::ReplayedInitiation);
                 return;
             }
             if now.saturating_sub(*at) < MIN_INITIATION_INTERVAL {
-                self.drop(Drop::InitiationFlood);
+                self.note_drop(Drop::InitiationFlood);
                 return;
             }
         }
@@ -443,7 +443,7 @@ impl Device {
         let Ok((resp, keys)) = noise::create_response(&init, &p.key, index, eph, cookie.as_ref())
         else {
             self.by_index.remove(&index);
-            self.drop(Drop::Handshake);
+            self.note_drop(Drop::Handshake);
             return;
         };
         let p = &mut self.peers[i];
@@ -471,7 +471,7 @@ impl Device {
             return;
         }
         let Some(&i) = self.by_index.get(&m.receiver) else {
-            self.drop(Drop::UnknownIndex);
+            self.note_drop(Drop::UnknownIndex);
             return;
         };
         let p = &self.peers[i];
@@ -480,11 +480,11 @@ impl Device {
             .as_ref()
             .filter(|x| x.state.local_index == m.receiver)
         else {
-            self.drop(Drop::Handshake);
+            self.note_drop(Drop::Handshake);
             return;
         };
         let Ok(keys) = noise::consume_response(&self.identity, &p.key, &pending.state, m) else {
-            self.drop(Drop::Handshake);
+            self.note_drop(Drop::Handshake);
             return;
         };
         let p = &mut self.peers[i];
@@ -518,7 +518,7 @@ impl Device {
         out: &mut Vec<Output>,
     ) {
         let Some(&i) = self.by_index.get(&receiver) else {
-            self.drop(Drop::UnknownIndex);
+            self.note_drop(Drop::UnknownIndex);
             return;
         };
         let mut retired = Vec::new();
@@ -526,7 +526,7 @@ impl Device {
         let payload = &mut datagram[messages::DATA_HEADER_LEN..];
         let Some(n) = p.receive_data(now, receiver, counter, payload, &mut retired) else {
             self.retire(retired);
-            self.drop(Drop::Data);
+            self.note_drop(Drop::Data);
             return;
         };
         self.retire(retired);
@@ -547,11 +547,11 @@ impl Device {
         }
         let plain = &datagram[messages::DATA_HEADER_LEN..messages::DATA_HEADER_LEN + n];
         let Some((srcip, len)) = ip_source_and_length(plain) else {
-            self.drop(Drop::Malformed);
+            self.note_drop(Drop::Malformed);
             return;
         };
         if !self.allowed[i].iter().any(|net| net.contains(&srcip)) {
-            self.drop(Drop::NotAllowedSource);
+            self.note_drop(Drop::NotAllowedSource);
             return;
         }
         out.push(Output::Deliver(plain[..len].to_vec()));
