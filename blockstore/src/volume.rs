@@ -379,8 +379,11 @@ impl Volume {
         self.epoch
     }
 
-    /// Replaces the cluster map (servers joining, leaving, declared down). Cached stripe views
-    /// are dropped: placement may have moved.
+    /// Replaces the cluster map (servers joining, leaving, declared down). Cached views of
+    /// whole stripes are dropped (placement may have moved; they are re-learned); the stale
+    /// positions this writer knows of are kept (see `Volume::assess_known`): a version is the
+    /// stripe's, not its server's, and a shard that moved reads at the wrong version and is
+    /// rebuilt.
     pub fn set_servers(&self, servers: &[ServerInfo]) {
         let mut c = self.cluster.lock().expect("poisoned");
         c.servers = servers.iter().map(to_placement).collect();
@@ -396,7 +399,10 @@ impl Volume {
             }
         }
         drop(c);
-        self.views.lock().expect("poisoned").clear();
+        self.views
+            .lock()
+            .expect("poisoned")
+            .retain(|_, v| v.stale != 0);
     }
 
     fn check(&self) -> Result<()> {
@@ -588,9 +594,35 @@ impl Volume {
     fn remember(&self, stripe: u64, view: StripeView) {
         let mut views = self.views.lock().expect("poisoned");
         if views.len() >= MAX_CACHED_STRIPES {
-            views.clear();
+            // Whole stripes can be re-learned; the stale positions are what this writer
+            // knows and the shards may not tell (see `Volume::assess_known`): they stay.
+            views.retain(|_, v| v.stale != 0);
         }
         views.insert(stripe, view);
+    }
+
+    /// A stripe's view from freshly learned `infos`, keeping what this writer knows. While
+    /// some position did not answer, the shards that hold a write may be the silent ones,
+    /// and the rest can agree on the state before it (a write that skipped a data shard and
+    /// a parity, both away, lives only on the other parity): a position the cached view
+    /// expects at a newer version than the answers show stays stale at that version until
+    /// every position answers (found by the live chaos run: the heal and scrub tasks
+    /// re-learned stripes while a lossy WAN link made edge servers flap, and served the old
+    /// bytes of an acknowledged write).
+    fn assess_known(&self, stripe: u64, infos: &[Option<ObjectInfo>]) -> StripeView {
+        let mut view = reconcile::assess(self.spec.profile, infos);
+        if infos.iter().all(Option::is_some) {
+            return view;
+        }
+        if let Some(known) = self.views.lock().expect("poisoned").get(&stripe) {
+            for (p, &v) in known.expected.iter().enumerate() {
+                if v > view.expected[p] {
+                    view.expected[p] = v;
+                    view.set_stale(p, true);
+                }
+            }
+        }
+        view
     }
 
     // ---- Reads ----
@@ -1481,7 +1513,7 @@ impl Volume {
                 break;
             }
         }
-        let mut view = reconcile::assess(self.spec.profile, &infos);
+        let mut view = self.assess_known(stripe, &infos);
         self.mark_corrupt(stripe, &mut view);
         let n = self.rebuild_stale(stripe, &servers, &mut view).await?;
         self.remember(stripe, view);
@@ -1654,7 +1686,7 @@ impl Volume {
         let mut todo = Vec::new();
         for &stripe in listing.stripes.keys() {
             let infos = self.listed_infos(&listing, stripe)?;
-            let view = reconcile::assess(self.spec.profile, &infos);
+            let view = self.assess_known(stripe, &infos);
             let unstable = infos.iter().flatten().any(|i| !i.unstable.is_empty());
             let corrupt = self
                 .corrupt
@@ -1740,7 +1772,7 @@ impl Volume {
         let _g = self.lock_stripe(stripe).await;
         let servers = self.placement(stripe)?;
         let infos = self.learn(stripe, &servers).await?;
-        let mut view = reconcile::assess(self.spec.profile, &infos);
+        let mut view = self.assess_known(stripe, &infos);
         let k = self.spec.profile.data;
         let width = self.spec.profile.width();
         let unit = self.spec.unit;
