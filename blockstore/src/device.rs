@@ -38,11 +38,17 @@ pub trait Device {
     /// with the whole machine: it changes when a power loss (or, for the twin, a simulated
     /// one) may have dropped them. A process that dies leaves its writes in the page cache.
     fn boot_id(&self) -> Vec<u8>;
+    /// Bytes still free on the filesystem that holds the device (`None`: not known, or not
+    /// shared with anything else). The index lives there too and needs room to write and to
+    /// reopen: the store stops allocating while this is below its reserve.
+    fn fs_free(&self) -> Option<u64>;
 }
 
 /// The data file, through io_uring.
 pub struct UringDevice {
     file: tokio_uring::fs::File,
+    /// The same file, for statvfs (tokio-uring's handle lends no `AsFd`).
+    stat: std::fs::File,
     capacity: u64,
     boot_id: Vec<u8>,
 }
@@ -71,6 +77,7 @@ impl UringDevice {
         // mounted) every start counts as after a power loss, which is safe.
         let boot_id = std::fs::read("/proc/sys/kernel/random/boot_id").unwrap_or_default();
         Ok(Self {
+            stat: file.try_clone()?,
             file: tokio_uring::fs::File::from_std(file),
             capacity,
             boot_id,
@@ -107,6 +114,11 @@ impl Device for UringDevice {
     fn boot_id(&self) -> Vec<u8> {
         self.boot_id.clone()
     }
+
+    fn fs_free(&self) -> Option<u64> {
+        let st = rustix::fs::fstatvfs(&self.stat).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
+    }
 }
 
 #[derive(Default)]
@@ -119,6 +131,9 @@ struct MemState {
     volatile: Vec<(u64, Option<Bytes>)>,
     /// Current view (durable + volatile).
     current: BTreeMap<u64, Bytes>,
+    /// What [`Device::fs_free`] answers (a filesystem shared with other files; see
+    /// [`MemDevice::set_fs_free`]).
+    fs_free: Option<u64>,
 }
 
 /// In-memory [`Device`] with power-loss semantics (see the module doc). Clones share state.
@@ -157,6 +172,11 @@ impl MemDevice {
             }
         }
         s.current = s.durable.clone();
+    }
+
+    /// Sets the free space of the simulated filesystem around the device (`None`: unbounded).
+    pub fn set_fs_free(&self, free: Option<u64>) {
+        self.state.borrow_mut().fs_free = free;
     }
 
     /// Flips one bit of the stored byte at `offset` (bit rot), in the durable and current view.
@@ -248,5 +268,9 @@ impl Device for MemDevice {
 
     fn boot_id(&self) -> Vec<u8> {
         format!("mem-{}", self.state.borrow().crashes).into_bytes()
+    }
+
+    fn fs_free(&self) -> Option<u64> {
+        self.state.borrow().fs_free
     }
 }

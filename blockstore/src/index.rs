@@ -48,11 +48,20 @@ impl std::fmt::Debug for RocksIndex {
 }
 
 impl RocksIndex {
-    pub fn open(path: &std::path::Path) -> Result<Self, IndexError> {
+    /// Opens (creating) the index of a data file of `capacity` bytes. Its footprint is sized
+    /// to it: memtables of capacity/64 (4 to 64 MiB, two of them), a write-ahead log of at
+    /// most four memtables, two log files kept for reuse. RocksDB's defaults (64 MiB
+    /// memtables, logs kept whole until a memtable flush) took more than the 64 MiB left
+    /// beside a 256 MiB data file in the live chaos run, and filled the filesystem.
+    pub fn open(path: &std::path::Path, capacity: u64) -> Result<Self, IndexError> {
+        let memtable = (capacity / 64).clamp(4 << 20, 64 << 20);
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        opts.set_recycle_log_file_num(4);
+        opts.set_write_buffer_size(memtable as usize);
+        opts.set_max_write_buffer_number(2);
+        opts.set_max_total_wal_size(4 * memtable);
+        opts.set_recycle_log_file_num(2);
         opts.set_max_background_jobs(2);
         Ok(Self {
             db: rocksdb::DB::open(&opts, path)?,

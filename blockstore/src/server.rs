@@ -488,16 +488,23 @@ pub fn start(cfg: BlockServerConfig) -> Result<RunningServer, String> {
     }
 }
 
+/// Filesystem bytes a block server keeps free beside a data file of `capacity` bytes, for
+/// its index (see [`Store::set_space_reserve`]): an eighth of the capacity, 32 MiB to 1 GiB.
+pub fn space_reserve(capacity: u64) -> u64 {
+    (capacity / 8).clamp(32 << 20, 1 << 30)
+}
+
 type UringStore = Store<crate::device::UringDevice, crate::index::RocksIndex>;
 
 async fn open_and_bind(
     cfg: &BlockServerConfig,
 ) -> Result<(Rc<UringStore>, tokio::net::TcpListener), String> {
-    let index = crate::index::RocksIndex::open(&cfg.data_dir.join("index"))
+    let index = crate::index::RocksIndex::open(&cfg.data_dir.join("index"), cfg.capacity_bytes)
         .map_err(|e| format!("opening the index: {e}"))?;
     let device = crate::device::UringDevice::open(&cfg.data_dir.join("data"), cfg.capacity_bytes)
         .map_err(|e| format!("opening the data file: {e}"))?;
     let store = Store::open(device, index).map_err(|e| format!("opening the store: {e}"))?;
+    store.set_space_reserve(space_reserve(cfg.capacity_bytes));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;

@@ -1,5 +1,7 @@
 //! The shard store on its in-memory twins: versions, fencing, undo, checksums, space, crashes.
 
+use std::sync::atomic::Ordering;
+
 use bytes::Bytes;
 use continuum_blockstore::checksum;
 use continuum_blockstore::device::MemDevice;
@@ -390,6 +392,36 @@ fn a_full_device_refuses_writes_and_recovers_space() {
     block_on(s.stabilize(1, &[(o, v(1, 2))])).unwrap();
     block_on(s.write(&req(o, v(1, 3), v(1, 2), 0, &b), b.clone())).unwrap();
     assert_eq!(read(&s, o, 0, 4096).1, b.to_vec());
+}
+
+/// The filesystem around the data file is shared with the index: the store allocates
+/// nothing while less than its reserve would be left, and goes on when space returns.
+#[test]
+fn a_filesystem_below_the_reserve_refuses_allocations_not_reads() {
+    let (s, dev, _) = store(64);
+    s.set_space_reserve(1 << 20);
+    let o = obj(10, 0);
+    let a = fill(1, 2);
+    dev.set_fs_free(Some((1 << 20) + 2 * K as u64));
+    block_on(s.write(&req(o, v(1, 1), Version::NONE, 0, &a), a.clone())).unwrap();
+    // Another block would eat into the reserve (the allocator itself has 61 free).
+    let b = fill(2, 1);
+    dev.set_fs_free(Some((1 << 20) + K as u64 - 1));
+    let err = block_on(s.write(&req(o, v(1, 2), v(1, 1), 0, &b), b.clone())).unwrap_err();
+    assert!(
+        matches!(err, StoreError::NoSpace { needed: 1, .. }),
+        "{err}"
+    );
+    assert!(s.stats.space_refusals.load(Ordering::Relaxed) > 0);
+    assert_eq!(read(&s, o, 0, 2 * K as u32), (v(1, 1), a.to_vec()));
+    // Space back (another file shrank): writes go on.
+    dev.set_fs_free(Some(64 << 20));
+    block_on(s.write(&req(o, v(1, 2), v(1, 1), 0, &b), b.clone())).unwrap();
+    assert_eq!(read(&s, o, 0, 4096).1, b.to_vec());
+    // Without a reserve the filesystem is not asked.
+    s.set_space_reserve(0);
+    dev.set_fs_free(Some(0));
+    block_on(s.write(&req(o, v(1, 3), v(1, 2), 0, &a), a.clone())).unwrap();
 }
 
 #[test]

@@ -147,6 +147,12 @@ impl Device for SimDevice {
     fn boot_id(&self) -> Vec<u8> {
         self.inner.boot_id()
     }
+
+    fn fs_free(&self) -> Option<u64> {
+        // A full disk is a full filesystem: stores that keep a reserve refuse allocations
+        // before the device write fails.
+        self.faults.full.get().then_some(0)
+    }
 }
 
 /// [`MemIndex`], with syncs that lie when the build is deliberately broken.
@@ -350,6 +356,11 @@ impl Sim {
             },
         )
         .map_err(|e| format!("server {i} failed to reopen its storage: {e}"))?;
+        // Half the servers keep a filesystem reserve (a full disk refuses allocations there);
+        // on the others it fails the device writes.
+        if i % 2 == 1 {
+            store.set_space_reserve(1 << 20);
+        }
         let store = Rc::new(store);
         let (accept_tx, mut accept_rx) = mpsc::unbounded_channel();
         let incarnation = tokio::task::LocalSet::new();
