@@ -1,20 +1,30 @@
-//! `continuum overlay`: the WireGuard-protocol overlay daemon, stand-alone from a wg-quick-style
-//! file for now (control through meta comes next: docs/plans/issue-6.md), and `continuum
-//! overlay genkey|pubkey` for keys in WireGuard's format.
+//! `continuum overlay`: the WireGuard-protocol overlay daemon — `up` configured through meta
+//! (registers the site, follows the peer list, runs from its cache while meta is away), `run`
+//! stand-alone from a wg-quick-style file — `show` (like `wg show`), and `genkey|pubkey` for
+//! keys in WireGuard's format.
 
 use std::io::Read;
 use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use continuum_overlay::config::Config;
-use continuum_overlay::driver::Overlay;
+use continuum_overlay::config::{Config, InterfaceConfig};
+use continuum_overlay::control::{self, Cache, SiteSpec};
+use continuum_overlay::device::DEFAULT_MTU;
+use continuum_overlay::driver::{self, Controls, Overlay, Status};
 use continuum_overlay::keys;
+use ipnet::IpNet;
 
 #[derive(Subcommand, Debug)]
 pub enum OverlayCommand {
-    /// Run the overlay on a TUN device from a wg-quick-style config file.
+    /// Run this site's overlay daemon, configured through meta: registers the site's key,
+    /// endpoints and subnets, and links to every other registered site.
+    Up(Box<UpArgs>),
+    /// Run the overlay on a TUN device from a wg-quick-style config file (no meta).
     Run(RunArgs),
+    /// Show a running daemon's peers: endpoints, latest handshake, transfer (like `wg show`).
+    Show(ShowArgs),
     /// Print a new private key (base64), like `wg genkey`.
     Genkey,
     /// Read a private key on stdin and print its public key, like `wg pubkey`.
@@ -31,8 +41,228 @@ pub struct RunArgs {
     tun: String,
 }
 
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Meta endpoints (`host:port,...`).
+    #[arg(long, value_delimiter = ',', required = true)]
+    meta: Vec<String>,
+    /// This daemon's name in meta (one daemon per name).
+    #[arg(long)]
+    name: String,
+    /// The site it links.
+    #[arg(long)]
+    site: String,
+    /// Its overlay address with the overlay's prefix (e.g. `10.90.1.1/16`).
+    #[arg(long)]
+    address: IpNet,
+    /// UDP port.
+    #[arg(long, default_value_t = 51820)]
+    listen_port: u16,
+    /// Where peers reach this daemon (`ip:port`; repeatable). None: behind NAT, it dials out.
+    #[arg(long = "endpoint")]
+    endpoints: Vec<String>,
+    /// Subnets behind this site that it routes (repeatable).
+    #[arg(long = "subnet")]
+    subnets: Vec<IpNet>,
+    /// Keeps the private key (created on first start, mode 0600) and the cached peer list.
+    /// [default: /var/lib/continuum/overlay-NAME]
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Name of the TUN device to create.
+    #[arg(long, default_value = "cnt0")]
+    tun: String,
+    /// Inner MTU.
+    #[arg(long, default_value_t = DEFAULT_MTU)]
+    mtu: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    /// The daemon's TUN device.
+    #[arg(long, default_value = "cnt0")]
+    tun: String,
+    /// Its status socket [default: /run/continuum/overlay-TUN.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+async fn shutdown() {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    match term {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    for e in &args.endpoints {
+        if e.parse::<std::net::SocketAddr>().is_err() {
+            bail!("--endpoint {e:?} is not ip:port");
+        }
+    }
+    let state = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/var/lib/continuum/overlay-{}", args.name)));
+    let private_key = control::load_or_create_key(&state.join("private.key"))?;
+    let cfg = Config {
+        interface: InterfaceConfig {
+            private_key,
+            listen_port: Some(args.listen_port),
+            addresses: vec![args.address],
+            mtu: args.mtu,
+        },
+        peers: Vec::new(),
+    };
+    let ov = Overlay::start(&cfg, &args.tun, rand::random()).await?;
+    let public_key = ov.device.public_key();
+    let host = match args.address {
+        IpNet::V4(a) => IpNet::from(ipnet::Ipv4Net::new(a.addr(), 32)?),
+        IpNet::V6(a) => IpNet::from(ipnet::Ipv6Net::new(a.addr(), 128)?),
+    };
+    let spec = SiteSpec {
+        name: args.name.clone(),
+        site: args.site.clone(),
+        endpoints: args.endpoints.clone(),
+        allowed_ips: std::iter::once(host).chain(args.subnets.clone()).collect(),
+    };
+    let cache = Cache {
+        path: state.join("peers.json"),
+    };
+    let cached = control::cached_peers(&cache, &args.name)?;
+    tracing::info!(
+        tun = %args.tun,
+        port = ov.local_port()?,
+        public_key = %keys::encode(&public_key),
+        cached_peers = cached.len(),
+        "overlay up"
+    );
+    let (tx, rx) = tokio::sync::watch::channel(cached);
+    let meta = continuum_meta_client::MetaClient::connect(&args.meta)?;
+    let follower = tokio::spawn(control::follow(meta, spec, public_key, cache, tx));
+    let controls = Controls {
+        peers: Some(rx),
+        status_socket: Some(driver::status_socket(&args.tun)),
+    };
+    let r = ov.run_with(controls, shutdown()).await;
+    follower.abort();
+    r?;
+    tracing::info!("overlay stopped");
+    Ok(())
+}
+
+fn ago(unix: u64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let s = now.saturating_sub(unix);
+    match s {
+        0..=119 => format!("{s} seconds ago"),
+        120..=7199 => format!("{} minutes, {} seconds ago", s / 60, s % 60),
+        _ => format!("{} hours, {} minutes ago", s / 3600, s % 3600 / 60),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+/// `wg show`'s layout.
+fn render(s: &Status) -> String {
+    let mut out = format!(
+        "interface: {}\n  public key: {}\n  listening port: {}\n",
+        s.interface, s.public_key, s.listen_port
+    );
+    for p in &s.peers {
+        out.push_str(&format!("\npeer: {}", p.public_key));
+        if !p.name.is_empty() {
+            out.push_str(&format!(" ({})", p.name));
+        }
+        out.push('\n');
+        if let Some(e) = &p.endpoint {
+            out.push_str(&format!("  endpoint: {e}\n"));
+        }
+        out.push_str(&format!(
+            "  allowed ips: {}\n",
+            if p.allowed_ips.is_empty() {
+                "(none)".to_string()
+            } else {
+                p.allowed_ips.join(", ")
+            }
+        ));
+        if let Some(h) = p.latest_handshake {
+            out.push_str(&format!("  latest handshake: {}\n", ago(h)));
+        }
+        if p.rx_bytes > 0 || p.tx_bytes > 0 {
+            out.push_str(&format!(
+                "  transfer: {} received, {} sent\n",
+                bytes(p.rx_bytes),
+                bytes(p.tx_bytes)
+            ));
+        }
+        if let Some(k) = p.persistent_keepalive {
+            out.push_str(&format!("  persistent keepalive: every {k} seconds\n"));
+        }
+    }
+    out
+}
+
+async fn show(args: ShowArgs) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let path = args
+        .socket
+        .unwrap_or_else(|| driver::status_socket(&args.tun));
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::UnixStream::connect(&path),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("{}: no answer", path.display()))?
+    .with_context(|| {
+        format!(
+            "no overlay daemon answers on {} (is `continuum overlay up --tun {}` running?)",
+            path.display(),
+            args.tun
+        )
+    })?;
+    let mut body = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut body))
+        .await
+        .map_err(|_| anyhow::anyhow!("{}: the status did not arrive", path.display()))??;
+    let status: Status = serde_json::from_slice(&body)
+        .with_context(|| format!("{}: not an overlay status", path.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", render(&status));
+    }
+    Ok(())
+}
+
 pub async fn overlay(c: OverlayCommand) -> anyhow::Result<()> {
     match c {
+        OverlayCommand::Up(args) => up(*args).await,
+        OverlayCommand::Show(args) => show(args).await,
         OverlayCommand::Genkey => {
             let mut k = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);
@@ -61,10 +291,11 @@ pub async fn overlay(c: OverlayCommand) -> anyhow::Result<()> {
                 peers = cfg.peers.len(),
                 "overlay up"
             );
-            ov.run(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+            let controls = Controls {
+                peers: None,
+                status_socket: Some(driver::status_socket(&args.tun)),
+            };
+            ov.run_with(controls, shutdown()).await?;
             tracing::info!("overlay stopped");
             Ok(())
         }

@@ -62,7 +62,7 @@ pub enum Drop {
     NoRoute,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerConfig {
     pub public_key: [u8; 32],
     pub preshared_key: Option<[u8; 32]>,

@@ -2,13 +2,17 @@
 //! [`Device`] in between, and a tick every [`TICK`] for its timers. The driver owns the
 //! clock: `now` is monotonic since start, `wall` is since the Unix epoch.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 
 use crate::config::Config;
+use crate::control::NamedPeer;
 use crate::device::{Device, Output};
+use crate::keys;
 
 /// Timer resolution (REKEY_TIMEOUT is 5 s; keepalives are seconds).
 pub const TICK: Duration = Duration::from_millis(100);
@@ -42,6 +46,46 @@ pub struct Overlay {
     socket: tokio::net::UdpSocket,
     tun: tokio_tun::Tun,
     started: Instant,
+    /// The interface's own addresses (peers' allowed IPs inside them need no route).
+    addresses: Vec<IpNet>,
+    /// Peer names (from meta) by public key, for the status.
+    names: BTreeMap<[u8; 32], String>,
+}
+
+/// What the daemon reports on its status socket (and `continuum overlay show` prints).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    pub interface: String,
+    pub public_key: String,
+    pub listen_port: u16,
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    pub public_key: String,
+    /// From meta (empty for peers of a config file).
+    pub name: String,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    /// Unix seconds of the latest completed handshake.
+    pub latest_handshake: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub persistent_keepalive: Option<u64>,
+}
+
+/// Where the daemon of TUN device `tun` answers status requests.
+pub fn status_socket(tun: &str) -> PathBuf {
+    PathBuf::from(format!("/run/continuum/overlay-{tun}.sock"))
+}
+
+/// How a running daemon is steered besides its config: peer lists from meta, and a status
+/// socket.
+#[derive(Default)]
+pub struct Controls {
+    pub peers: Option<tokio::sync::watch::Receiver<Vec<NamedPeer>>>,
+    pub status_socket: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -103,7 +147,64 @@ impl Overlay {
             socket,
             tun,
             started: Instant::now(),
+            addresses: cfg.interface.addresses.clone(),
+            names: BTreeMap::new(),
         })
+    }
+
+    /// Replaces the peers that came from meta with `peers`: new ones are added, changed ones
+    /// updated (their sessions and roamed endpoints survive), and those gone removed; routes
+    /// are added for allowed IPs outside the interface's subnet.
+    pub fn apply_peers(&mut self, peers: &[NamedPeer]) -> Result<(), DriverError> {
+        let wanted: BTreeMap<[u8; 32], &NamedPeer> =
+            peers.iter().map(|p| (p.config.public_key, p)).collect();
+        let gone: Vec<[u8; 32]> = self
+            .names
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .copied()
+            .collect();
+        for k in gone {
+            self.device.remove_peer(&k);
+            self.names.remove(&k);
+        }
+        for p in peers {
+            self.device.set_peer(p.config.clone());
+            self.names.insert(p.config.public_key, p.name.clone());
+            for net in &p.config.allowed_ips {
+                let covered = self.addresses.iter().any(|a| a.contains(net));
+                if !covered && net.addr().is_ipv4() {
+                    add_route(net, self.tun.name())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The interface and its peers now (what `wg show` tells).
+    pub fn status(&self) -> Status {
+        Status {
+            interface: self.tun.name().to_string(),
+            public_key: keys::encode(&self.device.public_key()),
+            listen_port: self.local_port().unwrap_or(0),
+            peers: self
+                .device
+                .peers()
+                .map(|(p, allowed)| {
+                    let key = *p.key.public.as_bytes();
+                    PeerStatus {
+                        public_key: keys::encode(&key),
+                        name: self.names.get(&key).cloned().unwrap_or_default(),
+                        endpoint: p.endpoint.map(|e| e.to_string()),
+                        allowed_ips: allowed.iter().map(ToString::to_string).collect(),
+                        latest_handshake: p.stats.last_handshake.map(|d| d.as_secs()),
+                        rx_bytes: p.stats.rx_bytes,
+                        tx_bytes: p.stats.tx_bytes,
+                        persistent_keepalive: p.persistent_keepalive.map(|d| d.as_secs()),
+                    }
+                })
+                .collect(),
+        }
     }
 
     pub fn local_port(&self) -> std::io::Result<u16> {
@@ -112,10 +213,34 @@ impl Overlay {
 
     /// Moves packets until `shutdown` completes.
     pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), DriverError> {
+        self.run_with(Controls::default(), shutdown).await
+    }
+
+    /// [`Overlay::run`], taking peer lists from `controls.peers` and answering status requests
+    /// on `controls.status_socket` (a Unix socket; each connection gets the [`Status`] as JSON).
+    pub async fn run_with(
         mut self,
+        mut controls: Controls,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), DriverError> {
         tokio::pin!(shutdown);
+        let listener = match &controls.status_socket {
+            Some(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let _ = std::fs::remove_file(path);
+                Some(tokio::net::UnixListener::bind(path)?)
+            }
+            None => None,
+        };
+        if let Some(rx) = controls.peers.as_mut() {
+            let peers = rx.borrow_and_update().clone();
+            self.apply_peers(&peers)?;
+        }
         let mut udp_buf = vec![0u8; MAX_DATAGRAM];
         let mut tun_buf = vec![0u8; MAX_DATAGRAM];
         let mut out = Vec::new();
@@ -133,7 +258,41 @@ impl Overlay {
                     self.device.send_packet(now, wall(), &tun_buf[..n], &mut out);
                 }
                 _ = tick.tick() => self.device.tick(now, wall(), &mut out),
-                _ = &mut shutdown => return Ok(()),
+                r = async { controls.peers.as_mut().expect("guarded").changed().await },
+                    if controls.peers.is_some() =>
+                {
+                    match r {
+                        Ok(()) => {
+                            let peers = controls
+                                .peers
+                                .as_mut()
+                                .expect("guarded")
+                                .borrow_and_update()
+                                .clone();
+                            self.apply_peers(&peers)?;
+                        }
+                        // The control task ended: keep the peers we have.
+                        Err(_) => controls.peers = None,
+                    }
+                }
+                r = async { listener.as_ref().expect("guarded").accept().await },
+                    if listener.is_some() =>
+                {
+                    if let Ok((mut conn, _)) = r {
+                        let body = serde_json::to_vec(&self.status()).expect("serializable");
+                        tokio::spawn(async move {
+                            use tokio::io::AsyncWriteExt;
+                            let _ = conn.write_all(&body).await;
+                            let _ = conn.shutdown().await;
+                        });
+                    }
+                }
+                _ = &mut shutdown => {
+                    if let Some(path) = &controls.status_socket {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Ok(());
+                }
             }
             for o in out.drain(..) {
                 match o {

@@ -4,9 +4,11 @@
 //! - [`crypto`], [`messages`], [`noise`], [`cookie`], [`replay`]: the protocol's pieces.
 //! - [`peer`], [`device`]: the sans-IO core — sessions, timers, cryptokey routing, load —
 //!   driven with time, packets and a seeded RNG as inputs.
-//! - [`config`]: wg-quick-style configuration files; [`driver`]: UDP socket + kernel TUN.
+//! - [`config`]: wg-quick-style configuration files; [`control`]: registration in meta, the
+//!   peer list from meta and its cache, the key file; [`driver`]: UDP socket + kernel TUN.
 
 pub mod config;
+pub mod control;
 pub mod cookie;
 pub mod crypto;
 pub mod device;
