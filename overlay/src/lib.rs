@@ -13,6 +13,7 @@ pub mod cookie;
 pub mod crypto;
 pub mod device;
 pub mod driver;
+pub mod fuzzing;
 pub mod keys;
 pub mod messages;
 pub mod noise;
