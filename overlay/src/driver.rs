@@ -255,6 +255,7 @@ impl Overlay {
                 }
                 r = self.tun.recv(&mut tun_buf) => {
                     let n = r?;
+                    crate::mss::clamp(&mut tun_buf[..n], self.device.mtu);
                     self.device.send_packet(now, wall(), &tun_buf[..n], &mut out);
                 }
                 _ = tick.tick() => self.device.tick(now, wall(), &mut out),
@@ -303,7 +304,8 @@ impl Overlay {
                             tracing::debug!(%to, error = %e, "UDP send failed");
                         }
                     }
-                    Output::Deliver(packet) => {
+                    Output::Deliver(mut packet) => {
+                        crate::mss::clamp(&mut packet, self.device.mtu);
                         if let Err(e) = self.tun.send(&packet).await {
                             tracing::debug!(error = %e, "TUN write failed");
                         }

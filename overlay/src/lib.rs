@@ -5,7 +5,8 @@
 //! - [`peer`], [`device`]: the sans-IO core — sessions, timers, cryptokey routing, load —
 //!   driven with time, packets and a seeded RNG as inputs.
 //! - [`config`]: wg-quick-style configuration files; [`control`]: registration in meta, the
-//!   peer list from meta and its cache, the key file; [`driver`]: UDP socket + kernel TUN.
+//!   peer list from meta and its cache, the key file; [`driver`]: UDP socket + kernel TUN;
+//!   [`mss`]: TCP MSS clamping to the inner MTU.
 
 pub mod config;
 pub mod control;
@@ -16,6 +17,7 @@ pub mod driver;
 pub mod fuzzing;
 pub mod keys;
 pub mod messages;
+pub mod mss;
 pub mod noise;
 pub mod peer;
 pub mod replay;
