@@ -88,6 +88,12 @@ pub struct Device {
     /// Under load until this time.
     under_load_until: Duration,
     pub drops: HashMap<Drop, u64>,
+    /// Relay for peers that cannot reach each other (a cloud site's daemon): a packet from one
+    /// peer whose destination another peer routes is sent on to it.
+    pub forwarding: bool,
+    /// Packets this device sent through a relay, and packets it relayed for others.
+    pub relayed: u64,
+    pub forwarded: u64,
 }
 
 impl Device {
@@ -107,6 +113,9 @@ impl Device {
             load_window: (Duration::ZERO, 0),
             under_load_until: Duration::ZERO,
             drops: HashMap::new(),
+            forwarding: false,
+            relayed: 0,
+            forwarded: 0,
         }
     }
 
@@ -146,6 +155,32 @@ impl Device {
         };
         self.allowed[i] = cfg.allowed_ips.iter().map(IpNet::trunc).collect();
         self.rebuild_routes();
+    }
+
+    /// Marks a peer as a relay (or not): see [`Peer::relay`].
+    pub fn set_relay(&mut self, public_key: &[u8; 32], relay: bool) {
+        if let Some(&i) = self.by_key.get(public_key) {
+            self.peers[i].relay = relay;
+        }
+    }
+
+    /// The peer to send a packet for peer `i` through: `i` itself, or a relay while `i` cannot
+    /// be reached directly (a relay with a session first). A relay never relays through
+    /// another.
+    fn via(&self, i: usize, now: Duration) -> usize {
+        if self.forwarding || !self.peers[i].wants_relay(now) {
+            return i;
+        }
+        let relays = || {
+            self.peers
+                .iter()
+                .enumerate()
+                .filter(move |(j, p)| *j != i && p.relay && p.endpoint.is_some())
+        };
+        relays()
+            .find(|(_, p)| p.can_send_now(now))
+            .or_else(|| relays().next())
+            .map_or(i, |(j, _)| j)
     }
 
     /// Removes a peer (its sessions end).
@@ -290,9 +325,29 @@ impl Device {
             self.note_drop(Drop::NoRoute);
             return;
         };
+        self.send_to_peer(i, now, wall, packet, out);
+    }
+
+    fn send_to_peer(
+        &mut self,
+        i: usize,
+        now: Duration,
+        wall: Duration,
+        packet: &[u8],
+        out: &mut Vec<Output>,
+    ) {
+        let via = self.via(i, now);
+        if via != i {
+            self.relayed += 1;
+            // Direct handshakes go on meanwhile (a working path replaces the relay), but
+            // the packet itself is not staged for them.
+            if self.peers[i].pending.is_none() && self.peers[i].endpoint.is_some() {
+                self.initiate(i, now, wall, out);
+            }
+        }
         let mut actions = Vec::new();
-        self.peers[i].send_packet(now, packet, self.mtu, &mut actions);
-        self.run_actions(i, actions, now, wall, out);
+        self.peers[via].send_packet(now, packet, self.mtu, &mut actions);
+        self.run_actions(via, actions, now, wall, out);
     }
 
     /// Timers of every peer.
@@ -551,8 +606,22 @@ impl Device {
             return;
         };
         if !self.allowed[i].iter().any(|net| net.contains(&srcip)) {
-            self.note_drop(Drop::NotAllowedSource);
-            return;
+            // A relay sends us the packets of peers that cannot reach us directly.
+            let relayed = self.peers[i].relay && self.route(srcip).is_some_and(|x| x != i);
+            if !relayed {
+                self.note_drop(Drop::NotAllowedSource);
+                return;
+            }
+        } else if self.forwarding {
+            // Relaying: a packet for another peer goes on to it (never back where it came from).
+            if let Some(j) = ip_destination(plain).and_then(|d| self.route(d)) {
+                if j != i {
+                    self.forwarded += 1;
+                    let packet = plain[..len].to_vec();
+                    self.send_to_peer(j, now, wall, &packet, out);
+                    return;
+                }
+            }
         }
         out.push(Output::Deliver(plain[..len].to_vec()));
     }

@@ -169,9 +169,18 @@ pub struct Peer {
     pub data_received_unanswered: Option<Duration>,
     pub last_session_at: Option<Duration>,
     pub stats: PeerStats,
+    /// This peer relays for others (a cloud site's daemon): packets for a peer we cannot reach
+    /// directly go through it, and it may send us packets of peers it relays.
+    pub relay: bool,
+    /// Since when a direct handshake has been failing (set after [`RELAY_AFTER`] of trying,
+    /// cleared by a session): until then traffic goes through a relay.
+    pub unreachable_since: Option<Duration>,
     /// The receive-side rekey (REJECT − KEEPALIVE − REKEY) was triggered for the current session.
     rekey_on_receive_done: bool,
 }
+
+/// How long direct handshakes with a peer may fail before its traffic goes through a relay.
+pub const RELAY_AFTER: Duration = Duration::from_secs(5);
 
 /// What a peer wants done.
 #[derive(Debug, PartialEq, Eq)]
@@ -205,8 +214,21 @@ impl Peer {
             data_received_unanswered: None,
             last_session_at: None,
             stats: PeerStats::default(),
+            relay: false,
+            unreachable_since: None,
             rekey_on_receive_done: false,
         }
+    }
+
+    /// A session to send on now.
+    pub fn can_send_now(&self, now: Duration) -> bool {
+        self.endpoint.is_some() && self.current.as_ref().is_some_and(|s| s.can_send(now))
+    }
+
+    /// Whether traffic for this peer should take a relay: no way to reach it directly (no
+    /// endpoint, or handshakes failing for [`RELAY_AFTER`]) and no session to send on.
+    pub fn wants_relay(&self, now: Duration) -> bool {
+        !self.can_send_now(now) && (self.endpoint.is_none() || self.unreachable_since.is_some())
     }
 
     /// Local indices of every live session and pending handshake (for the device's table).
@@ -276,6 +298,7 @@ impl Peer {
         self.stats.handshakes += 1;
         self.stats.last_handshake = Some(wall);
         self.last_session_at = Some(now);
+        self.unreachable_since = None;
         if session.initiator {
             // The initiator uses a new session at once (its first packet confirms it).
             if let Some(old) = self.previous.take() {
@@ -374,8 +397,12 @@ impl Peer {
         out: &mut Vec<PeerAction>,
         retired: &mut Vec<u32>,
     ) {
-        // Handshake retries and giving up.
+        // Handshake retries and giving up; a peer that does not answer for RELAY_AFTER is
+        // reached through a relay meanwhile.
         if let Some(p) = &self.pending {
+            if self.unreachable_since.is_none() && now.saturating_sub(p.first_at) >= RELAY_AFTER {
+                self.unreachable_since = Some(now);
+            }
             if now.saturating_sub(p.first_at) >= REKEY_ATTEMPT_TIME {
                 retired.push(p.state.local_index);
                 self.pending = None;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use continuum_overlay::device::{Device, Drop, Output, PeerConfig};
 use continuum_overlay::peer::{
-    REJECT_AFTER_TIME, REKEY_AFTER_TIME, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT,
+    REJECT_AFTER_TIME, REKEY_AFTER_TIME, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT, RELAY_AFTER,
 };
 use proptest::prelude::*;
 
@@ -47,6 +47,8 @@ struct Net {
     sent: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
     /// Datagrams to these addresses are lost.
     black_holes: Vec<SocketAddr>,
+    /// Datagrams between these two addresses (either way) are lost.
+    cut: Vec<(SocketAddr, SocketAddr)>,
 }
 
 impl Net {
@@ -75,6 +77,7 @@ impl Net {
             delivered: vec![Vec::new(); n],
             sent: Vec::new(),
             black_holes: Vec::new(),
+            cut: Vec::new(),
         }
     }
 
@@ -115,7 +118,11 @@ impl Net {
     /// Delivers everything in flight (and what that causes).
     fn run(&mut self) {
         while let Some((from, to, d)) = self.queue.pop_front() {
-            if self.black_holes.contains(&to) {
+            let cut = self
+                .cut
+                .iter()
+                .any(|&(a, b)| (a, b) == (from, to) || (b, a) == (from, to));
+            if self.black_holes.contains(&to) || cut {
                 continue;
             }
             self.inject(from, to, d);
@@ -372,6 +379,69 @@ fn cryptokey_routing_drops_packets_from_addresses_a_peer_does_not_own() {
     // No route: dropped at the sender.
     net.send(0, &ipv4(inner_ip(0), [10, 9, 9, 9], b"nowhere"));
     assert_eq!(net.drops(0, Drop::NoRoute), 1);
+}
+
+/// Two peers whose direct path is cut talk through a third that relays (a cloud site's
+/// daemon); when the direct path works again, it replaces the relay.
+#[test]
+fn peers_that_cannot_reach_each_other_talk_through_a_relay_until_a_direct_path_works() {
+    let mut net = Net::mesh(3);
+    net.devs[1].forwarding = true;
+    let relay = net.devs[1].public_key();
+    net.devs[0].set_relay(&relay, true);
+    net.devs[2].set_relay(&relay, true);
+    net.cut.push((addr(0), addr(2)));
+    // 0 → 2: direct handshakes fail; after RELAY_AFTER the traffic takes the relay.
+    let first = net.packet(0, 2, b"staged for the direct path");
+    net.send(0, &first);
+    net.advance(RELAY_AFTER + 2 * TICK);
+    assert!(net.delivered[2].is_empty());
+    let p = net.packet(0, 2, b"through the relay");
+    net.send(0, &p);
+    net.advance(Duration::from_secs(1));
+    assert_eq!(net.delivered[2], vec![p], "relayed to 2");
+    assert!(net.delivered[1].is_empty(), "the relay keeps nothing");
+    assert_eq!((net.devs[0].relayed, net.devs[1].forwarded), (1, 1));
+    // 2 → 0 finds the same: its own direct attempt fails first.
+    net.send(2, &net.packet(2, 0, b"staged"));
+    net.advance(RELAY_AFTER + 2 * TICK);
+    let back = net.packet(2, 0, b"reply through the relay");
+    net.send(2, &back);
+    net.advance(Duration::from_secs(1));
+    assert_eq!(net.delivered[0], vec![back]);
+    assert_eq!(net.devs[1].forwarded, 2);
+    assert_eq!(net.drops(0, Drop::NotAllowedSource), 0);
+    // The direct path heals: the next relayed packet retries it, and once a direct session
+    // exists the relay is out of the path.
+    net.cut.clear();
+    net.advance(REKEY_ATTEMPT_TIME);
+    let p = net.packet(0, 2, b"retry");
+    net.send(0, &p);
+    net.advance(Duration::from_secs(1));
+    let forwarded = net.devs[1].forwarded;
+    let direct = net.packet(0, 2, b"direct again");
+    net.send(0, &direct);
+    net.run();
+    assert_eq!(net.delivered[2].last(), Some(&direct));
+    assert_eq!(net.devs[1].forwarded, forwarded, "not through the relay");
+}
+
+/// Only a peer marked as a relay may send packets with other peers' sources.
+#[test]
+fn a_peer_that_is_not_a_relay_cannot_speak_for_others() {
+    let mut net = Net::mesh(3);
+    // 1 sends 0 a packet with 2's source address.
+    let forged = ipv4(inner_ip(2), inner_ip(0), b"from 2, says 1");
+    net.send(1, &forged);
+    net.run();
+    assert!(net.delivered[0].is_empty());
+    assert_eq!(net.drops(0, Drop::NotAllowedSource), 1);
+    // Once 0 takes 1 for a relay, 1 may carry 2's packets.
+    let relay = net.devs[1].public_key();
+    net.devs[0].set_relay(&relay, true);
+    net.send(1, &forged);
+    net.run();
+    assert_eq!(net.delivered[0], vec![forged]);
 }
 
 proptest! {
