@@ -64,6 +64,10 @@ pub struct UpArgs {
     /// Subnets behind this site that it routes (repeatable).
     #[arg(long = "subnet")]
     subnets: Vec<IpNet>,
+    /// Relay traffic between sites that cannot reach each other directly (behind NATs). For a
+    /// cloud site with a public endpoint.
+    #[arg(long)]
+    relay: bool,
     /// Keeps the private key (created on first start, mode 0600) and the cached peer list.
     /// [default: /var/lib/continuum/overlay-NAME]
     #[arg(long)]
@@ -122,7 +126,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         },
         peers: Vec::new(),
     };
-    let ov = Overlay::start(&cfg, &args.tun, rand::random()).await?;
+    if args.relay && args.endpoints.is_empty() {
+        bail!("--relay needs an --endpoint the other sites can reach");
+    }
+    let mut ov = Overlay::start(&cfg, &args.tun, rand::random()).await?;
+    ov.device.forwarding = args.relay;
     let public_key = ov.device.public_key();
     let host = match args.address {
         IpNet::V4(a) => IpNet::from(ipnet::Ipv4Net::new(a.addr(), 32)?),
@@ -133,6 +141,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         site: args.site.clone(),
         endpoints: args.endpoints.clone(),
         allowed_ips: std::iter::once(host).chain(args.subnets.clone()).collect(),
+        relay: args.relay,
     };
     let cache = Cache {
         path: state.join("peers.json"),
@@ -193,12 +202,24 @@ fn render(s: &Status) -> String {
         "interface: {}\n  public key: {}\n  listening port: {}\n",
         s.interface, s.public_key, s.listen_port
     );
+    if s.relaying {
+        out.push_str(&format!("  relaying: {} packets forwarded\n", s.forwarded));
+    }
+    if s.relayed > 0 {
+        out.push_str(&format!("  sent through a relay: {} packets\n", s.relayed));
+    }
     for p in &s.peers {
         out.push_str(&format!("\npeer: {}", p.public_key));
         if !p.name.is_empty() {
             out.push_str(&format!(" ({})", p.name));
         }
         out.push('\n');
+        if p.relay {
+            out.push_str("  relay: yes\n");
+        }
+        if p.via_relay {
+            out.push_str("  path: through a relay (no direct path)\n");
+        }
         if let Some(e) = &p.endpoint {
             out.push_str(&format!("  endpoint: {e}\n"));
         }

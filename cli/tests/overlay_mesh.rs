@@ -6,17 +6,12 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SITES: usize = 3;
-const BRIDGE: &str = "ctm-br";
-const META_ADDR: &str = "10.98.0.254";
-
-fn ns(i: usize) -> String {
-    format!("ctm-{i}")
-}
 
 fn sh(args: &[&str]) -> std::process::Output {
     Command::new(args[0])
@@ -39,62 +34,102 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_continuum")
 }
 
-/// The namespaces, the bridge and the processes; everything is removed on drop.
+/// Namespaces, links, meta and overlay daemons of one test; everything is removed on drop.
+/// Names start with the lab's prefix, so the tests of this file run side by side.
 struct Lab {
+    prefix: &'static str,
     dir: tempfile::TempDir,
+    namespaces: Vec<String>,
+    links: Vec<String>,
     meta: Option<Child>,
-    daemons: Vec<Option<Child>>,
+    meta_addr: String,
+    daemons: BTreeMap<String, (String, Vec<String>, Option<Child>)>,
 }
 
 impl Lab {
-    fn new() -> Lab {
-        let lab = Lab {
+    /// A lab whose "internet" is a bridge in the root namespace; meta listens on `meta_ip`
+    /// there.
+    fn new(prefix: &'static str, net: &str, meta_ip: &str) -> Lab {
+        let mut lab = Lab {
+            prefix,
             dir: tempfile::tempdir().unwrap(),
+            namespaces: Vec::new(),
+            links: Vec::new(),
             meta: None,
-            daemons: (0..SITES).map(|_| None).collect(),
+            meta_addr: meta_ip.to_string(),
+            daemons: BTreeMap::new(),
         };
-        lab.teardown_net();
-        ok(&["ip", "link", "add", BRIDGE, "type", "bridge"]);
-        ok(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{META_ADDR}/24"),
-            "dev",
-            BRIDGE,
-        ]);
-        ok(&["ip", "link", "set", BRIDGE, "up"]);
-        for i in 1..=SITES {
-            let n = ns(i);
-            let (inner, outer) = (format!("ctm-v{i}"), format!("ctm-h{i}"));
-            ok(&["ip", "netns", "add", &n]);
-            ok(&[
-                "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &n,
-            ]);
-            ok(&["ip", "link", "set", &outer, "master", BRIDGE]);
-            ok(&["ip", "link", "set", &outer, "up"]);
-            ok(&[
-                "ip",
-                "-n",
-                &n,
-                "addr",
-                "add",
-                &format!("10.98.0.{i}/24"),
-                "dev",
-                &inner,
-            ]);
-            ok(&["ip", "-n", &n, "link", "set", &inner, "up"]);
-            ok(&["ip", "-n", &n, "link", "set", "lo", "up"]);
-        }
+        lab.cleanup_leftovers();
+        let br = format!("{prefix}-br");
+        ok(&["ip", "link", "add", &br, "type", "bridge"]);
+        // A fixed address: a bridge otherwise takes its lowest port's, which changes as ports
+        // join, and hosts that resolved the old one (meta's address) lose it for a while.
+        ok(&["ip", "link", "set", &br, "address", "02:00:00:00:00:fe"]);
+        lab.links.push(br.clone());
+        ok(&["ip", "addr", "add", &format!("{meta_ip}/{net}"), "dev", &br]);
+        ok(&["ip", "link", "set", &br, "up"]);
         lab
     }
 
-    fn teardown_net(&self) {
-        for i in 1..=SITES {
-            let _ = sh(&["ip", "netns", "del", &ns(i)]);
-            let _ = sh(&["ip", "link", "del", &format!("ctm-h{i}")]);
+    /// Removes what an earlier, killed run of this test left behind.
+    fn cleanup_leftovers(&self) {
+        let out = sh(&["ip", "netns", "list"]);
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if name.starts_with(&format!("{}-", self.prefix)) {
+                let _ = sh(&["ip", "netns", "del", name]);
+            }
         }
-        let _ = sh(&["ip", "link", "del", BRIDGE]);
+        let out = sh(&["ip", "-o", "link", "show"]);
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line.split(": ").nth(1) {
+                let name = name.split('@').next().unwrap_or("");
+                if name.starts_with(&format!("{}-", self.prefix)) {
+                    let _ = sh(&["ip", "link", "del", name]);
+                }
+            }
+        }
+    }
+
+    fn add_ns(&mut self, name: &str) -> String {
+        let n = format!("{}-{name}", self.prefix);
+        ok(&["ip", "netns", "add", &n]);
+        ok(&["ip", "-n", &n, "link", "set", "lo", "up"]);
+        self.namespaces.push(n.clone());
+        n
+    }
+
+    /// A veth between namespace `ns` (`inner` with `addr`) and `outer`: the bridge when
+    /// `outer_ns` is `None`, else that namespace (with `outer_addr`).
+    fn link(&mut self, ns: &str, inner: &str, addr: &str, outer_ns: Option<(&str, &str)>) {
+        let (i, o) = (
+            format!("{}-{inner}", self.prefix),
+            format!("{}-{inner}x", self.prefix),
+        );
+        ok(&[
+            "ip", "link", "add", &o, "type", "veth", "peer", "name", &i, "netns", ns,
+        ]);
+        ok(&["ip", "-n", ns, "addr", "add", addr, "dev", &i]);
+        ok(&["ip", "-n", ns, "link", "set", &i, "up"]);
+        match outer_ns {
+            None => {
+                ok(&[
+                    "ip",
+                    "link",
+                    "set",
+                    &o,
+                    "master",
+                    &format!("{}-br", self.prefix),
+                ]);
+                ok(&["ip", "link", "set", &o, "up"]);
+                self.links.push(o);
+            }
+            Some((other, other_addr)) => {
+                ok(&["ip", "link", "set", &o, "netns", other]);
+                ok(&["ip", "-n", other, "addr", "add", other_addr, "dev", &o]);
+                ok(&["ip", "-n", other, "link", "set", &o, "up"]);
+            }
+        }
     }
 
     fn log_file(&self, name: &str) -> std::fs::File {
@@ -131,7 +166,7 @@ impl Lab {
                 "meta",
                 "--id=1",
                 &format!("--data-dir={}", self.dir.path().join("meta").display()),
-                &format!("--listen-client={META_ADDR}:{port}"),
+                &format!("--listen-client={}:{port}", self.meta_addr),
                 &format!("--listen-peer=127.0.0.1:{peer_port}"),
             ])
             .stdin(Stdio::null())
@@ -139,6 +174,7 @@ impl Lab {
             .stderr(log)
             .spawn()
             .unwrap();
+        self.meta_addr = format!("{}:{port}", self.meta_addr);
         self.meta = Some(child);
     }
 
@@ -149,44 +185,47 @@ impl Lab {
         }
     }
 
-    fn state_dir(&self, i: usize) -> std::path::PathBuf {
-        self.dir.path().join(format!("site-{i}"))
+    fn state_dir(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
     }
 
-    fn start_daemon(&mut self, i: usize, meta_port: u16) {
-        let log = self.log_file(&format!("site-{i}.log"));
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns(i),
-                bin(),
-                "--log-level",
-                "info,continuum_overlay=debug",
-            ])
-            .args([
-                "overlay",
-                "up",
-                &format!("--meta={META_ADDR}:{meta_port}"),
-                &format!("--name=site-{i}"),
-                &format!("--site=site-{i}"),
-                &format!("--address=10.91.0.{i}/24"),
-                "--listen-port=51820",
-                &format!("--endpoint=10.98.0.{i}:51820"),
-                &format!("--subnet=10.92.{i}.0/24"),
-                &format!("--state-dir={}", self.state_dir(i).display()),
-                &format!("--tun=ctm{i}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.daemons[i - 1] = Some(child);
+    /// `continuum overlay up` for site `name` in namespace `ns` on TUN `tun`, with `extra`
+    /// flags; remembered, so [`Lab::restart`] starts it the same way.
+    fn up(&mut self, ns: &str, name: &str, tun: &str, extra: &[String]) {
+        let mut args = vec![
+            "overlay".to_string(),
+            "up".into(),
+            format!("--meta={}", self.meta_addr),
+            format!("--name={name}"),
+            format!("--site={name}"),
+            format!("--state-dir={}", self.state_dir(name).display()),
+            format!("--tun={tun}"),
+        ];
+        args.extend(extra.iter().cloned());
+        self.daemons
+            .insert(name.to_string(), (ns.to_string(), args, None));
+        self.restart(name);
     }
 
-    fn kill_daemon(&mut self, i: usize) {
-        if let Some(mut c) = self.daemons[i - 1].take() {
+    fn restart(&mut self, name: &str) {
+        self.kill(name);
+        let log = self.log_file(&format!("{name}.log"));
+        let (ns, args, child) = self.daemons.get_mut(name).expect("known daemon");
+        *child = Some(
+            Command::new("ip")
+                .args(["netns", "exec", ns.as_str(), bin()])
+                .args(["--log-level", "info,continuum_overlay=debug"])
+                .args(args.iter())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    fn kill(&mut self, name: &str) {
+        if let Some(mut c) = self.daemons.get_mut(name).and_then(|d| d.2.take()) {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -194,10 +233,10 @@ impl Lab {
 
     fn logs(&self) -> String {
         let mut out = String::new();
-        for i in 1..=SITES {
-            let l = self.log(&format!("site-{i}.log"));
+        for name in self.daemons.keys() {
+            let l = self.log(&format!("{name}.log"));
             let tail: Vec<&str> = l.lines().rev().take(30).collect();
-            out.push_str(&format!("--- site-{i} (last lines)\n"));
+            out.push_str(&format!("--- {name} (last lines)\n"));
             for line in tail.into_iter().rev() {
                 out.push_str(line);
                 out.push('\n');
@@ -209,44 +248,24 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for i in 1..=SITES {
-            self.kill_daemon(i);
+        let names: Vec<String> = self.daemons.keys().cloned().collect();
+        for n in names {
+            self.kill(&n);
         }
         self.stop_meta();
-        self.teardown_net();
-        for i in 1..=SITES {
-            let _ = std::fs::remove_file(format!("/run/continuum/overlay-ctm{i}.sock"));
+        for n in &self.namespaces {
+            let _ = sh(&["ip", "netns", "del", n]);
+        }
+        for l in &self.links {
+            let _ = sh(&["ip", "link", "del", l]);
         }
     }
 }
 
-fn pings(from: usize, to: usize) -> bool {
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &ns(from),
-        "ping",
-        "-c",
-        "1",
-        "-W",
-        "1",
-        &format!("10.91.0.{to}"),
-    ])
-    .status
-    .success()
-}
-
-fn all_pairs() -> Vec<(usize, usize)> {
-    let mut v = Vec::new();
-    for a in 1..=SITES {
-        for b in 1..=SITES {
-            if a != b {
-                v.push((a, b));
-            }
-        }
-    }
-    v
+fn pings(ns: &str, to: &str) -> bool {
+    sh(&["ip", "netns", "exec", ns, "ping", "-c", "1", "-W", "1", to])
+        .status
+        .success()
 }
 
 fn wait_for(lab: &Lab, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -261,14 +280,21 @@ fn wait_for(lab: &Lab, what: &str, timeout: Duration, mut f: impl FnMut() -> boo
     }
 }
 
-fn show(i: usize) -> String {
-    let out = sh(&[bin(), "overlay", "show", "--tun", &format!("ctm{i}")]);
+fn show(tun: &str) -> String {
+    let out = sh(&[bin(), "overlay", "show", "--tun", tun]);
     assert!(
         out.status.success(),
         "overlay show: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn need_root() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the overlay mesh tests need root (network namespaces, TUN, nftables); run them as the README's test command does"
+    );
 }
 
 fn mode(path: &Path) -> u32 {
@@ -278,30 +304,45 @@ fn mode(path: &Path) -> u32 {
 
 #[test]
 fn three_sites_configured_through_meta_keep_their_mesh_without_it() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "the overlay mesh test needs root (network namespaces, TUN); run it as the README's test command does"
-    );
-    let mut lab = Lab::new();
-    let port = common::free_port();
-    lab.start_meta(port, common::free_port());
+    need_root();
+    let mut lab = Lab::new("ctm", "24", "10.98.0.254");
+    lab.start_meta(common::free_port(), common::free_port());
+    let mut ns = Vec::new();
     for i in 1..=SITES {
-        lab.start_daemon(i, port);
+        let n = lab.add_ns(&format!("s{i}"));
+        lab.link(&n, &format!("v{i}"), &format!("10.98.0.{i}/24"), None);
+        lab.up(
+            &n,
+            &format!("site-{i}"),
+            &format!("ctm{i}"),
+            &[
+                format!("--address=10.91.0.{i}/24"),
+                "--listen-port=51820".into(),
+                format!("--endpoint=10.98.0.{i}:51820"),
+                format!("--subnet=10.92.{i}.0/24"),
+            ],
+        );
+        ns.push(n);
     }
-    for (a, b) in all_pairs() {
+    let pairs: Vec<(usize, usize)> = (1..=SITES)
+        .flat_map(|a| (1..=SITES).filter(move |&b| b != a).map(move |b| (a, b)))
+        .collect();
+    let ping = |a: usize, b: usize| pings(&ns[a - 1], &format!("10.91.0.{b}"));
+    for &(a, b) in &pairs {
         wait_for(
             &lab,
             &format!("site {a} to ping site {b} over the overlay"),
             Duration::from_secs(30),
-            || pings(a, b),
+            || ping(a, b),
         );
     }
     // Keys were made on first start, private to their owner.
     for i in 1..=SITES {
-        assert_eq!(mode(&lab.state_dir(i).join("private.key")), 0o600);
-        assert!(lab.state_dir(i).join("peers.json").exists());
+        let dir = lab.state_dir(&format!("site-{i}"));
+        assert_eq!(mode(&dir.join("private.key")), 0o600);
+        assert!(dir.join("peers.json").exists());
     }
-    let s = show(1);
+    let s = show("ctm1");
     assert!(s.contains("interface: ctm1"), "{s}");
     for i in 2..=SITES {
         assert!(s.contains(&format!("(site-{i})")), "{s}");
@@ -313,21 +354,20 @@ fn three_sites_configured_through_meta_keep_their_mesh_without_it() {
     // Meta goes away: the mesh keeps passing traffic.
     lab.stop_meta();
     std::thread::sleep(Duration::from_secs(1));
-    for (a, b) in all_pairs() {
+    for &(a, b) in &pairs {
         assert!(
-            pings(a, b),
+            ping(a, b),
             "site {a} cannot ping site {b} with meta stopped"
         );
     }
     // A daemon restarted while meta is away comes back from its cached peers.
-    lab.kill_daemon(3);
-    lab.start_daemon(3, port);
+    lab.restart("site-3");
     for (a, b) in [(3, 1), (3, 2), (1, 3), (2, 3)] {
         wait_for(
             &lab,
             &format!("site {a} to ping site {b} after site 3 restarted"),
             Duration::from_secs(30),
-            || pings(a, b),
+            || ping(a, b),
         );
     }
     let log = lab.log("site-3.log");
@@ -337,4 +377,108 @@ fn three_sites_configured_through_meta_keep_their_mesh_without_it() {
         "the restart did not start from the cached peers:\n{}",
         lab.logs()
     );
+}
+
+/// Two edge sites, each behind its own NAT (a router namespace that masquerades with random
+/// ports, as a carrier-grade NAT does: no hole punching gets through), reach each other only
+/// through the cloud site's daemon, which relays; the cloud sees them only as the NAT's
+/// addresses.
+#[test]
+fn two_sites_behind_nat_talk_through_the_cloud_relay() {
+    need_root();
+    let mut lab = Lab::new("ctn", "24", "10.97.0.254");
+    lab.start_meta(common::free_port(), common::free_port());
+    let cloud = lab.add_ns("cloud");
+    lab.link(&cloud, "vc", "10.97.0.1/24", None);
+    lab.up(
+        &cloud,
+        "cloud",
+        "ctnc",
+        &[
+            "--address=10.93.0.1/24".into(),
+            "--listen-port=51820".into(),
+            "--endpoint=10.97.0.1:51820".into(),
+            "--relay".into(),
+        ],
+    );
+    let mut edges = Vec::new();
+    for (i, e) in ["a", "b"].iter().enumerate() {
+        let n = i + 2;
+        let router = lab.add_ns(&format!("r{e}"));
+        lab.link(&router, &format!("vr{e}"), &format!("10.97.0.{n}/24"), None);
+        let edge = lab.add_ns(e);
+        lab.link(
+            &edge,
+            &format!("ve{e}"),
+            &format!("192.168.{n}.2/24"),
+            Some((&router, &format!("192.168.{n}.1/24"))),
+        );
+        ok(&[
+            "ip",
+            "-n",
+            &edge,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("192.168.{n}.1"),
+        ]);
+        ok(&[
+            "ip",
+            "netns",
+            "exec",
+            &router,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+        let nat = format!(
+            "table ip nat {{\n  chain post {{\n    type nat hook postrouting priority 100;\n    ip saddr 192.168.{n}.0/24 oifname \"ctn-vr{e}\" masquerade fully-random\n  }}\n}}\n"
+        );
+        let rules = lab.dir.path().join(format!("nat-{e}.nft"));
+        std::fs::write(&rules, nat).unwrap();
+        ok(&[
+            "ip",
+            "netns",
+            "exec",
+            &router,
+            "nft",
+            "-f",
+            rules.to_str().unwrap(),
+        ]);
+        // Behind its NAT the edge has no endpoint to announce: it dials out.
+        lab.up(
+            &edge,
+            &format!("edge-{e}"),
+            &format!("ctn{e}"),
+            &[
+                format!("--address=10.93.0.{n}/24"),
+                "--listen-port=51820".into(),
+            ],
+        );
+        edges.push(edge);
+    }
+    for (from, to) in [(0, "10.93.0.3"), (1, "10.93.0.2"), (0, "10.93.0.1")] {
+        wait_for(
+            &lab,
+            &format!("{} to ping {to}", edges[from]),
+            Duration::from_secs(40),
+            || pings(&edges[from], to),
+        );
+    }
+    let c = show("ctnc");
+    assert!(c.contains("relaying:"), "{c}");
+    let forwarded: u64 = c
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("relaying: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(forwarded >= 2, "{c}");
+    // The cloud knows the edges only by their NAT's public addresses.
+    assert!(c.contains("endpoint: 10.97.0.2:"), "{c}");
+    assert!(c.contains("endpoint: 10.97.0.3:"), "{c}");
+    let a = show("ctna");
+    assert!(a.contains("path: through a relay"), "{a}");
+    assert!(a.contains("(cloud)") && a.contains("relay: yes"), "{a}");
 }

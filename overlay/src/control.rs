@@ -97,6 +97,8 @@ pub struct SiteSpec {
     pub endpoints: Vec<String>,
     /// What it routes: its overlay address and the subnets behind it.
     pub allowed_ips: Vec<IpNet>,
+    /// It relays for sites that cannot reach each other (see [`crate::peer::Peer::relay`]).
+    pub relay: bool,
 }
 
 impl SiteSpec {
@@ -108,6 +110,7 @@ impl SiteSpec {
             public_key: public_key.to_vec(),
             endpoints: self.endpoints.clone(),
             allowed_ips: self.allowed_ips.iter().map(ToString::to_string).collect(),
+            relay: self.relay,
         }
     }
 }
@@ -118,6 +121,7 @@ pub struct NamedPeer {
     pub name: String,
     pub site: String,
     pub config: PeerConfig,
+    pub relay: bool,
 }
 
 /// The peers to configure from meta's records: every record but `own_name`'s, in name order.
@@ -173,6 +177,7 @@ pub fn peers_from_records(
                 allowed_ips,
                 persistent_keepalive: Some(META_PEER_KEEPALIVE),
             },
+            relay: r.relay,
         });
     }
     (peers, problems)
@@ -192,6 +197,8 @@ struct CachedPeer {
     public_key: String,
     endpoints: Vec<String>,
     allowed_ips: Vec<String>,
+    #[serde(default)]
+    relay: bool,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -227,6 +234,7 @@ impl Cache {
                 public_key: key,
                 endpoints: p.endpoints,
                 allowed_ips: p.allowed_ips,
+                relay: p.relay,
             });
         }
         Ok(Some((file.revision, out)))
@@ -243,6 +251,7 @@ impl Cache {
                     public_key: STANDARD.encode(&r.public_key),
                     endpoints: r.endpoints.clone(),
                     allowed_ips: r.allowed_ips.clone(),
+                    relay: r.relay,
                 })
                 .collect(),
         };
@@ -360,6 +369,7 @@ mod tests {
             public_key: vec![key; 32],
             endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
             allowed_ips: allowed.iter().map(|s| s.to_string()).collect(),
+            relay: key == 1,
         }
     }
 
@@ -410,7 +420,10 @@ mod tests {
             path: dir.path().join("peers.json"),
         };
         assert!(cache.load().unwrap().is_none());
-        let records = vec![rec("a", 1, &["10.0.0.1:51820"], &["10.90.1.1/32"])];
+        let records = vec![
+            rec("a", 1, &["10.0.0.1:51820"], &["10.90.1.1/32"]),
+            rec("b", 2, &[], &["10.90.2.1/32"]),
+        ];
         cache.store(42, &records).unwrap();
         assert_eq!(cache.load().unwrap(), Some((42, records)));
         std::fs::write(&cache.path, "{ not json").unwrap();

@@ -58,6 +58,10 @@ pub struct Status {
     pub interface: String,
     pub public_key: String,
     pub listen_port: u16,
+    /// This daemon relays for others; packets it relayed, and packets it sent through a relay.
+    pub relaying: bool,
+    pub forwarded: u64,
+    pub relayed: u64,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -73,6 +77,10 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub persistent_keepalive: Option<u64>,
+    /// It relays for others (from meta).
+    pub relay: bool,
+    /// Reached through a relay now (no direct path).
+    pub via_relay: bool,
 }
 
 /// Where the daemon of TUN device `tun` answers status requests.
@@ -170,6 +178,7 @@ impl Overlay {
         }
         for p in peers {
             self.device.set_peer(p.config.clone());
+            self.device.set_relay(&p.config.public_key, p.relay);
             self.names.insert(p.config.public_key, p.name.clone());
             for net in &p.config.allowed_ips {
                 let covered = self.addresses.iter().any(|a| a.contains(net));
@@ -183,10 +192,14 @@ impl Overlay {
 
     /// The interface and its peers now (what `wg show` tells).
     pub fn status(&self) -> Status {
+        let now = self.started.elapsed();
         Status {
             interface: self.tun.name().to_string(),
             public_key: keys::encode(&self.device.public_key()),
             listen_port: self.local_port().unwrap_or(0),
+            relaying: self.device.forwarding,
+            forwarded: self.device.forwarded,
+            relayed: self.device.relayed,
             peers: self
                 .device
                 .peers()
@@ -201,6 +214,8 @@ impl Overlay {
                         rx_bytes: p.stats.rx_bytes,
                         tx_bytes: p.stats.tx_bytes,
                         persistent_keepalive: p.persistent_keepalive.map(|d| d.as_secs()),
+                        relay: p.relay,
+                        via_relay: !self.device.forwarding && p.wants_relay(now),
                     }
                 })
                 .collect(),
