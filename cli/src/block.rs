@@ -297,7 +297,8 @@ pub enum NodeCommand {
     },
 }
 
-fn human(bytes: u64) -> String {
+/// Bytes for people: `512B`, `1.5K`, `3.2G` (powers of 1024).
+pub(crate) fn human(bytes: u64) -> String {
     let units = ["B", "K", "M", "G", "T", "P"];
     let mut v = bytes as f64;
     let mut u = 0;

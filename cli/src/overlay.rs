@@ -181,21 +181,6 @@ fn ago(unix: u64) -> String {
     }
 }
 
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
-}
-
 /// `wg show`'s layout.
 fn render(s: &Status) -> String {
     let mut out = format!(
@@ -237,8 +222,8 @@ fn render(s: &Status) -> String {
         if p.rx_bytes > 0 || p.tx_bytes > 0 {
             out.push_str(&format!(
                 "  transfer: {} received, {} sent\n",
-                bytes(p.rx_bytes),
-                bytes(p.tx_bytes)
+                crate::block::human(p.rx_bytes),
+                crate::block::human(p.tx_bytes)
             ));
         }
         if let Some(k) = p.persistent_keepalive {
