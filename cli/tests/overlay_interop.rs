@@ -2,7 +2,11 @@
 //! package) between two network namespaces joined by a veth pair: handshakes started from
 //! either side, ping and iperf3 over the tunnel. Needs root (namespaces, TUN).
 
+mod common;
+
 use std::path::Path;
+
+use common::{ok, sh};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,23 +18,6 @@ const NS_B: &str = "cto-b";
 /// wireguard-go's control socket lives in /var/run/wireguard, shared by every namespace: a
 /// name of our own avoids clashing with anything else on the machine.
 const WG_DEV: &str = "ctowg0";
-
-fn sh(args: &[&str]) -> std::process::Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"))
-}
-
-fn ok(args: &[&str]) {
-    let out = sh(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The two namespaces and the processes in them; everything is removed on drop.
 struct Lab {

@@ -8,27 +8,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+
+use common::{ok, sh};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SITES: usize = 3;
-
-fn sh(args: &[&str]) -> std::process::Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"))
-}
-
-fn ok(args: &[&str]) {
-    let out = sh(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_continuum")

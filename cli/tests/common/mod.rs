@@ -249,3 +249,22 @@ pub async fn put_acked(client: &MetaClient, key: &str, value: &str) {
         }
     }
 }
+
+/// Runs a command (e.g. `ip`, `nft`) and returns what it printed.
+pub fn sh(args: &[&str]) -> std::process::Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"))
+}
+
+/// Runs a command that must succeed.
+pub fn ok(args: &[&str]) {
+    let out = sh(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
