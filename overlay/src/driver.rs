@@ -1,9 +1,10 @@
-//! The kernel-TUN driver: one UDP socket, one TUN device (tokio-tun), the sans-IO
-//! [`Device`] in between, and a tick every [`TICK`] for its timers. The driver owns the
-//! clock: `now` is monotonic since start, `wall` is since the Unix epoch.
+//! The driver: one UDP socket, the sans-IO [`Device`], and where inner packets go — a kernel
+//! TUN device (tokio-tun) or, in userspace mode, a TCP/IP stack in this process
+//! ([`crate::userspace`]: no root, no TUN) — and a tick every [`TICK`] for the timers. The
+//! driver owns the clock: `now` is monotonic since start, `wall` is since the Unix epoch.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,6 +14,7 @@ use crate::config::Config;
 use crate::control::NamedPeer;
 use crate::device::{Device, Output};
 use crate::keys;
+use crate::userspace::{self, Stack};
 
 /// Timer resolution (REKEY_TIMEOUT is 5 s; keepalives are seconds).
 pub const TICK: Duration = Duration::from_millis(100);
@@ -40,11 +42,34 @@ fn wall() -> Duration {
         .unwrap_or_default()
 }
 
+/// Where decrypted packets go and packets to encrypt come from.
+enum Packets {
+    /// A kernel TUN device.
+    Tun(tokio_tun::Tun),
+    /// The userspace stack (smoltcp).
+    Stack(Box<Stack>),
+}
+
+/// What userspace mode serves to local processes.
+#[derive(Clone, Debug, Default)]
+pub struct UserspaceOptions {
+    /// A SOCKS5 endpoint (CONNECT to overlay IPv4 addresses).
+    pub socks5: Option<SocketAddr>,
+    /// Local listen address → overlay address: each local connection is forwarded.
+    pub forwards: Vec<(SocketAddr, SocketAddrV4)>,
+    /// Overlay port → local address: connections from peers to the port are forwarded.
+    pub exposes: Vec<(u16, SocketAddr)>,
+}
+
 /// A running overlay interface.
 pub struct Overlay {
     pub device: Device,
     socket: tokio::net::UdpSocket,
-    tun: tokio_tun::Tun,
+    packets: Packets,
+    /// The interface's name (the TUN device's, or the name a userspace overlay was given).
+    name: String,
+    /// Userspace mode's SOCKS5 and forward listeners (aborted when the overlay is dropped).
+    _tasks: tokio::task::JoinSet<()>,
     started: Instant,
     /// The interface's own addresses (peers' allowed IPs inside them need no route).
     addresses: Vec<IpNet>,
@@ -98,7 +123,7 @@ pub struct Controls {
 
 impl std::fmt::Debug for Overlay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Overlay({})", self.tun.name())
+        write!(f, "Overlay({})", self.name)
     }
 }
 
@@ -133,6 +158,85 @@ impl Overlay {
             .into_iter()
             .next()
             .ok_or_else(|| DriverError::Config("tokio-tun returned no queue".into()))?;
+        let (device, socket) = Self::device_and_socket(cfg, seed).await?;
+        let ov = Overlay {
+            device,
+            socket,
+            name: tun.name().to_string(),
+            packets: Packets::Tun(tun),
+            _tasks: tokio::task::JoinSet::new(),
+            started: Instant::now(),
+            addresses: cfg.interface.addresses.clone(),
+            names: BTreeMap::new(),
+        };
+        for p in &cfg.peers {
+            for net in &p.allowed_ips {
+                ov.route(net)?;
+            }
+        }
+        Ok(ov)
+    }
+
+    /// Userspace mode: the config's (one IPv4) address lives on a TCP/IP stack in this process;
+    /// no TUN device, no routes, no root. Binds the UDP port and `options`' listeners.
+    pub async fn start_userspace(
+        cfg: &Config,
+        name: &str,
+        seed: u64,
+        options: &UserspaceOptions,
+    ) -> Result<Overlay, DriverError> {
+        let address = match cfg.interface.addresses.as_slice() {
+            [IpNet::V4(a)] => *a,
+            _ => {
+                return Err(DriverError::Config(
+                    "userspace mode takes one IPv4 Address".into(),
+                ))
+            }
+        };
+        let (device, socket) = Self::device_and_socket(cfg, seed).await?;
+        let started = Instant::now();
+        let mut stack = Stack::new(address, cfg.interface.mtu, seed, started.elapsed());
+        for &(port, target) in &options.exposes {
+            stack.expose(port, target).map_err(DriverError::Config)?;
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        let bind = |addr: SocketAddr| async move {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| DriverError::Config(format!("listening on {addr}: {e}")))
+        };
+        if let Some(addr) = options.socks5 {
+            let l = bind(addr).await?;
+            tasks.spawn(userspace::serve_socks5(l, stack.dialer()));
+        }
+        for &(listen, to) in &options.forwards {
+            let l = bind(listen).await?;
+            tasks.spawn(userspace::serve_forward(l, to, stack.dialer()));
+        }
+        Ok(Overlay {
+            device,
+            socket,
+            name: name.to_string(),
+            packets: Packets::Stack(Box::new(stack)),
+            _tasks: tasks,
+            started,
+            addresses: cfg.interface.addresses.clone(),
+            names: BTreeMap::new(),
+        })
+    }
+
+    /// Dials overlay addresses from this process (userspace mode only).
+    pub fn dialer(&self) -> Option<userspace::Dialer> {
+        match &self.packets {
+            Packets::Stack(s) => Some(s.dialer()),
+            Packets::Tun(_) => None,
+        }
+    }
+
+    async fn device_and_socket(
+        cfg: &Config,
+        seed: u64,
+    ) -> Result<(Device, tokio::net::UdpSocket), DriverError> {
         let port = cfg.interface.listen_port.unwrap_or(0);
         let socket = tokio::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
             .await
@@ -142,22 +246,17 @@ impl Overlay {
         for p in &cfg.peers {
             device.set_peer(p.clone());
         }
-        for p in &cfg.peers {
-            for net in &p.allowed_ips {
-                let covered = cfg.interface.addresses.iter().any(|a| a.contains(net));
-                if !covered && net.addr().is_ipv4() {
-                    add_route(net, tun.name())?;
-                }
-            }
+        Ok((device, socket))
+    }
+
+    /// Routes `net` to the TUN device unless the interface's own subnet covers it (userspace
+    /// mode routes everything to its stack already).
+    fn route(&self, net: &IpNet) -> Result<(), DriverError> {
+        let covered = self.addresses.iter().any(|a| a.contains(net));
+        match &self.packets {
+            Packets::Tun(tun) if !covered && net.addr().is_ipv4() => add_route(net, tun.name()),
+            _ => Ok(()),
         }
-        Ok(Overlay {
-            device,
-            socket,
-            tun,
-            started: Instant::now(),
-            addresses: cfg.interface.addresses.clone(),
-            names: BTreeMap::new(),
-        })
     }
 
     /// Replaces the peers that came from meta with `peers`: new ones are added, changed ones
@@ -181,10 +280,7 @@ impl Overlay {
             self.device.set_relay(&p.config.public_key, p.relay);
             self.names.insert(p.config.public_key, p.name.clone());
             for net in &p.config.allowed_ips {
-                let covered = self.addresses.iter().any(|a| a.contains(net));
-                if !covered && net.addr().is_ipv4() {
-                    add_route(net, self.tun.name())?;
-                }
+                self.route(net)?;
             }
         }
         Ok(())
@@ -194,7 +290,7 @@ impl Overlay {
     pub fn status(&self) -> Status {
         let now = self.started.elapsed();
         Status {
-            interface: self.tun.name().to_string(),
+            interface: self.name.clone(),
             public_key: keys::encode(&self.device.public_key()),
             listen_port: self.local_port().unwrap_or(0),
             relaying: self.device.forwarding,
@@ -243,13 +339,15 @@ impl Overlay {
     ) -> Result<(), DriverError> {
         tokio::pin!(shutdown);
         let listener = match &controls.status_socket {
-            Some(path) => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
+            Some(path) => match bind_status(path) {
+                Ok(l) => Some(l),
+                // The overlay runs without it (e.g. userspace mode as a user who cannot write
+                // /run): only `overlay show` is missing.
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "no status socket");
+                    None
                 }
-                let _ = std::fs::remove_file(path);
-                Some(tokio::net::UnixListener::bind(path)?)
-            }
+            },
             None => None,
         };
         if let Some(rx) = controls.peers.as_mut() {
@@ -261,18 +359,44 @@ impl Overlay {
         let mut out = Vec::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut events = match &mut self.packets {
+            Packets::Stack(stack) => stack.take_events(),
+            Packets::Tun(_) => None,
+        };
         loop {
             let now = self.started.elapsed();
+            // The userspace stack's own timers (retransmits, delayed work).
+            let stack_delay = match &mut self.packets {
+                Packets::Stack(stack) => stack.poll_delay(now),
+                Packets::Tun(_) => None,
+            };
             tokio::select! {
                 r = self.socket.recv_from(&mut udp_buf) => {
                     let (n, src) = r?;
                     self.device.receive(now, wall(), src, &mut udp_buf[..n], &mut out);
                 }
-                r = self.tun.recv(&mut tun_buf) => {
+                r = async {
+                    match &self.packets {
+                        Packets::Tun(tun) => tun.recv(&mut tun_buf).await,
+                        Packets::Stack(_) => std::future::pending().await,
+                    }
+                } => {
                     let n = r?;
                     crate::mss::clamp(&mut tun_buf[..n], self.device.mtu);
                     self.device.send_packet(now, wall(), &tun_buf[..n], &mut out);
                 }
+                ev = async { events.as_mut().expect("guarded").recv().await },
+                    if events.is_some() =>
+                {
+                    if let (Some(ev), Packets::Stack(stack)) = (ev, &mut self.packets) {
+                        stack.handle(ev);
+                        // Take whatever else is queued before polling the stack once.
+                        while let Ok(ev) = events.as_mut().expect("guarded").try_recv() {
+                            stack.handle(ev);
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(stack_delay.unwrap_or(TICK)), if stack_delay.is_some() => {}
                 _ = tick.tick() => self.device.tick(now, wall(), &mut out),
                 r = async { controls.peers.as_mut().expect("guarded").changed().await },
                     if controls.peers.is_some() =>
@@ -310,6 +434,15 @@ impl Overlay {
                     return Ok(());
                 }
             }
+            self.flush(now, &mut out).await;
+        }
+    }
+
+    /// Sends the device's outputs: datagrams to peers, packets to the TUN device or the
+    /// userspace stack — and, in userspace mode, runs the stack and encrypts what it emits,
+    /// until nothing is left.
+    async fn flush(&mut self, now: Duration, out: &mut Vec<Output>) {
+        loop {
             for o in out.drain(..) {
                 match o {
                     Output::Send { to, datagram } => {
@@ -319,16 +452,37 @@ impl Overlay {
                             tracing::debug!(%to, error = %e, "UDP send failed");
                         }
                     }
-                    Output::Deliver(mut packet) => {
-                        crate::mss::clamp(&mut packet, self.device.mtu);
-                        if let Err(e) = self.tun.send(&packet).await {
-                            tracing::debug!(error = %e, "TUN write failed");
+                    Output::Deliver(mut packet) => match &mut self.packets {
+                        Packets::Tun(tun) => {
+                            crate::mss::clamp(&mut packet, self.device.mtu);
+                            if let Err(e) = tun.send(&packet).await {
+                                tracing::debug!(error = %e, "TUN write failed");
+                            }
                         }
-                    }
+                        Packets::Stack(stack) => stack.input(packet),
+                    },
                 }
+            }
+            let Packets::Stack(stack) = &mut self.packets else {
+                return;
+            };
+            let emitted = stack.poll(now);
+            if emitted.is_empty() {
+                return;
+            }
+            for p in &emitted {
+                self.device.send_packet(now, wall(), p, out);
             }
         }
     }
+}
+
+fn bind_status(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    tokio::net::UnixListener::bind(path)
 }
 
 fn add_route(net: &IpNet, dev: &str) -> Result<(), DriverError> {

@@ -21,3 +21,4 @@ pub mod mss;
 pub mod noise;
 pub mod peer;
 pub mod replay;
+pub mod userspace;
