@@ -5,7 +5,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 need=()
 for pkg in protobuf-compiler clang libclang-dev etcd-server etcd-client iproute2 util-linux libisal-dev \
            libnbd-bin python3-libnbd fio nbdkit openssl cpio nftables \
-           wireguard-go wireguard-tools iperf3 iputils-ping; do
+           wireguard-go wireguard-tools iperf3 iputils-ping curl; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 updated=""

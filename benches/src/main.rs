@@ -1,8 +1,7 @@
 //! `continuum-bench`: Continuum's benchmarks, each run side by side with a named peer in the
 //! same invocation and reported as ratios (never asserted).
 //!
-//! One subcommand per benchmark; `meta` is the first (the meta service against etcd 3.4).
-//! Later benchmarks (blockstore, nbd, overlay) add a subcommand and a module, and reuse
+//! One subcommand per benchmark (meta, ec, volume, nbd, overlay), each a module; they reuse
 //! [`hist`] for latency summaries and [`cluster`] for local multi-process clusters.
 //!
 //! Progress goes to stderr, the result table to stdout, the full result to a JSON file.
@@ -15,6 +14,7 @@ mod etcd;
 mod hist;
 mod meta;
 mod nbd;
+mod overlay;
 mod volume;
 
 use anyhow::{bail, Context, Result};
@@ -44,6 +44,9 @@ enum Command {
     /// NBD through fio: a Continuum volume via the gateway vs qemu-nbd on a raw file and
     /// nbdkit's memory plugin (4 KiB random QD1/QD32, 1 MiB sequential).
     Nbd(nbd::NbdArgs),
+    /// Overlay between two network namespaces: iperf3 TCP (1 and 4 streams) and ping through
+    /// Continuum's overlay vs wireguard-go, and over the raw veth. Needs root.
+    Overlay(overlay::OverlayArgs),
 }
 
 #[tokio::main]
@@ -55,6 +58,7 @@ async fn main() -> Result<()> {
             Command::Ec(args) => ec::run(args),
             Command::Volume(args) => volume::run(args).await,
             Command::Nbd(args) => nbd::run(args).await,
+            Command::Overlay(args) => overlay::run_bench(args).await,
         }
     };
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;

@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use continuum_overlay::config::{Config, InterfaceConfig};
 use continuum_overlay::control::{self, Cache, SiteSpec};
 use continuum_overlay::device::DEFAULT_MTU;
-use continuum_overlay::driver::{self, Controls, Overlay, Status};
+use continuum_overlay::driver::{self, Controls, Overlay, Status, UserspaceOptions};
 use continuum_overlay::keys;
 use ipnet::IpNet;
 
@@ -21,7 +21,8 @@ pub enum OverlayCommand {
     /// Run this site's overlay daemon, configured through meta: registers the site's key,
     /// endpoints and subnets, and links to every other registered site.
     Up(Box<UpArgs>),
-    /// Run the overlay on a TUN device from a wg-quick-style config file (no meta).
+    /// Run the overlay from a wg-quick-style config file (no meta), on a TUN device or in
+    /// userspace.
     Run(RunArgs),
     /// Show a running daemon's peers: endpoints, latest handshake, transfer (like `wg show`).
     Show(ShowArgs),
@@ -36,9 +37,67 @@ pub struct RunArgs {
     /// The config file ([Interface] and [Peer] sections, as wg-quick reads).
     #[arg(long)]
     config: PathBuf,
-    /// Name of the TUN device to create.
+    /// Name of the TUN device to create (in userspace mode: the interface's name in status).
     #[arg(long, default_value = "cnt0")]
     tun: String,
+    #[command(flatten)]
+    userspace: UserspaceArgs,
+}
+
+/// Userspace mode: no TUN device and no root; local processes reach the overlay through
+/// SOCKS5 and port forwards, and peers reach local services through exposed ports.
+#[derive(Args, Debug, Clone)]
+pub struct UserspaceArgs {
+    /// Run the overlay's TCP/IP stack in this process (smoltcp) instead of a kernel TUN
+    /// device.
+    #[arg(long)]
+    userspace: bool,
+    /// Serve SOCKS5 (CONNECT to overlay IPv4 addresses) on this local address, e.g.
+    /// `127.0.0.1:1080` (userspace mode).
+    #[arg(long, value_name = "ADDR:PORT")]
+    socks5: Option<std::net::SocketAddr>,
+    /// Forward a local TCP port to an overlay address, `[ADDR:]PORT=OVERLAY_IP:PORT`
+    /// (repeatable; userspace mode).
+    #[arg(long = "forward", value_name = "LOCAL=OVERLAY", value_parser = parse_forward)]
+    forwards: Vec<(std::net::SocketAddr, std::net::SocketAddrV4)>,
+    /// Accept TCP on a port of this site's overlay address and forward to a local service,
+    /// `OVERLAY_PORT=[ADDR:]PORT` (repeatable; userspace mode).
+    #[arg(long = "expose", value_name = "PORT=LOCAL", value_parser = parse_expose)]
+    exposes: Vec<(u16, std::net::SocketAddr)>,
+}
+
+fn parse_forward(s: &str) -> Result<(std::net::SocketAddr, std::net::SocketAddrV4), String> {
+    continuum_overlay::userspace::parse_forward(s)
+}
+
+fn parse_expose(s: &str) -> Result<(u16, std::net::SocketAddr), String> {
+    continuum_overlay::userspace::parse_expose(s)
+}
+
+impl UserspaceArgs {
+    /// Starts the overlay in the mode asked for.
+    async fn start(&self, cfg: &Config, tun: &str) -> anyhow::Result<Overlay> {
+        let seed = rand::random();
+        if !self.userspace {
+            if self.socks5.is_some() || !self.forwards.is_empty() || !self.exposes.is_empty() {
+                bail!("--socks5, --forward and --expose need --userspace");
+            }
+            return Ok(Overlay::start(cfg, tun, seed).await?);
+        }
+        let options = UserspaceOptions {
+            socks5: self.socks5,
+            forwards: self.forwards.clone(),
+            exposes: self.exposes.clone(),
+        };
+        let ov = Overlay::start_userspace(cfg, tun, seed, &options).await?;
+        tracing::info!(
+            socks5 = ?self.socks5,
+            forwards = self.forwards.len(),
+            exposes = self.exposes.len(),
+            "userspace mode (no TUN)"
+        );
+        Ok(ov)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -78,6 +137,8 @@ pub struct UpArgs {
     /// Inner MTU.
     #[arg(long, default_value_t = DEFAULT_MTU)]
     mtu: usize,
+    #[command(flatten)]
+    userspace: UserspaceArgs,
 }
 
 #[derive(Args, Debug)]
@@ -129,7 +190,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     if args.relay && args.endpoints.is_empty() {
         bail!("--relay needs an --endpoint the other sites can reach");
     }
-    let mut ov = Overlay::start(&cfg, &args.tun, rand::random()).await?;
+    let mut ov = args.userspace.start(&cfg, &args.tun).await?;
     ov.device.forwarding = args.relay;
     let public_key = ov.device.public_key();
     let host = match args.address {
@@ -156,10 +217,19 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     );
     let (tx, rx) = tokio::sync::watch::channel(cached);
     let meta = continuum_meta_client::MetaClient::connect(&args.meta)?;
-    let follower = tokio::spawn(control::follow(meta, spec, public_key, cache, tx));
+    let (observed_tx, observed_rx) = tokio::sync::watch::channel(Vec::new());
+    let follower = tokio::spawn(control::follow(
+        meta,
+        spec,
+        public_key,
+        cache,
+        tx,
+        observed_rx,
+    ));
     let controls = Controls {
         peers: Some(rx),
         status_socket: Some(driver::status_socket(&args.tun)),
+        observed: Some(observed_tx),
     };
     let r = ov.run_with(controls, shutdown()).await;
     follower.abort();
@@ -288,8 +358,7 @@ pub async fn overlay(c: OverlayCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("reading {}", args.config.display()))?;
             let cfg =
                 Config::parse(&text).with_context(|| format!("in {}", args.config.display()))?;
-            let seed = rand::random();
-            let ov = Overlay::start(&cfg, &args.tun, seed).await?;
+            let ov = args.userspace.start(&cfg, &args.tun).await?;
             tracing::info!(
                 tun = %args.tun,
                 port = ov.local_port()?,
@@ -298,8 +367,8 @@ pub async fn overlay(c: OverlayCommand) -> anyhow::Result<()> {
                 "overlay up"
             );
             let controls = Controls {
-                peers: None,
                 status_socket: Some(driver::status_socket(&args.tun)),
+                ..Controls::default()
             };
             ov.run_with(controls, shutdown()).await?;
             tracing::info!("overlay stopped");

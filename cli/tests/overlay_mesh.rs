@@ -364,13 +364,32 @@ fn three_sites_configured_through_meta_keep_their_mesh_without_it() {
     );
 }
 
-/// Two edge sites, each behind its own NAT (a router namespace that masquerades with random
-/// ports, as a carrier-grade NAT does: no hole punching gets through), reach each other only
-/// through the cloud site's daemon, which relays; the cloud sees them only as the NAT's
-/// addresses.
-#[test]
-fn two_sites_behind_nat_talk_through_the_cloud_relay() {
-    need_root();
+/// A NAT in a router namespace, as nftables rules for edge `e` (subnet 192.168.`n`.0/24,
+/// public address 10.97.0.`n` on `ctn-vr{e}`).
+type NatRules = fn(n: usize, e: &str) -> String;
+
+/// Masquerading with random ports, as a carrier-grade NAT does: every destination sees another
+/// port, and only replies get in. No hole punching gets through.
+fn random_port_nat(n: usize, e: &str) -> String {
+    format!(
+        "table ip nat {{\n  chain post {{\n    type nat hook postrouting priority 100;\n    ip saddr 192.168.{n}.0/24 oifname \"ctn-vr{e}\" masquerade fully-random\n  }}\n}}\n"
+    )
+}
+
+/// A home router's NAT: masquerading that keeps the edge's port when it can (endpoint-
+/// independent mapping) and a firewall that drops anything unsolicited from outside (address-
+/// and port-dependent filtering: a "port-restricted cone"). Only simultaneous open gets a
+/// peer's packets in: each side's outgoing packet opens its own NAT for the other's.
+fn home_router_nat(n: usize, e: &str) -> String {
+    format!(
+        "table ip nat {{\n  chain post {{\n    type nat hook postrouting priority 100;\n    ip saddr 192.168.{n}.0/24 oifname \"ctn-vr{e}\" masquerade\n  }}\n}}\ntable ip filter {{\n  chain input {{\n    type filter hook input priority 0;\n    iifname \"ctn-vr{e}\" ct state new drop\n  }}\n  chain forward {{\n    type filter hook forward priority 0;\n    iifname \"ctn-vr{e}\" ct state new drop\n  }}\n}}\n"
+    )
+}
+
+/// A cloud site with a public endpoint that relays, and two edge sites, each behind its own
+/// NAT made by `nat`, announcing no endpoint; returns the lab and the edges' namespaces once
+/// every site pings every other.
+fn cloud_and_two_natted_edges(nat: NatRules) -> (Lab, Vec<String>) {
     let mut lab = Lab::new("ctn", "24", "10.97.0.254");
     lab.start_meta(common::free_port(), common::free_port());
     let cloud = lab.add_ns("cloud");
@@ -417,11 +436,8 @@ fn two_sites_behind_nat_talk_through_the_cloud_relay() {
             "-qw",
             "net.ipv4.ip_forward=1",
         ]);
-        let nat = format!(
-            "table ip nat {{\n  chain post {{\n    type nat hook postrouting priority 100;\n    ip saddr 192.168.{n}.0/24 oifname \"ctn-vr{e}\" masquerade fully-random\n  }}\n}}\n"
-        );
         let rules = lab.dir.path().join(format!("nat-{e}.nft"));
-        std::fs::write(&rules, nat).unwrap();
+        std::fs::write(&rules, nat(n, e)).unwrap();
         ok(&[
             "ip",
             "netns",
@@ -451,19 +467,69 @@ fn two_sites_behind_nat_talk_through_the_cloud_relay() {
             || pings(&edges[from], to),
         );
     }
-    let c = show("ctnc");
-    assert!(c.contains("relaying:"), "{c}");
-    let forwarded: u64 = c
+    (lab, edges)
+}
+
+/// The packets the cloud relayed so far (from `overlay show`).
+fn forwarded(cloud: &str) -> u64 {
+    cloud
         .lines()
         .find_map(|l| l.trim().strip_prefix("relaying: "))
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(forwarded >= 2, "{c}");
+        .unwrap_or(0)
+}
+
+/// Two edge sites behind random-port NATs reach each other only through the cloud site's
+/// daemon, which relays; the cloud sees them only as the NAT's addresses.
+#[test]
+fn two_sites_behind_nat_talk_through_the_cloud_relay() {
+    need_root();
+    let (_lab, _edges) = cloud_and_two_natted_edges(random_port_nat);
+    let c = show("ctnc");
+    assert!(c.contains("relaying:"), "{c}");
+    assert!(forwarded(&c) >= 2, "{c}");
     // The cloud knows the edges only by their NAT's public addresses.
     assert!(c.contains("endpoint: 10.97.0.2:"), "{c}");
     assert!(c.contains("endpoint: 10.97.0.3:"), "{c}");
     let a = show("ctna");
     assert!(a.contains("path: through a relay"), "{a}");
     assert!(a.contains("(cloud)") && a.contains("relay: yes"), "{a}");
+}
+
+/// Behind home-router NATs, the endpoints the cloud observes for the edges (published in its
+/// record in meta) let the edges punch a direct path (simultaneous open): it replaces the
+/// relay, and the cloud stops carrying their traffic.
+#[test]
+fn edges_behind_home_router_nats_punch_a_direct_path_that_replaces_the_relay() {
+    need_root();
+    let (lab, edges) = cloud_and_two_natted_edges(home_router_nat);
+    // Each edge learns where the other's NAT maps it (10.97.0.x:51820) and hands over.
+    wait_for(
+        &lab,
+        "a direct path between the edges",
+        Duration::from_secs(40),
+        || {
+            let _ = pings(&edges[0], "10.93.0.3");
+            let a = show("ctna");
+            let b_section = a
+                .split("\npeer: ")
+                .find(|p| p.contains("(edge-b)"))
+                .unwrap_or("");
+            b_section.contains("endpoint: 10.97.0.3:51820")
+                && !b_section.contains("through a relay")
+        },
+    );
+    let before = forwarded(&show("ctnc"));
+    for _ in 0..3 {
+        assert!(pings(&edges[0], "10.93.0.3"), "{}", lab.logs());
+        assert!(pings(&edges[1], "10.93.0.2"), "{}", lab.logs());
+    }
+    let after = forwarded(&show("ctnc"));
+    assert_eq!(
+        before,
+        after,
+        "the relay carried edge traffic after the direct path:\n{}",
+        show("ctnc")
+    );
 }

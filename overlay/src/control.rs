@@ -16,7 +16,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use continuum_meta_client::MetaClient;
-use continuum_proto::records_pb::OverlayPeer;
+use continuum_proto::records_pb::{ObservedEndpoint, OverlayPeer};
 use ipnet::IpNet;
 
 use crate::device::PeerConfig;
@@ -101,8 +101,13 @@ pub struct SiteSpec {
     pub relay: bool,
 }
 
+/// A NATed peer's public mapping as this daemon sees it: its key and where its packets come
+/// from.
+pub type Observed = Vec<([u8; 32], SocketAddr)>;
+
 impl SiteSpec {
-    pub fn record(&self, public_key: &[u8; 32]) -> OverlayPeer {
+    /// The site's record, with the endpoints it observes for peers behind NAT.
+    pub fn record(&self, public_key: &[u8; 32], observed: &Observed) -> OverlayPeer {
         OverlayPeer {
             schema_version: continuum_proto::records::SCHEMA_VERSION,
             name: self.name.clone(),
@@ -111,6 +116,13 @@ impl SiteSpec {
             endpoints: self.endpoints.clone(),
             allowed_ips: self.allowed_ips.iter().map(ToString::to_string).collect(),
             relay: self.relay,
+            observed: observed
+                .iter()
+                .map(|(k, e)| ObservedEndpoint {
+                    public_key: k.to_vec(),
+                    endpoint: e.to_string(),
+                })
+                .collect(),
         }
     }
 }
@@ -122,6 +134,9 @@ pub struct NamedPeer {
     pub site: String,
     pub config: PeerConfig,
     pub relay: bool,
+    /// Its record announces no endpoint (it is behind NAT); `config.endpoint` is then where
+    /// another site observed it, if any (a candidate for hole punching).
+    pub behind_nat: bool,
 }
 
 /// The peers to configure from meta's records: every record but `own_name`'s, in name order.
@@ -133,8 +148,13 @@ pub fn peers_from_records(
 ) -> (Vec<NamedPeer>, Vec<String>) {
     let mut peers = Vec::new();
     let mut problems = Vec::new();
-    let mut sorted: Vec<&OverlayPeer> = records.iter().filter(|r| r.name != own_name).collect();
-    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut sorted_all: Vec<&OverlayPeer> = records.iter().collect();
+    sorted_all.sort_by(|a, b| a.name.cmp(&b.name));
+    let sorted: Vec<&OverlayPeer> = sorted_all
+        .iter()
+        .copied()
+        .filter(|r| r.name != own_name)
+        .collect();
     for r in sorted {
         let Ok(public_key) = <[u8; 32]>::try_from(r.public_key.as_slice()) else {
             problems.push(format!(
@@ -157,7 +177,7 @@ pub fn peers_from_records(
             problems.push(format!("peer {}: no allowed IPs", r.name));
             continue;
         }
-        let endpoint = r
+        let announced = r
             .endpoints
             .iter()
             .find_map(|e| match e.parse::<SocketAddr>() {
@@ -167,6 +187,12 @@ pub fn peers_from_records(
                     None
                 }
             });
+        let behind_nat = r.endpoints.is_empty();
+        let endpoint = if behind_nat {
+            observed_endpoint(own_name, &r.public_key, &sorted_all)
+        } else {
+            announced
+        };
         peers.push(NamedPeer {
             name: r.name.clone(),
             site: r.site.clone(),
@@ -178,9 +204,30 @@ pub fn peers_from_records(
                 persistent_keepalive: Some(META_PEER_KEEPALIVE),
             },
             relay: r.relay,
+            behind_nat,
         });
     }
     (peers, problems)
+}
+
+/// Where another site (a relay's view first, then others' in name order; never our own)
+/// observes the peer with `key`.
+fn observed_endpoint(own_name: &str, key: &[u8], records: &[&OverlayPeer]) -> Option<SocketAddr> {
+    let observers = records
+        .iter()
+        .filter(|r| r.relay)
+        .chain(records.iter().filter(|r| !r.relay))
+        .filter(|r| r.name != own_name);
+    for r in observers {
+        for o in &r.observed {
+            if o.public_key == key {
+                if let Ok(a) = o.endpoint.parse() {
+                    return Some(a);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// The cached peer list: the last records read from meta, as JSON (readable, and written
@@ -199,6 +246,9 @@ struct CachedPeer {
     allowed_ips: Vec<String>,
     #[serde(default)]
     relay: bool,
+    /// (public key, endpoint) pairs, as in the record.
+    #[serde(default)]
+    observed: Vec<(String, String)>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -227,6 +277,16 @@ impl Cache {
             let key = STANDARD
                 .decode(p.public_key.trim())
                 .map_err(|e| bad(format!("peer {}: public key: {e}", p.name)))?;
+            let mut observed = Vec::new();
+            for (k, endpoint) in p.observed {
+                let public_key = STANDARD
+                    .decode(k.trim())
+                    .map_err(|e| bad(format!("peer {}: observed key: {e}", p.name)))?;
+                observed.push(ObservedEndpoint {
+                    public_key,
+                    endpoint,
+                });
+            }
             out.push(OverlayPeer {
                 schema_version: continuum_proto::records::SCHEMA_VERSION,
                 name: p.name,
@@ -235,6 +295,7 @@ impl Cache {
                 endpoints: p.endpoints,
                 allowed_ips: p.allowed_ips,
                 relay: p.relay,
+                observed,
             });
         }
         Ok(Some((file.revision, out)))
@@ -252,6 +313,11 @@ impl Cache {
                     endpoints: r.endpoints.clone(),
                     allowed_ips: r.allowed_ips.clone(),
                     relay: r.relay,
+                    observed: r
+                        .observed
+                        .iter()
+                        .map(|o| (STANDARD.encode(&o.public_key), o.endpoint.clone()))
+                        .collect(),
                 })
                 .collect(),
         };
@@ -276,9 +342,9 @@ pub async fn follow(
     public_key: [u8; 32],
     cache: Cache,
     peers: tokio::sync::watch::Sender<Vec<NamedPeer>>,
+    mut observed: tokio::sync::watch::Receiver<Observed>,
 ) {
-    let own = spec.record(&public_key);
-    let mut registered = false;
+    let mut published: Option<OverlayPeer> = None;
     let mut last: Option<Vec<OverlayPeer>> = None;
     let mut reachable = true;
     let prefix = continuum_proto::records::prefix::<OverlayPeer>();
@@ -288,13 +354,21 @@ pub async fn follow(
             return;
         }
         let round: Result<(), continuum_meta_client::Error> = async {
-            if !registered {
+            let own = spec.record(&public_key, &observed.borrow_and_update());
+            if published.as_ref() != Some(&own) {
                 let stored = meta.record::<OverlayPeer>(&spec.name).await?;
                 if stored.as_ref().map(|v| &v.record) != Some(&own) {
                     meta.put_record(&own).await?;
                 }
-                registered = true;
-                tracing::info!(name = spec.name, site = spec.site, "registered in meta");
+                if published.is_none() {
+                    tracing::info!(name = spec.name, site = spec.site, "registered in meta");
+                } else {
+                    tracing::info!(
+                        observed = own.observed.len(),
+                        "published observed endpoints"
+                    );
+                }
+                published = Some(own);
             }
             let listed = meta.records::<OverlayPeer>().await?;
             let revision = listed.iter().map(|v| v.mod_revision).max().unwrap_or(0);
@@ -320,8 +394,17 @@ pub async fn follow(
                     tracing::info!("meta reachable again");
                     reachable = true;
                 }
-                // Until something changes under the prefix, or the refresh is due.
-                let _ = tokio::time::timeout(REFRESH, watch.next()).await;
+                // Until something changes under the prefix or in what we observe, or the
+                // refresh is due.
+                tokio::select! {
+                    _ = tokio::time::timeout(REFRESH, watch.next()) => {}
+                    r = observed.changed() => {
+                        if r.is_err() {
+                            // The daemon is gone.
+                            return;
+                        }
+                    }
+                }
             }
             Err(e) => {
                 if reachable {
@@ -370,6 +453,7 @@ mod tests {
             endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
             allowed_ips: allowed.iter().map(|s| s.to_string()).collect(),
             relay: key == 1,
+            observed: Vec::new(),
         }
     }
 
@@ -411,6 +495,51 @@ mod tests {
         assert!(problems
             .iter()
             .any(|p| p.contains("peer e") && p.contains("no allowed")));
+    }
+
+    #[test]
+    fn a_peer_behind_nat_gets_the_endpoint_others_observe_a_relays_first() {
+        let observe = |r: &mut OverlayPeer, key: u8, e: &str| {
+            r.observed.push(ObservedEndpoint {
+                public_key: vec![key; 32],
+                endpoint: e.into(),
+            })
+        };
+        let mut a = rec("a", 1, &["10.0.0.1:51820"], &["10.90.1.1/32"]); // the relay
+        let mut b = rec("b", 2, &[], &["10.90.2.1/32"]);
+        let c = rec("c", 3, &[], &["10.90.3.1/32"]);
+        let mut d = rec("d", 4, &["10.0.0.4:51820"], &["10.90.4.1/32"]);
+        observe(&mut b, 3, "198.51.100.9:1111");
+        observe(&mut a, 3, "198.51.100.3:40000");
+        // An observation of a peer with endpoints of its own changes nothing.
+        observe(&mut a, 4, "198.51.100.4:2");
+        let records = vec![a.clone(), b.clone(), c.clone(), d.clone()];
+        let (peers, _) = peers_from_records("b", &records);
+        let of = |n: &str| peers.iter().find(|p| p.name == n).unwrap().clone();
+        assert_eq!(
+            of("c").config.endpoint,
+            Some("198.51.100.3:40000".parse().unwrap()),
+            "the relay's view wins over b's own"
+        );
+        assert!(of("c").behind_nat);
+        assert_eq!(
+            of("d").config.endpoint,
+            Some("10.0.0.4:51820".parse().unwrap())
+        );
+        assert!(!of("d").behind_nat);
+        // With only b's (our own) observation, c has no candidate from us.
+        d.observed.clear();
+        a.observed.clear();
+        let (peers, _) = peers_from_records("b", &[a, b, c, d]);
+        assert_eq!(
+            peers
+                .iter()
+                .find(|p| p.name == "c")
+                .unwrap()
+                .config
+                .endpoint,
+            None
+        );
     }
 
     #[test]

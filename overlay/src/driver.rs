@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ipnet::IpNet;
 
 use crate::config::Config;
-use crate::control::NamedPeer;
+use crate::control::{NamedPeer, Observed};
 use crate::device::{Device, Output};
 use crate::keys;
 use crate::userspace::{self, Stack};
@@ -75,6 +75,8 @@ pub struct Overlay {
     addresses: Vec<IpNet>,
     /// Peer names (from meta) by public key, for the status.
     names: BTreeMap<[u8; 32], String>,
+    /// Peers (from meta) behind NAT: where their packets come from is published.
+    behind_nat: std::collections::BTreeSet<[u8; 32]>,
 }
 
 /// What the daemon reports on its status socket (and `continuum overlay show` prints).
@@ -119,6 +121,8 @@ pub fn status_socket(tun: &str) -> PathBuf {
 pub struct Controls {
     pub peers: Option<tokio::sync::watch::Receiver<Vec<NamedPeer>>>,
     pub status_socket: Option<PathBuf>,
+    /// Where NATed peers with a live session send from (to publish through meta).
+    pub observed: Option<tokio::sync::watch::Sender<Observed>>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -168,6 +172,7 @@ impl Overlay {
             started: Instant::now(),
             addresses: cfg.interface.addresses.clone(),
             names: BTreeMap::new(),
+            behind_nat: Default::default(),
         };
         for p in &cfg.peers {
             for net in &p.allowed_ips {
@@ -222,6 +227,7 @@ impl Overlay {
             started,
             addresses: cfg.interface.addresses.clone(),
             names: BTreeMap::new(),
+            behind_nat: Default::default(),
         })
     }
 
@@ -275,6 +281,11 @@ impl Overlay {
             self.device.remove_peer(&k);
             self.names.remove(&k);
         }
+        self.behind_nat = peers
+            .iter()
+            .filter(|p| p.behind_nat)
+            .map(|p| p.config.public_key)
+            .collect();
         for p in peers {
             self.device.set_peer(p.config.clone());
             self.device.set_relay(&p.config.public_key, p.relay);
@@ -316,6 +327,20 @@ impl Overlay {
                 })
                 .collect(),
         }
+    }
+
+    /// Where the peers behind NAT that we have a session with send from (their NAT's public
+    /// mapping, learned from authenticated packets), in key order.
+    pub fn observed(&self) -> Observed {
+        let now = self.started.elapsed();
+        self.device
+            .peers()
+            .filter_map(|(p, _)| {
+                let key = *p.key.public.as_bytes();
+                let live = p.can_send_now(now) && self.behind_nat.contains(&key);
+                p.endpoint.filter(|_| live).map(|e| (key, e))
+            })
+            .collect()
     }
 
     pub fn local_port(&self) -> std::io::Result<u16> {
@@ -397,7 +422,17 @@ impl Overlay {
                     }
                 }
                 _ = tokio::time::sleep(stack_delay.unwrap_or(TICK)), if stack_delay.is_some() => {}
-                _ = tick.tick() => self.device.tick(now, wall(), &mut out),
+                _ = tick.tick() => {
+                    self.device.tick(now, wall(), &mut out);
+                    if let Some(tx) = &controls.observed {
+                        let seen = self.observed();
+                        tx.send_if_modified(|v| {
+                            let changed = *v != seen;
+                            *v = seen;
+                            changed
+                        });
+                    }
+                }
                 r = async { controls.peers.as_mut().expect("guarded").changed().await },
                     if controls.peers.is_some() =>
                 {
@@ -434,7 +469,8 @@ impl Overlay {
                     return Ok(());
                 }
             }
-            self.flush(now, &mut out).await;
+            // After a wait (the stack's timer), `now` is stale: the stack runs on the time now.
+            self.flush(self.started.elapsed(), &mut out).await;
         }
     }
 

@@ -306,6 +306,9 @@ fn new_socket() -> tcp::Socket<'static> {
     );
     s.set_nagle_enabled(false);
     s.set_ack_delay(None);
+    // Without congestion control smoltcp sends a whole window at once, which overflows the
+    // peer's UDP receive buffer and then waits for retransmission timeouts (≥ 1 s).
+    s.set_congestion_control(tcp::CongestionControl::Cubic);
     s
 }
 
