@@ -364,15 +364,15 @@ fn three_sites_configured_through_meta_keep_their_mesh_without_it() {
     );
 }
 
-/// A NAT in a router namespace, as nftables rules for edge `e` (subnet 192.168.`n`.0/24,
-/// public address 10.97.0.`n` on `ctn-vr{e}`).
-type NatRules = fn(n: usize, e: &str) -> String;
+/// A NAT in a router namespace, as nftables rules for edge `e` of the lab with prefix `p`
+/// (subnet 192.168.`n`.0/24, public side `{p}-vr{e}`).
+type NatRules = fn(p: &str, n: usize, e: &str) -> String;
 
 /// Masquerading with random ports, as a carrier-grade NAT does: every destination sees another
 /// port, and only replies get in. No hole punching gets through.
-fn random_port_nat(n: usize, e: &str) -> String {
+fn random_port_nat(p: &str, n: usize, e: &str) -> String {
     format!(
-        "table ip nat {{\n  chain post {{\n    type nat hook postrouting priority 100;\n    ip saddr 192.168.{n}.0/24 oifname \"ctn-vr{e}\" masquerade fully-random\n  }}\n}}\n"
+        "table ip nat {{\n  chain post {{\n    type nat hook postrouting priority 100;\n    ip saddr 192.168.{n}.0/24 oifname \"{p}-vr{e}\" masquerade fully-random\n  }}\n}}\n"
     )
 }
 
@@ -380,28 +380,29 @@ fn random_port_nat(n: usize, e: &str) -> String {
 /// independent mapping) and a firewall that drops anything unsolicited from outside (address-
 /// and port-dependent filtering: a "port-restricted cone"). Only simultaneous open gets a
 /// peer's packets in: each side's outgoing packet opens its own NAT for the other's.
-fn home_router_nat(n: usize, e: &str) -> String {
+fn home_router_nat(p: &str, n: usize, e: &str) -> String {
     format!(
-        "table ip nat {{\n  chain post {{\n    type nat hook postrouting priority 100;\n    ip saddr 192.168.{n}.0/24 oifname \"ctn-vr{e}\" masquerade\n  }}\n}}\ntable ip filter {{\n  chain input {{\n    type filter hook input priority 0;\n    iifname \"ctn-vr{e}\" ct state new drop\n  }}\n  chain forward {{\n    type filter hook forward priority 0;\n    iifname \"ctn-vr{e}\" ct state new drop\n  }}\n}}\n"
+        "table ip nat {{\n  chain post {{\n    type nat hook postrouting priority 100;\n    ip saddr 192.168.{n}.0/24 oifname \"{p}-vr{e}\" masquerade\n  }}\n}}\ntable ip filter {{\n  chain input {{\n    type filter hook input priority 0;\n    iifname \"{p}-vr{e}\" ct state new drop\n  }}\n  chain forward {{\n    type filter hook forward priority 0;\n    iifname \"{p}-vr{e}\" ct state new drop\n  }}\n}}\n"
     )
 }
 
 /// A cloud site with a public endpoint that relays, and two edge sites, each behind its own
-/// NAT made by `nat`, announcing no endpoint; returns the lab and the edges' namespaces once
+/// NAT made by `nat`, announcing no endpoint, on the "internet" 10.`net`.0.0/24; TUN devices
+/// are `{prefix}c`, `{prefix}a`, `{prefix}b`. Returns the lab and the edges' namespaces once
 /// every site pings every other.
-fn cloud_and_two_natted_edges(nat: NatRules) -> (Lab, Vec<String>) {
-    let mut lab = Lab::new("ctn", "24", "10.97.0.254");
+fn cloud_and_two_natted_edges(prefix: &'static str, net: u8, nat: NatRules) -> (Lab, Vec<String>) {
+    let mut lab = Lab::new(prefix, "24", &format!("10.{net}.0.254"));
     lab.start_meta(common::free_port(), common::free_port());
     let cloud = lab.add_ns("cloud");
-    lab.link(&cloud, "vc", "10.97.0.1/24", None);
+    lab.link(&cloud, "vc", &format!("10.{net}.0.1/24"), None);
     lab.up(
         &cloud,
         "cloud",
-        "ctnc",
+        &format!("{prefix}c"),
         &[
             "--address=10.93.0.1/24".into(),
             "--listen-port=51820".into(),
-            "--endpoint=10.97.0.1:51820".into(),
+            format!("--endpoint=10.{net}.0.1:51820"),
             "--relay".into(),
         ],
     );
@@ -409,7 +410,12 @@ fn cloud_and_two_natted_edges(nat: NatRules) -> (Lab, Vec<String>) {
     for (i, e) in ["a", "b"].iter().enumerate() {
         let n = i + 2;
         let router = lab.add_ns(&format!("r{e}"));
-        lab.link(&router, &format!("vr{e}"), &format!("10.97.0.{n}/24"), None);
+        lab.link(
+            &router,
+            &format!("vr{e}"),
+            &format!("10.{net}.0.{n}/24"),
+            None,
+        );
         let edge = lab.add_ns(e);
         lab.link(
             &edge,
@@ -437,7 +443,7 @@ fn cloud_and_two_natted_edges(nat: NatRules) -> (Lab, Vec<String>) {
             "net.ipv4.ip_forward=1",
         ]);
         let rules = lab.dir.path().join(format!("nat-{e}.nft"));
-        std::fs::write(&rules, nat(n, e)).unwrap();
+        std::fs::write(&rules, nat(prefix, n, e)).unwrap();
         ok(&[
             "ip",
             "netns",
@@ -451,7 +457,7 @@ fn cloud_and_two_natted_edges(nat: NatRules) -> (Lab, Vec<String>) {
         lab.up(
             &edge,
             &format!("edge-{e}"),
-            &format!("ctn{e}"),
+            &format!("{prefix}{e}"),
             &[
                 format!("--address=10.93.0.{n}/24"),
                 "--listen-port=51820".into(),
@@ -485,7 +491,7 @@ fn forwarded(cloud: &str) -> u64 {
 #[test]
 fn two_sites_behind_nat_talk_through_the_cloud_relay() {
     need_root();
-    let (_lab, _edges) = cloud_and_two_natted_edges(random_port_nat);
+    let (_lab, _edges) = cloud_and_two_natted_edges("ctn", 97, random_port_nat);
     let c = show("ctnc");
     assert!(c.contains("relaying:"), "{c}");
     assert!(forwarded(&c) >= 2, "{c}");
@@ -503,33 +509,33 @@ fn two_sites_behind_nat_talk_through_the_cloud_relay() {
 #[test]
 fn edges_behind_home_router_nats_punch_a_direct_path_that_replaces_the_relay() {
     need_root();
-    let (lab, edges) = cloud_and_two_natted_edges(home_router_nat);
-    // Each edge learns where the other's NAT maps it (10.97.0.x:51820) and hands over.
+    let (lab, edges) = cloud_and_two_natted_edges("cth", 96, home_router_nat);
+    // Each edge learns where the other's NAT maps it (10.96.0.x:51820) and hands over.
     wait_for(
         &lab,
         "a direct path between the edges",
         Duration::from_secs(40),
         || {
             let _ = pings(&edges[0], "10.93.0.3");
-            let a = show("ctna");
+            let a = show("ctha");
             let b_section = a
                 .split("\npeer: ")
                 .find(|p| p.contains("(edge-b)"))
                 .unwrap_or("");
-            b_section.contains("endpoint: 10.97.0.3:51820")
+            b_section.contains("endpoint: 10.96.0.3:51820")
                 && !b_section.contains("through a relay")
         },
     );
-    let before = forwarded(&show("ctnc"));
+    let before = forwarded(&show("cthc"));
     for _ in 0..3 {
         assert!(pings(&edges[0], "10.93.0.3"), "{}", lab.logs());
         assert!(pings(&edges[1], "10.93.0.2"), "{}", lab.logs());
     }
-    let after = forwarded(&show("ctnc"));
+    let after = forwarded(&show("cthc"));
     assert_eq!(
         before,
         after,
         "the relay carried edge traffic after the direct path:\n{}",
-        show("ctnc")
+        show("cthc")
     );
 }
