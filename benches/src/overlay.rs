@@ -89,6 +89,10 @@ fn ok(cmd: &[&str]) -> Result<()> {
     Ok(())
 }
 
+fn add_address(ns: &str, cidr: &str, dev: &str) -> Result<()> {
+    ok(&["ip", "-n", ns, "addr", "add", cidr, "dev", dev])
+}
+
 /// The namespaces, veth and the processes in them; all removed on drop.
 struct Lab {
     dir: tempfile::TempDir,
@@ -111,16 +115,7 @@ impl Lab {
             NS_B,
         ])?;
         for (ns, dev, ip) in [(NS_A, VETH_A, UNDER_A), (NS_B, VETH_B, UNDER_B)] {
-            ok(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                dev,
-            ])?;
+            add_address(ns, &format!("{ip}/24"), dev)?;
             ok(&["ip", "-n", ns, "link", "set", dev, "up"])?;
             ok(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
         }
@@ -320,16 +315,7 @@ fn start_wireguard_go(lab: &mut Lab, k: &Keys, mtu: u32) -> Result<&'static str>
             "allowed-ips",
             &allowed,
         ])?;
-        ok(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{own}/24"),
-            "dev",
-            dev,
-        ])?;
+        add_address(ns, &format!("{own}/24"), dev)?;
         ok(&["ip", "-n", ns, "link", "set", dev, "mtu", &mtu.to_string()])?;
         ok(&["ip", "-n", ns, "link", "set", dev, "up"])?;
     }

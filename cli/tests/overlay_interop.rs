@@ -124,6 +124,58 @@ fn public(private: &[u8; 32]) -> String {
     keys::encode(&Device::new(*private, 0).public_key())
 }
 
+/// wireguard-go in B (10.200.0.2), in the foreground, configured with wg(8) like any
+/// WireGuard interface, with A (10.200.0.1 at 10.99.0.1:51820) as its peer.
+fn start_wireguard_go(lab: &mut Lab, b_key: &[u8; 32], psk: &[u8; 32], a_public: &str) {
+    lab.spawn(
+        NS_B,
+        &["wireguard-go", "-f", WG_DEV],
+        &[("WG_PROCESS_FOREGROUND", "1"), ("LOG_LEVEL", "debug")],
+        "wireguard-go.log",
+    );
+    wait_for("wireguard-go's interface", Duration::from_secs(10), || {
+        sh(&["ip", "-n", NS_B, "link", "show", WG_DEV])
+            .status
+            .success()
+    });
+    let key_file = lab.dir.path().join("b.key");
+    std::fs::write(&key_file, keys::encode(b_key)).unwrap();
+    let psk_file = lab.dir.path().join("psk");
+    std::fs::write(&psk_file, keys::encode(psk)).unwrap();
+    ok(&[
+        "ip",
+        "netns",
+        "exec",
+        NS_B,
+        "wg",
+        "set",
+        WG_DEV,
+        "private-key",
+        key_file.to_str().unwrap(),
+        "listen-port",
+        "51820",
+        "peer",
+        a_public,
+        "preshared-key",
+        psk_file.to_str().unwrap(),
+        "endpoint",
+        "10.99.0.1:51820",
+        "allowed-ips",
+        "10.200.0.1/32",
+    ]);
+    ok(&[
+        "ip",
+        "-n",
+        NS_B,
+        "addr",
+        "add",
+        "10.200.0.2/24",
+        "dev",
+        WG_DEV,
+    ]);
+    ok(&["ip", "-n", NS_B, "link", "set", WG_DEV, "up"]);
+}
+
 /// Starts our overlay in A and wireguard-go in B, each knowing the other.
 fn start_both(lab: &mut Lab, a_key: &[u8; 32], b_key: &[u8; 32], psk: &[u8; 32]) {
     let a_conf = lab.dir.path().join("a.conf");
@@ -155,54 +207,7 @@ fn start_both(lab: &mut Lab, a_key: &[u8; 32], b_key: &[u8; 32], psk: &[u8; 32])
         &[],
         "continuum.log",
     );
-    // wireguard-go in the foreground, configured with wg(8) like any WireGuard interface.
-    lab.spawn(
-        NS_B,
-        &["wireguard-go", "-f", WG_DEV],
-        &[("WG_PROCESS_FOREGROUND", "1"), ("LOG_LEVEL", "debug")],
-        "wireguard-go.log",
-    );
-    wait_for("wireguard-go's interface", Duration::from_secs(10), || {
-        sh(&["ip", "-n", NS_B, "link", "show", WG_DEV])
-            .status
-            .success()
-    });
-    let key_file = lab.dir.path().join("b.key");
-    std::fs::write(&key_file, keys::encode(b_key)).unwrap();
-    let psk_file = lab.dir.path().join("psk");
-    std::fs::write(&psk_file, keys::encode(psk)).unwrap();
-    ok(&[
-        "ip",
-        "netns",
-        "exec",
-        NS_B,
-        "wg",
-        "set",
-        WG_DEV,
-        "private-key",
-        key_file.to_str().unwrap(),
-        "listen-port",
-        "51820",
-        "peer",
-        &public(a_key),
-        "preshared-key",
-        psk_file.to_str().unwrap(),
-        "endpoint",
-        "10.99.0.1:51820",
-        "allowed-ips",
-        "10.200.0.1/32",
-    ]);
-    ok(&[
-        "ip",
-        "-n",
-        NS_B,
-        "addr",
-        "add",
-        "10.200.0.2/24",
-        "dev",
-        WG_DEV,
-    ]);
-    ok(&["ip", "-n", NS_B, "link", "set", WG_DEV, "up"]);
+    start_wireguard_go(lab, b_key, psk, &public(a_key));
     wait_for("our TUN device", Duration::from_secs(10), || {
         sh(&["ip", "-n", NS_A, "link", "show", "cnt0"])
             .status
@@ -479,54 +484,7 @@ fn userspace_mode_carries_tcp_without_tun_or_root_to_a_wireguard_go_peer() {
     lab.spawn(NS_A, &web_args, &[], "web-a.log");
 
     // B: wireguard-go on a kernel TUN with Linux's own TCP stack behind it.
-    lab.spawn(
-        NS_B,
-        &["wireguard-go", "-f", WG_DEV],
-        &[("WG_PROCESS_FOREGROUND", "1")],
-        "wireguard-go.log",
-    );
-    wait_for("wireguard-go's interface", Duration::from_secs(10), || {
-        sh(&["ip", "-n", NS_B, "link", "show", WG_DEV])
-            .status
-            .success()
-    });
-    let key_file = lab.dir.path().join("b.key");
-    std::fs::write(&key_file, keys::encode(&b_key)).unwrap();
-    let psk_file = lab.dir.path().join("psk");
-    std::fs::write(&psk_file, keys::encode(&psk)).unwrap();
-    let a_public = public(&a_key);
-    ok(&[
-        "ip",
-        "netns",
-        "exec",
-        NS_B,
-        "wg",
-        "set",
-        WG_DEV,
-        "private-key",
-        key_file.to_str().unwrap(),
-        "listen-port",
-        "51820",
-        "peer",
-        &a_public,
-        "preshared-key",
-        psk_file.to_str().unwrap(),
-        "endpoint",
-        "10.99.0.1:51820",
-        "allowed-ips",
-        "10.200.0.1/32",
-    ]);
-    ok(&[
-        "ip",
-        "-n",
-        NS_B,
-        "addr",
-        "add",
-        "10.200.0.2/24",
-        "dev",
-        WG_DEV,
-    ]);
-    ok(&["ip", "-n", NS_B, "link", "set", WG_DEV, "up"]);
+    start_wireguard_go(&mut lab, &b_key, &psk, &public(&a_key));
     std::fs::write(
         lab.dir.path().join("b.html"),
         "served from B's overlay address\n",
@@ -638,12 +596,9 @@ fn userspace_mode_carries_tcp_without_tun_or_root_to_a_wireguard_go_peer() {
         "iperf3 through the forward: {report}\n{}",
         logs(&lab)
     );
-    let received: f64 = report
-        .split("\"sum_received\"")
-        .nth(1)
-        .and_then(|s| s.split("\"bytes\":").nth(1))
-        .and_then(|s| s.split(|c: char| c == ',' || c == '}').next())
-        .and_then(|s| s.trim().parse().ok())
+    let parsed: serde_json::Value = serde_json::from_str(&report).unwrap_or_default();
+    let received = parsed["end"]["sum_received"]["bytes"]
+        .as_f64()
         .unwrap_or(0.0);
     assert!(
         received > 1_000_000.0,
