@@ -129,7 +129,9 @@ impl Device {
             .zip(self.allowed.iter().map(Vec::as_slice))
     }
 
-    /// Adds a peer, or updates one with the same key (its sessions survive).
+    /// Adds a peer, or updates one with the same key (its sessions survive, and so does an
+    /// endpoint learned by roaming unless the configured endpoint changed while no session
+    /// is up).
     pub fn set_peer(&mut self, cfg: PeerConfig) {
         let public = PublicKey::from(cfg.public_key);
         let i = match self.by_key.get(&cfg.public_key) {
@@ -138,8 +140,13 @@ impl Device {
                 if p.key.psk != cfg.preshared_key.unwrap_or([0; 32]) {
                     p.key = PeerKey::new(&self.identity, public, cfg.preshared_key);
                 }
-                if cfg.endpoint.is_some() && p.endpoint.is_none() {
+                // Re-applying the same configuration never undoes roaming; a configured
+                // endpoint that changed (a NATed peer observed at a new mapping) applies
+                // unless a session is up (its endpoint is known to work).
+                let changed = cfg.endpoint != p.configured_endpoint && p.current.is_none();
+                if cfg.endpoint.is_some() && (p.endpoint.is_none() || changed) {
                     p.endpoint = cfg.endpoint;
+                    p.configured_endpoint = cfg.endpoint;
                 }
                 p.persistent_keepalive = cfg.persistent_keepalive;
                 i

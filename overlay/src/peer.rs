@@ -151,6 +151,8 @@ pub struct Peer {
     pub key: PeerKey,
     /// Where to send (learned from authenticated packets: roaming).
     pub endpoint: Option<SocketAddr>,
+    /// The endpoint the configuration last gave (see [`crate::device::Device::set_peer`]).
+    pub configured_endpoint: Option<SocketAddr>,
     pub persistent_keepalive: Option<Duration>,
     pub current: Option<Session>,
     pub previous: Option<Session>,
@@ -200,6 +202,7 @@ impl Peer {
         Self {
             key,
             endpoint,
+            configured_endpoint: endpoint,
             persistent_keepalive,
             current: None,
             previous: None,

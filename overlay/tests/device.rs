@@ -368,6 +368,38 @@ fn the_endpoint_follows_authenticated_packets() {
 }
 
 #[test]
+fn a_changed_configured_endpoint_applies_only_while_no_session_is_up() {
+    let mut net = Net::mesh(2);
+    let key1 = net.devs[1].public_key();
+    let cfg = |endpoint: &str| PeerConfig {
+        public_key: key1,
+        preshared_key: None,
+        endpoint: Some(endpoint.parse().unwrap()),
+        allowed_ips: vec!["10.0.0.2/32".parse().unwrap()],
+        persistent_keepalive: None,
+    };
+    let endpoint_of_1 = |net: &Net| net.devs[0].peers().next().unwrap().0.endpoint;
+    // No session yet: a new configured endpoint (a new NAT mapping) replaces the old one, and
+    // re-applying it changes nothing.
+    net.devs[0].set_peer(cfg("198.51.100.1:1000"));
+    assert_eq!(
+        endpoint_of_1(&net),
+        Some("198.51.100.1:1000".parse().unwrap())
+    );
+    net.devs[0].set_peer(cfg(&addr(1).to_string()));
+    assert_eq!(endpoint_of_1(&net), Some(addr(1)));
+    // With a session up, the endpoint that works stays, whatever the config says.
+    net.send(0, &net.packet(0, 1, b"x"));
+    net.run();
+    assert_eq!(net.delivered[1].len(), 1);
+    net.devs[0].set_peer(cfg("198.51.100.2:2000"));
+    assert_eq!(endpoint_of_1(&net), Some(addr(1)));
+    net.send(0, &net.packet(0, 1, b"y"));
+    net.run();
+    assert_eq!(net.delivered[1].len(), 2);
+}
+
+#[test]
 fn cryptokey_routing_drops_packets_from_addresses_a_peer_does_not_own() {
     let mut net = Net::mesh(3);
     // Device 0 routes 10.0.0.2 to device 1 but claims the source of device 2.
