@@ -58,20 +58,12 @@ pub struct UserspaceArgs {
     socks5: Option<std::net::SocketAddr>,
     /// Forward a local TCP port to an overlay address, `[ADDR:]PORT=OVERLAY_IP:PORT`
     /// (repeatable; userspace mode).
-    #[arg(long = "forward", value_name = "LOCAL=OVERLAY", value_parser = parse_forward)]
+    #[arg(long = "forward", value_name = "LOCAL=OVERLAY", value_parser = continuum_overlay::userspace::parse_forward)]
     forwards: Vec<(std::net::SocketAddr, std::net::SocketAddrV4)>,
     /// Accept TCP on a port of this site's overlay address and forward to a local service,
     /// `OVERLAY_PORT=[ADDR:]PORT` (repeatable; userspace mode).
-    #[arg(long = "expose", value_name = "PORT=LOCAL", value_parser = parse_expose)]
+    #[arg(long = "expose", value_name = "PORT=LOCAL", value_parser = continuum_overlay::userspace::parse_expose)]
     exposes: Vec<(u16, std::net::SocketAddr)>,
-}
-
-fn parse_forward(s: &str) -> Result<(std::net::SocketAddr, std::net::SocketAddrV4), String> {
-    continuum_overlay::userspace::parse_forward(s)
-}
-
-fn parse_expose(s: &str) -> Result<(u16, std::net::SocketAddr), String> {
-    continuum_overlay::userspace::parse_expose(s)
 }
 
 impl UserspaceArgs {

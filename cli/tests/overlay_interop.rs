@@ -215,6 +215,12 @@ fn start_both(lab: &mut Lab, a_key: &[u8; 32], b_key: &[u8; 32], psk: &[u8; 32])
     });
 }
 
+/// `wg show WG_DEV FIELD` in B (wireguard-go's view).
+fn wg_show(field: &str) -> String {
+    let out = sh(&["ip", "netns", "exec", NS_B, "wg", "show", WG_DEV, field]);
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 fn ping(from: &str, to: &str) -> bool {
     sh(&[
         "ip", "netns", "exec", from, "ping", "-c", "3", "-i", "0.2", "-W", "3", to,
@@ -246,17 +252,7 @@ fn continuum_and_wireguard_go_handshake_both_ways_and_carry_ping_and_iperf3() {
         lab.log("continuum.log"),
         lab.log("wireguard-go.log")
     );
-    let show = sh(&[
-        "ip",
-        "netns",
-        "exec",
-        NS_B,
-        "wg",
-        "show",
-        WG_DEV,
-        "latest-handshakes",
-    ]);
-    let latest: u64 = String::from_utf8_lossy(&show.stdout)
+    let latest: u64 = wg_show("latest-handshakes")
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
@@ -307,20 +303,7 @@ fn continuum_and_wireguard_go_handshake_both_ways_and_carry_ping_and_iperf3() {
     // 3. Roaming, on the same session (no new handshake): wireguard-go moves to another port
     // (as after a NAT rebinding) and our side follows its packets; then our side moves to
     // another address and wireguard-go follows.
-    let handshake = || {
-        let show = sh(&[
-            "ip",
-            "netns",
-            "exec",
-            NS_B,
-            "wg",
-            "show",
-            WG_DEV,
-            "latest-handshakes",
-        ]);
-        String::from_utf8_lossy(&show.stdout).to_string()
-    };
-    let before = handshake();
+    let before = wg_show("latest-handshakes");
     ok(&[
         "ip",
         "netns",
@@ -377,22 +360,16 @@ fn continuum_and_wireguard_go_handshake_both_ways_and_carry_ping_and_iperf3() {
         "cto-va",
     ]);
     assert!(ping(NS_A, "10.200.0.2"), "ping after A moved");
-    let endpoints = sh(&[
-        "ip",
-        "netns",
-        "exec",
-        NS_B,
-        "wg",
-        "show",
-        WG_DEV,
-        "endpoints",
-    ]);
-    let endpoints = String::from_utf8_lossy(&endpoints.stdout).to_string();
+    let endpoints = wg_show("endpoints");
     assert!(
         endpoints.contains("10.99.0.4:51820"),
         "wireguard-go follows A: {endpoints}"
     );
-    assert_eq!(handshake(), before, "both moves kept the session");
+    assert_eq!(
+        wg_show("latest-handshakes"),
+        before,
+        "both moves kept the session"
+    );
 }
 
 /// `args` as user nobody (no capabilities, so no TUN), for [`Lab::spawn`].
