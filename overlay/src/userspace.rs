@@ -355,10 +355,6 @@ impl Stack {
         }
     }
 
-    pub fn address(&self) -> Ipv4Addr {
-        self.address
-    }
-
     /// Dials through this stack from other tasks.
     pub fn dialer(&self) -> Dialer {
         Dialer {
