@@ -1,10 +1,10 @@
-//! The driver: one UDP socket, the sans-IO [`Device`], and where inner packets go — a kernel
+//! The driver: one UDP socket (batched: [`crate::udp`]), the sans-IO [`Device`], and where inner packets go — a kernel
 //! TUN device (tokio-tun) or, in userspace mode, a TCP/IP stack in this process
 //! ([`crate::userspace`]: no root, no TUN) — and a tick every [`TICK`] for the timers. The
 //! driver owns the clock: `now` is monotonic since start, `wall` is since the Unix epoch.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,12 +14,16 @@ use crate::config::Config;
 use crate::control::{NamedPeer, Observed};
 use crate::device::{Device, Output};
 use crate::keys;
+use crate::udp::Udp;
 use crate::userspace::{self, Stack};
 
 /// Timer resolution (REKEY_TIMEOUT is 5 s; keepalives are seconds).
 pub const TICK: Duration = Duration::from_millis(100);
-/// Largest datagram we read (a 9000-byte MTU plus overhead fits).
-const MAX_DATAGRAM: usize = 9216;
+/// Largest packet we read from the TUN device (a 9000-byte MTU plus overhead fits).
+const MAX_PACKET: usize = 9216;
+/// Packets taken from the TUN device per wake-up before their datagrams go out (in GSO
+/// trains) and other events get their turn.
+const TUN_BATCH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -64,7 +68,7 @@ pub struct UserspaceOptions {
 /// A running overlay interface.
 pub struct Overlay {
     pub device: Device,
-    socket: tokio::net::UdpSocket,
+    socket: Udp,
     packets: Packets,
     /// The interface's name (the TUN device's, or the name a userspace overlay was given).
     name: String,
@@ -239,12 +243,9 @@ impl Overlay {
         }
     }
 
-    async fn device_and_socket(
-        cfg: &Config,
-        seed: u64,
-    ) -> Result<(Device, tokio::net::UdpSocket), DriverError> {
+    async fn device_and_socket(cfg: &Config, seed: u64) -> Result<(Device, Udp), DriverError> {
         let port = cfg.interface.listen_port.unwrap_or(0);
-        let socket = tokio::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+        let socket = Udp::bind(port)
             .await
             .map_err(|source| DriverError::Bind { port, source })?;
         let mut device = Device::new(cfg.interface.private_key, seed);
@@ -379,8 +380,7 @@ impl Overlay {
             let peers = rx.borrow_and_update().clone();
             self.apply_peers(&peers)?;
         }
-        let mut udp_buf = vec![0u8; MAX_DATAGRAM];
-        let mut tun_buf = vec![0u8; MAX_DATAGRAM];
+        let mut tun_buf = vec![0u8; MAX_PACKET];
         let mut out = Vec::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -396,9 +396,12 @@ impl Overlay {
                 Packets::Tun(_) => None,
             };
             tokio::select! {
-                r = self.socket.recv_from(&mut udp_buf) => {
-                    let (n, src) = r?;
-                    self.device.receive(now, wall(), src, &mut udp_buf[..n], &mut out);
+                r = self.socket.readable() => {
+                    r?;
+                    let (device, wall) = (&mut self.device, wall());
+                    self.socket.try_recv(|src, datagram| {
+                        device.receive(now, wall, src, datagram, &mut out)
+                    })?;
                 }
                 r = async {
                     match &self.packets {
@@ -407,8 +410,17 @@ impl Overlay {
                     }
                 } => {
                     let n = r?;
+                    let wall = wall();
                     crate::mss::clamp(&mut tun_buf[..n], self.device.mtu);
-                    self.device.send_packet(now, wall(), &tun_buf[..n], &mut out);
+                    self.device.send_packet(now, wall, &tun_buf[..n], &mut out);
+                    // Whatever else is queued, so that its datagrams leave in trains.
+                    if let Packets::Tun(tun) = &self.packets {
+                        for _ in 1..TUN_BATCH {
+                            let Ok(n) = tun.try_recv(&mut tun_buf) else { break };
+                            crate::mss::clamp(&mut tun_buf[..n], self.device.mtu);
+                            self.device.send_packet(now, wall, &tun_buf[..n], &mut out);
+                        }
+                    }
                 }
                 ev = async { events.as_mut().expect("guarded").recv().await },
                     if events.is_some() =>
@@ -481,13 +493,7 @@ impl Overlay {
         loop {
             for o in out.drain(..) {
                 match o {
-                    Output::Send { to, datagram } => {
-                        // A send error (no route yet, ICMP unreachable reported) is a lost
-                        // datagram, which the protocol's timers handle.
-                        if let Err(e) = self.socket.send_to(&datagram, to).await {
-                            tracing::debug!(%to, error = %e, "UDP send failed");
-                        }
-                    }
+                    Output::Send { to, datagram } => self.socket.send(to, &datagram).await,
                     Output::Deliver(mut packet) => match &mut self.packets {
                         Packets::Tun(tun) => {
                             crate::mss::clamp(&mut packet, self.device.mtu);
@@ -500,16 +506,17 @@ impl Overlay {
                 }
             }
             let Packets::Stack(stack) = &mut self.packets else {
-                return;
+                break;
             };
             let emitted = stack.poll(now);
             if emitted.is_empty() {
-                return;
+                break;
             }
             for p in &emitted {
                 self.device.send_packet(now, wall(), p, out);
             }
         }
+        self.socket.flush().await;
     }
 }
 

@@ -21,4 +21,5 @@ pub mod mss;
 pub mod noise;
 pub mod peer;
 pub mod replay;
+pub mod udp;
 pub mod userspace;
