@@ -19,7 +19,7 @@ pub const RECV_SLOTS: usize = 16;
 const SLOT: usize = 65536;
 /// Most bytes in one GSO train (a UDP datagram's 16-bit length, less IP and UDP headers).
 pub const GSO_BYTES: usize = 65507 - 8;
-/// Socket buffers we ask for (the kernel caps them at net.core.[rw]mem_max).
+/// Socket buffers we ask for.
 const SOCKET_BUFFER: usize = 4 << 20;
 
 /// A UDP socket with batched receive and send.
@@ -57,9 +57,17 @@ impl Udp {
             use rustix::net::sockopt::{set_ip_mtu_discover, Ipv4PathMtuDiscovery};
             set_ip_mtu_discover(&socket, Ipv4PathMtuDiscovery::DONT)?;
         }
-        // Bigger buffers absorb bursts; failure (capped or refused) only costs throughput.
-        let _ = state.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER);
-        let _ = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER);
+        // Bigger buffers absorb bursts: past net.core.[rw]mem_max where allowed (root), else up
+        // to it. Failure only costs throughput.
+        {
+            use rustix::net::sockopt as so;
+            if so::set_socket_recv_buffer_size_force(&socket, SOCKET_BUFFER).is_err() {
+                let _ = so::set_socket_recv_buffer_size(&socket, SOCKET_BUFFER);
+            }
+            if so::set_socket_send_buffer_size_force(&socket, SOCKET_BUFFER).is_err() {
+                let _ = so::set_socket_send_buffer_size(&socket, SOCKET_BUFFER);
+            }
+        }
         Ok(Udp {
             socket,
             state,
