@@ -255,6 +255,13 @@ fn render(s: &Status) -> String {
     if s.relayed > 0 {
         out.push_str(&format!("  sent through a relay: {} packets\n", s.relayed));
     }
+    let u = &s.udp;
+    if u.send_calls > 0 || u.recv_calls > 0 {
+        out.push_str(&format!(
+            "  udp batching: {} datagrams in {} sends, {} in {} receives\n",
+            u.sent, u.send_calls, u.received, u.recv_calls
+        ));
+    }
     for p in &s.peers {
         out.push_str(&format!("\npeer: {}", p.public_key));
         if !p.name.is_empty() {

@@ -288,6 +288,25 @@ fn continuum_and_wireguard_go_handshake_both_ways_and_carry_ping_and_iperf3() {
         report.contains("\"sum_received\""),
         "iperf3 report: {report}"
     );
+    // Bulk TCP left our side in GSO trains (this kernel has UDP GSO): several datagrams per
+    // send call, and wireguard-go, which has no GRO, took them all.
+    let ours = sh(&[
+        env!("CARGO_BIN_EXE_continuum"),
+        "overlay",
+        "show",
+        "--tun",
+        "cnt0",
+    ]);
+    let ours = String::from_utf8_lossy(&ours.stdout).to_string();
+    let batching: Vec<u64> = ours
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("udp batching: "))
+        .map(|l| l.split(' ').filter_map(|w| w.parse().ok()).collect())
+        .unwrap_or_default();
+    assert!(
+        batching.len() == 4 && batching[0] > 4 * batching[1],
+        "datagrams leave in trains:\n{ours}"
+    );
     lab.stop_all();
 
     // 2. wireguard-go initiates: fresh processes, the first ping from B.

@@ -93,6 +93,9 @@ pub struct Status {
     pub relaying: bool,
     pub forwarded: u64,
     pub relayed: u64,
+    /// UDP calls and datagrams both ways (how well datagrams are batched).
+    #[serde(default)]
+    pub udp: crate::udp::UdpStats,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -308,6 +311,7 @@ impl Overlay {
             relaying: self.device.forwarding,
             forwarded: self.device.forwarded,
             relayed: self.device.relayed,
+            udp: self.socket.stats,
             peers: self
                 .device
                 .peers()

@@ -36,7 +36,7 @@ pub struct Udp {
     pub stats: UdpStats,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UdpStats {
     pub send_calls: u64,
     pub sent: u64,
