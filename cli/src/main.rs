@@ -1,6 +1,6 @@
-//! `continuum`: the single binary of the Continuum fabric. Daemons (`meta`, `block`, `gateway`), the local
-//! fabric (`up`) and admin commands (`kv`, `lease`, `member`, `status`, `site`, `volume`,
-//! `node`).
+//! `continuum`: the single binary of the Continuum fabric. Daemons (`meta`, `block`, `gateway`,
+//! `overlay`, `agent`), the local fabric (`up`) and admin commands (`kv`, `lease`, `member`,
+//! `status`, `site`, `volume`, `node`, `vm`, `host`).
 
 mod admin;
 mod block;
@@ -8,6 +8,7 @@ mod config;
 mod gateway;
 mod overlay;
 mod up;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -67,6 +68,14 @@ enum Command {
     /// Manage sites (typed fabric records).
     #[command(subcommand)]
     Site(admin::SiteCommand),
+    /// Run a hypervisor host's agent (runs the VMs the scheduler places on this host).
+    Agent(Box<vm::AgentArgs>),
+    /// Manage VMs (QEMU guests whose disks are Continuum volumes).
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// List hypervisor hosts.
+    #[command(subcommand)]
+    Host(vm::HostCommand),
 }
 
 fn init_logging(level: &str, format: &str) {
@@ -109,6 +118,9 @@ fn main() -> ExitCode {
             Command::Member(c) => admin::member(c).await,
             Command::Status(a) => admin::status(a).await,
             Command::Site(c) => admin::site(c).await,
+            Command::Agent(args) => vm::run_agent(*args).await,
+            Command::Vm(c) => vm::vm(c).await,
+            Command::Host(c) => vm::host(c).await,
         }
     });
     match result {

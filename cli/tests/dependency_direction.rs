@@ -22,6 +22,15 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
     );
     // Dev-dependency: meta's tests use the client; the binary wires everything together.
     m.insert(
+        "orchestrator",
+        [
+            "continuum-proto",
+            "continuum-meta-client",
+            "continuum-blockstore",
+        ]
+        .into(),
+    );
+    m.insert(
         "cli",
         [
             "continuum-proto",

@@ -4,110 +4,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::blocks::Blocks;
-
-struct Gateway {
-    child: Option<Child>,
-    socket: PathBuf,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Gateway {
-    fn start(dir: &Path, name: &str, meta: &str, extra: &[&str]) -> Gateway {
-        let socket = dir.join(format!("{name}.sock"));
-        let port = common::free_port();
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(common::bin())
-            .args([
-                "gateway",
-                &format!("--id={name}"),
-                &format!("--meta={meta}"),
-                &format!("--listen=127.0.0.1:{port}"),
-            ])
-            .arg(format!("--socket={}", socket.display()))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let g = Gateway {
-            child: Some(child),
-            socket,
-            port,
-            log,
-        };
-        let up = (0..200).any(|_| {
-            std::thread::sleep(Duration::from_millis(50));
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        assert!(up, "gateway listens: {}", g.logs());
-        g
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.socket.display())
-    }
-
-    fn tcp_uri(&self, export: &str) -> String {
-        format!("nbd://127.0.0.1:{}/{export}", self.port)
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM and wait: the clean stop (flush, leases let go).
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let logs = self.logs();
-            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
-            eprintln!("---- gateway log tail ----");
-            for l in tail.into_iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Runs a command; panics with its output unless it succeeds.
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (scripts/setup.sh installs it): {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn continuum(meta: &str, args: &[&str]) -> String {
-    run(Command::new(common::bin())
-        .args(args)
-        .args(["--endpoints", meta]))
-}
+use common::fabric::{continuum, fabric, run, Gateway};
 
 fn write_random(path: &Path, bytes: usize, seed: u64) {
     use std::io::Write;
@@ -127,36 +27,6 @@ fn write_random(path: &Path, bytes: usize, seed: u64) {
             }
         }
         f.write_all(&block).unwrap();
-    }
-}
-
-struct Fabric {
-    _meta: common::Cluster,
-    blocks: Blocks,
-    meta_ep: String,
-    dir: tempfile::TempDir,
-}
-
-async fn fabric() -> Fabric {
-    let meta = common::Cluster::start(1, &[]);
-    meta.wait_leader(Duration::from_secs(20)).await;
-    let meta_ep = meta.endpoints().join(",");
-    let client = meta.client();
-    let blocks = Blocks::start(6, &meta_ep);
-    let up = common::wait_for(Duration::from_secs(30), || async {
-        let n = continuum_blockstore::cluster::alive_nodes(&client)
-            .await
-            .ok()?
-            .len();
-        (n == 6).then_some(())
-    })
-    .await;
-    assert!(up.is_some(), "6 block servers register");
-    Fabric {
-        _meta: meta,
-        blocks,
-        meta_ep,
-        dir: tempfile::tempdir().unwrap(),
     }
 }
 

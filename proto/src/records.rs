@@ -69,7 +69,9 @@ record!(records_pb::WriterLease, "writer-leases", |r| format!(
 ));
 record!(records_pb::OverlayPeer, "overlay-peers", |r| r.name.clone());
 record!(records_pb::Host, "hosts", |r| r.name.clone());
+record!(records_pb::HostAlive, "host-alive", |r| r.name.clone());
 record!(records_pb::Vm, "vms", |r| r.name.clone());
+record!(records_pb::VmStatus, "vm-status", |r| r.name.clone());
 
 #[cfg(test)]
 mod tests {

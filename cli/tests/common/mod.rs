@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod blocks;
+pub mod fabric;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

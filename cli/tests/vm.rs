@@ -1,0 +1,282 @@
+//! The orchestrator end to end: agents (`continuum agent`) with their gateways on two hosts of
+//! one site, VMs created with `continuum vm create` booting the test guest
+//! (scripts/guest-image.sh) under TCG with a Continuum volume as their disk.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::fabric::{continuum, fabric, run, Gateway};
+
+/// A hypervisor host: its gateway and its agent.
+struct Host {
+    name: String,
+    _gateway: Gateway,
+    agent: Option<Child>,
+    log: PathBuf,
+    data: PathBuf,
+}
+
+impl Host {
+    fn start(dir: &Path, name: &str, site: &str, meta: &str) -> Host {
+        let gateway = Gateway::start(dir, &format!("gw-{name}"), meta, &[]);
+        let log = dir.join(format!("agent-{name}.log"));
+        let agent = Command::new(common::bin())
+            .args([
+                "agent",
+                &format!("--name={name}"),
+                &format!("--site={site}"),
+                &format!("--endpoints={meta}"),
+                &format!("--gateway-id=gw-{name}"),
+                "--accel=tcg",
+                "--cpus=2",
+                "--memory=2G",
+                "--dead-after-seconds=4",
+                "--stop-timeout-seconds=2",
+            ])
+            .arg(format!("--gateway-socket={}", gateway.socket.display()))
+            .arg(format!("--data-dir={}", dir.join(name).display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Host {
+            name: name.into(),
+            _gateway: gateway,
+            agent: Some(agent),
+            log,
+            data: dir.join(name),
+        }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- agent {} log ----\n{}", self.name, self.logs());
+        }
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // The agent's QEMUs outlive it by design; a test's must not.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &format!("{}/vms/", self.data.display())])
+            .status();
+    }
+}
+
+fn guest_image() -> PathBuf {
+    let out = run(&mut Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scripts/guest-image.sh"
+    )));
+    PathBuf::from(out.trim())
+}
+
+/// `continuum` that is expected to fail: its stderr.
+fn refused(meta: &str, args: &[&str]) -> String {
+    let out = Command::new(common::bin())
+        .args(args)
+        .args(["--endpoints", meta])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn wait_hosts(meta: &str, n: usize) {
+    let ok = (0..100).any(|_| {
+        let out = continuum(meta, &["host", "list"]);
+        if out.matches(" alive").count() == n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        false
+    });
+    assert!(
+        ok,
+        "{n} hosts alive: {}",
+        continuum(meta, &["host", "list"])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_writes_a_marker_on_one_host_and_reads_it_back_on_another() {
+    let f = fabric().await;
+    let ep = f.meta_ep.clone();
+    let image = guest_image();
+    let h1 = Host::start(f.dir.path(), "h1", "edge1", &ep);
+    let h2 = Host::start(f.dir.path(), "h2", "edge1", &ep);
+    wait_hosts(&ep, 2);
+    continuum(&ep, &["volume", "create", "ctv-disk", "--size", "256M"]);
+    let kernel = image.join("vmlinuz").display().to_string();
+    let initrd = image.join("initrd.img").display().to_string();
+    let marker = format!("orch-{}", std::process::id());
+    let append = |act: &str| format!("console=ttyS0 panic=-1 quiet continuum.act={act}");
+
+    // Bad specs are refused with a clear reason.
+    let e = refused(
+        &ep,
+        &[
+            "vm", "create", "bad", "--site", "nowhere", "--disk", "ctv-disk",
+        ],
+    );
+    assert!(
+        e.contains("no host is registered in site \"nowhere\""),
+        "{e}"
+    );
+    let e = refused(
+        &ep,
+        &[
+            "vm", "create", "bad", "--site", "edge1", "--disk", "ctv-disk", "--memory", "64G",
+        ],
+    );
+    assert!(
+        e.contains("the largest host of site \"edge1\" has 2048 MiB"),
+        "{e}"
+    );
+    let e = refused(
+        &ep,
+        &[
+            "vm",
+            "create",
+            "bad",
+            "--site",
+            "edge1",
+            "--disk",
+            "no-such-volume",
+        ],
+    );
+    assert!(
+        e.contains("volume \"no-such-volume\" does not exist"),
+        "{e}"
+    );
+
+    // First boot on h1: the guest writes the marker and powers off.
+    continuum(
+        &ep,
+        &[
+            "vm",
+            "create",
+            "ctv-h1",
+            "--site",
+            "edge1",
+            "--host",
+            "h1",
+            "--disk",
+            "ctv-disk",
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--append",
+            &append(&format!("write:{marker}")),
+        ],
+    );
+    let e = refused(
+        &ep,
+        &[
+            "vm", "create", "other", "--site", "edge1", "--disk", "ctv-disk", "--kernel", &kernel,
+        ],
+    );
+    assert!(e.contains("already a disk of VM \"ctv-h1\""), "{e}");
+    let list = continuum(&ep, &["vm", "list"]);
+    assert!(list.contains("ctv-h1") && list.contains("h1"), "{list}");
+    continuum(
+        &ep,
+        &[
+            "vm",
+            "wait",
+            "ctv-h1",
+            "--state",
+            "stopped",
+            "--timeout-seconds",
+            "180",
+        ],
+    );
+    let log = continuum(&ep, &["vm", "console", "ctv-h1", "--log"]);
+    assert!(
+        log.contains(&format!("WROTE MARKER:{marker}")),
+        "first boot: {log}"
+    );
+    assert!(!log.contains("NO DISK"), "{log}");
+
+    // Second boot on h2 (the scheduler checks h2 can take it): the marker is there.
+    continuum(
+        &ep,
+        &[
+            "vm",
+            "start",
+            "ctv-h1",
+            "--host",
+            "h2",
+            "--append",
+            &append("read"),
+        ],
+    );
+    let show = continuum(&ep, &["vm", "show", "ctv-h1"]);
+    assert!(show.contains("host: h2"), "{show}");
+    continuum(
+        &ep,
+        &[
+            "vm",
+            "wait",
+            "ctv-h1",
+            "--state",
+            "stopped",
+            "--timeout-seconds",
+            "180",
+        ],
+    );
+    let log = continuum(&ep, &["vm", "console", "ctv-h1", "--log"]);
+    assert!(
+        log.contains(&format!("READ MARKER:{marker}")),
+        "second boot on h2: {log}"
+    );
+    assert!(h2.logs().contains("QEMU started"), "{}", h2.logs());
+
+    // A QEMU that cannot start leaves the VM in error with QEMU's reason.
+    continuum(&ep, &["volume", "create", "ctv-disk2", "--size", "64M"]);
+    continuum(
+        &ep,
+        &[
+            "vm",
+            "create",
+            "ctv-h1-broken",
+            "--site",
+            "edge1",
+            "--host",
+            "h1",
+            "--disk",
+            "ctv-disk2",
+            "--kernel",
+            "/nonexistent/vmlinuz",
+        ],
+    );
+    let e = refused(
+        &ep,
+        &[
+            "vm",
+            "wait",
+            "ctv-h1-broken",
+            "--state",
+            "running",
+            "--timeout-seconds",
+            "60",
+        ],
+    );
+    assert!(
+        e.contains("QEMU failed to start") && e.contains("/nonexistent/vmlinuz"),
+        "{e}"
+    );
+    let list = continuum(&ep, &["vm", "list"]);
+    assert!(list.contains("error"), "{list}");
+    drop(h1);
+}

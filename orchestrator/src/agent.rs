@@ -1,0 +1,606 @@
+//! `continuum agent`: one per hypervisor host.
+//!
+//! Every [`TICK`] the agent reads the VM specs from meta and makes this host match them: it
+//! starts QEMU for the VMs placed here that should run (and whose generation it does not run
+//! yet), stops those that should not, restarts a QEMU that crashed, and writes each VM's
+//! status. It also fails over VMs of dead hosts of its own site ([`crate::scheduler::failover`])
+//! after fencing their volumes' writer leases.
+//!
+//! Invariants:
+//! - Edge autonomy (DESIGN.md 9): nothing here stops or restarts a VM because meta is
+//!   unreachable; without fresh specs the agent leaves its VMs as they are.
+//! - One QEMU per VM per host: a VM's runtime directory holds QEMU's pid file, and an agent that
+//!   restarts adopts the QEMU it finds running instead of starting a second one.
+//! - A VM moves to another host only after its dead host's gateway leases are revoked, so the
+//!   new gateway's epoch fences the old one on every block server.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use continuum_meta_client::MetaClient;
+use continuum_proto::records_pb::{Host, HostAlive, Vm, VmState, VmStatus};
+
+use crate::qemu::{self, Accel, HostSide, Qmp, VmPaths};
+use crate::records::{self, OrchError, AGENT_LEASE_TTL_SECONDS};
+use crate::scheduler;
+
+/// How often the agent reconciles.
+pub const TICK: Duration = Duration::from_secs(1);
+/// A QEMU that exits sooner than this after its start failed to start: the VM goes to ERROR
+/// (no restart loop) until it is started again.
+const START_GRACE: Duration = Duration::from_secs(5);
+/// Crash restarts with no successful minute between them before the VM goes to ERROR.
+const MAX_QUICK_RESTARTS: u32 = 5;
+/// Failed starts in a row before the VM goes to ERROR (a first failure may be a race, e.g. a
+/// gateway letting a volume go a moment late).
+const MAX_FAILED_STARTS: u32 = 3;
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub name: String,
+    pub site: String,
+    pub data_dir: PathBuf,
+    pub gateway_socket: PathBuf,
+    pub gateway_id: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    /// None: probe KVM, fall back to TCG.
+    pub accel: Option<Accel>,
+    /// A host whose agent lease has been gone this long is dead (its VMs fail over).
+    pub dead_after: Duration,
+    /// How long a stop waits for the guest to power off after the ACPI request.
+    pub stop_timeout: Duration,
+    pub qemu: String,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One VM's QEMU on this host.
+struct Runner {
+    generation: u64,
+    child: Option<tokio::process::Child>,
+    /// QEMU's pid (also for an adopted QEMU, which is not our child).
+    pid: Option<u32>,
+    started: Instant,
+    state: VmState,
+    reason: String,
+    restarts: u32,
+    quick_restarts: u32,
+    /// Starts in a row that failed within [`START_GRACE`].
+    failed_starts: u32,
+    /// Not started yet: waiting for its volumes (PENDING with the reason); retried every pass.
+    waiting: bool,
+    paths: VmPaths,
+}
+
+impl Runner {
+    fn alive(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => self.pid.is_some_and(pid_alive),
+        }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    rustix::process::Pid::from_raw(pid as i32)
+        .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+}
+
+/// The last lines of a log file (why QEMU failed).
+fn tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
+pub struct Agent {
+    meta: MetaClient,
+    cfg: AgentConfig,
+    accel: Accel,
+    runners: HashMap<String, Runner>,
+    lease: Option<u64>,
+    keep_alive: Option<tokio::task::JoinHandle<()>>,
+    /// When each host of the site was first seen without its lease.
+    missing_since: BTreeMap<String, Instant>,
+    written: HashMap<String, VmStatus>,
+}
+
+impl Agent {
+    pub async fn new(meta: MetaClient, cfg: AgentConfig) -> Agent {
+        let accel = match cfg.accel {
+            Some(a) => a,
+            None if qemu::probe_kvm(Duration::from_secs(5)).await => Accel::Kvm,
+            None => Accel::Tcg,
+        };
+        tracing::info!(host = cfg.name, accel = accel.as_str(), "agent starting");
+        let mut a = Agent {
+            meta,
+            cfg,
+            accel,
+            runners: HashMap::new(),
+            lease: None,
+            keep_alive: None,
+            missing_since: BTreeMap::new(),
+            written: HashMap::new(),
+        };
+        a.adopt();
+        a
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// QEMUs left running by a previous agent on this host (pid file, live process).
+    fn adopt(&mut self) {
+        let Ok(dir) = std::fs::read_dir(self.cfg.data_dir.join("vms")) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let paths = VmPaths::new(&self.cfg.data_dir, &name);
+            let pid = std::fs::read_to_string(paths.pid())
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok());
+            let Some(pid) = pid.filter(|p| pid_alive(*p)) else {
+                continue;
+            };
+            let generation = std::fs::read_to_string(paths.dir.join("generation"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            tracing::info!(vm = name, pid, "adopting a running QEMU");
+            self.runners.insert(
+                name,
+                Runner {
+                    generation,
+                    child: None,
+                    pid: Some(pid),
+                    started: Instant::now(),
+                    state: VmState::Running,
+                    reason: "adopted after an agent restart".into(),
+                    restarts: 0,
+                    quick_restarts: 0,
+                    failed_starts: 0,
+                    waiting: false,
+                    paths,
+                },
+            );
+        }
+    }
+
+    fn host_record(&self) -> Host {
+        Host {
+            name: self.cfg.name.clone(),
+            site: self.cfg.site.clone(),
+            cpus: self.cfg.cpus,
+            memory_bytes: self.cfg.memory_bytes,
+            kvm: self.accel == Accel::Kvm,
+            gateway_socket: self.cfg.gateway_socket.display().to_string(),
+            gateway_id: self.cfg.gateway_id.clone(),
+            started_unix: unix_now(),
+            ..Default::default()
+        }
+    }
+
+    /// Registers the host if its lease is gone (first start, or meta lost us for a while).
+    async fn ensure_registered(&mut self) -> Result<(), OrchError> {
+        if let Some(lease) = self.lease {
+            let alive = self.meta.record::<HostAlive>(&self.cfg.name).await?;
+            if alive.is_some_and(|a| a.record.lease_id == lease) {
+                return Ok(());
+            }
+        }
+        let lease = records::register_host(&self.meta, &self.host_record()).await?;
+        if let Some(k) = self.keep_alive.take() {
+            k.abort();
+        }
+        self.keep_alive = Some(self.meta.spawn_keep_alive(lease, AGENT_LEASE_TTL_SECONDS));
+        self.lease = Some(lease);
+        tracing::info!(host = self.cfg.name, lease, "host registered");
+        Ok(())
+    }
+
+    /// Runs until `shutdown` completes. VMs keep running after the agent stops.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.step().await {
+                        // Meta unreachable or a conflict: VMs stay as they are (autonomy).
+                        tracing::warn!(error = %e, "agent pass failed; VMs left as they are");
+                    }
+                }
+                _ = &mut shutdown => break,
+            }
+        }
+        if let Some(k) = self.keep_alive.take() {
+            k.abort();
+        }
+        if let Some(lease) = self.lease {
+            let _ = self.meta.lease_revoke(lease).await;
+        }
+    }
+
+    /// One reconciliation pass.
+    pub async fn step(&mut self) -> Result<(), OrchError> {
+        self.ensure_registered().await?;
+        let specs = records::vms(&self.meta).await?;
+        let by_name: BTreeMap<String, (Vm, u64)> = specs
+            .into_iter()
+            .map(|v| (v.record.name.clone(), (v.record, v.mod_revision)))
+            .collect();
+        self.reap(&by_name).await;
+        for (vm, _) in by_name.values() {
+            if vm.host != self.cfg.name {
+                continue;
+            }
+            self.converge(vm).await;
+        }
+        // QEMUs of VMs deleted or placed elsewhere: the spec no longer wants them here.
+        let strays: Vec<String> = self
+            .runners
+            .keys()
+            .filter(|n| by_name.get(*n).is_none_or(|(v, _)| v.host != self.cfg.name))
+            .cloned()
+            .collect();
+        for name in strays {
+            tracing::info!(vm = name, "VM no longer placed here: stopping its QEMU");
+            if let Some(mut r) = self.runners.remove(&name) {
+                stop_qemu(&mut r, Duration::ZERO).await;
+            }
+            self.written.remove(&name);
+        }
+        self.write_statuses().await?;
+        self.failover(&by_name).await?;
+        Ok(())
+    }
+
+    /// Notices QEMUs that exited.
+    async fn reap(&mut self, specs: &BTreeMap<String, (Vm, u64)>) {
+        let names: Vec<String> = self.runners.keys().cloned().collect();
+        for name in names {
+            let r = self.runners.get_mut(&name).expect("listed");
+            if r.waiting || (r.state != VmState::Running && r.state != VmState::Pending) {
+                continue;
+            }
+            if r.alive() {
+                if r.state == VmState::Pending {
+                    if let Ok(mut q) = Qmp::connect(&r.paths.qmp()).await {
+                        if q.status().await.is_ok_and(|s| s == "running") {
+                            r.state = VmState::Running;
+                            r.reason.clear();
+                        }
+                    }
+                }
+                if r.started.elapsed() > Duration::from_secs(60) {
+                    r.quick_restarts = 0;
+                }
+                continue;
+            }
+            let exit = match &mut r.child {
+                Some(c) => c.try_wait().ok().flatten(),
+                None => None,
+            };
+            r.pid = None;
+            let clean = exit.is_some_and(|s| s.success());
+            let log = tail(&r.paths.qemu_log(), 3);
+            if clean {
+                // The guest powered itself off: the VM is stopped until started again.
+                r.state = VmState::Stopped;
+                r.reason = "the guest powered off".into();
+                let generation = r.generation;
+                let me = self.cfg.name.clone();
+                let _ = records::update_vm(&self.meta, &name, |v| {
+                    if v.host == me && v.generation == generation {
+                        v.running = false;
+                    }
+                    Ok(())
+                })
+                .await;
+            } else if r.started.elapsed() < START_GRACE {
+                let reason = format!(
+                    "QEMU failed to start ({}): {log}",
+                    exit.map(|s| s.to_string()).unwrap_or_else(|| "gone".into())
+                );
+                tracing::warn!(vm = name, reason, "VM failed to start");
+                let failed = r.failed_starts + 1;
+                if failed >= MAX_FAILED_STARTS {
+                    r.state = VmState::Error;
+                    r.reason = reason;
+                } else if let Some((vm, _)) = specs.get(&name) {
+                    // Try again next pass (same generation).
+                    self.start(vm).await;
+                    if let Some(r) = self.runners.get_mut(&name) {
+                        r.failed_starts = failed;
+                        r.reason = format!("retrying after: {reason}");
+                    }
+                }
+            } else if r.quick_restarts >= MAX_QUICK_RESTARTS {
+                r.state = VmState::Error;
+                r.reason = format!("QEMU crashed {} times in a row: {log}", r.quick_restarts);
+            } else {
+                // A crash: start it again at the same generation.
+                tracing::warn!(vm = name, ?exit, "QEMU exited; restarting the VM");
+                r.state = VmState::Stopped;
+                r.reason = format!(
+                    "QEMU exited ({}); restarting",
+                    exit.map(|s| s.to_string()).unwrap_or_else(|| "gone".into())
+                );
+                let (restarts, quick) = (r.restarts + 1, r.quick_restarts + 1);
+                if let Some((vm, _)) = specs.get(&name) {
+                    if vm.running && vm.host == self.cfg.name {
+                        self.start(vm).await;
+                        if let Some(r) = self.runners.get_mut(&name) {
+                            r.restarts = restarts;
+                            r.quick_restarts = quick;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes this host's QEMU for `vm` match its spec.
+    async fn converge(&mut self, vm: &Vm) {
+        let current = self.runners.get_mut(&vm.name);
+        if vm.running {
+            match current {
+                Some(r) if r.waiting => self.start(vm).await,
+                Some(r) if r.generation >= vm.generation => {} // running it (or its error stands)
+                Some(r) => {
+                    // A newer generation: reboot or start again (cold).
+                    if r.alive() {
+                        stop_qemu(r, Duration::ZERO).await;
+                    }
+                    self.start(vm).await;
+                }
+                None => self.start(vm).await,
+            }
+        } else if let Some(r) = current {
+            if r.alive() {
+                tracing::info!(vm = vm.name, "stopping");
+                stop_qemu(r, self.cfg.stop_timeout).await;
+                r.state = VmState::Stopped;
+                r.reason = "stopped".into();
+            } else if r.state == VmState::Running || r.state == VmState::Pending {
+                r.state = VmState::Stopped;
+            }
+            r.generation = vm.generation;
+        }
+    }
+
+    /// A volume of `vm` whose writer lease another gateway holds (it must let go first: a
+    /// planned move lets go within the gateway's linger; a dead host's is fenced).
+    async fn held_elsewhere(&self, vm: &Vm) -> Result<Option<String>, OrchError> {
+        let mine = format!(
+            "{}{}",
+            continuum_blockstore::cluster::GATEWAY_HOLDER_PREFIX,
+            self.cfg.gateway_id
+        );
+        for vol in &vm.volumes {
+            if let Some(h) = records::writer_of(&self.meta, vol).await? {
+                if h.starts_with(continuum_blockstore::cluster::GATEWAY_HOLDER_PREFIX) && h != mine
+                {
+                    return Ok(Some(format!("waiting for {h} to let volume {vol} go")));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn start(&mut self, vm: &Vm) {
+        match self.held_elsewhere(vm).await {
+            Ok(None) => {}
+            Ok(Some(reason)) => {
+                self.waiting(vm, reason);
+                return;
+            }
+            Err(e) => {
+                self.waiting(vm, format!("cannot check its volumes' writers: {e}"));
+                return;
+            }
+        }
+        let paths = VmPaths::new(&self.cfg.data_dir, &vm.name);
+        let mut runner = Runner {
+            generation: vm.generation,
+            child: None,
+            pid: None,
+            started: Instant::now(),
+            state: VmState::Pending,
+            reason: String::new(),
+            restarts: 0,
+            quick_restarts: 0,
+            failed_starts: 0,
+            waiting: false,
+            paths: paths.clone(),
+        };
+        match self.spawn(vm, &paths) {
+            Ok(child) => {
+                runner.pid = child.id();
+                runner.child = Some(child);
+                tracing::info!(
+                    vm = vm.name,
+                    pid = runner.pid,
+                    generation = vm.generation,
+                    "QEMU started"
+                );
+            }
+            Err(e) => {
+                runner.state = VmState::Error;
+                runner.reason = format!("cannot run {}: {e}", self.cfg.qemu);
+            }
+        }
+        self.runners.insert(vm.name.clone(), runner);
+    }
+
+    /// `vm` waits (PENDING with `reason`); the next pass tries to start it again.
+    fn waiting(&mut self, vm: &Vm, reason: String) {
+        let r = Runner {
+            generation: vm.generation,
+            child: None,
+            pid: None,
+            started: Instant::now(),
+            state: VmState::Pending,
+            reason,
+            restarts: 0,
+            quick_restarts: 0,
+            failed_starts: 0,
+            waiting: true,
+            paths: VmPaths::new(&self.cfg.data_dir, &vm.name),
+        };
+        self.runners.insert(vm.name.clone(), r);
+    }
+
+    fn spawn(&self, vm: &Vm, paths: &VmPaths) -> std::io::Result<tokio::process::Child> {
+        std::fs::create_dir_all(&paths.dir)?;
+        for stale in [paths.qmp(), paths.console(), paths.pid()] {
+            let _ = std::fs::remove_file(stale);
+        }
+        std::fs::write(paths.dir.join("generation"), vm.generation.to_string())?;
+        let host = HostSide {
+            accel: self.accel,
+            gateway_socket: self.cfg.gateway_socket.clone(),
+            tap: None,
+            incoming: None,
+        };
+        let log = std::fs::File::create(paths.qemu_log())?;
+        tokio::process::Command::new(&self.cfg.qemu)
+            .args(qemu::command_line(vm, paths, &host))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // QEMU outlives the agent (an agent restart adopts it).
+            .kill_on_drop(false)
+            .spawn()
+    }
+
+    async fn write_statuses(&mut self) -> Result<(), OrchError> {
+        let accel = self.accel.as_str().to_string();
+        for (name, r) in &self.runners {
+            let s = VmStatus {
+                name: name.clone(),
+                host: self.cfg.name.clone(),
+                state: r.state as i32,
+                reason: r.reason.clone(),
+                generation: r.generation,
+                pid: r.pid.unwrap_or(0),
+                console_socket: r.paths.console().display().to_string(),
+                console_log: r.paths.console_log().display().to_string(),
+                since_unix: 0,
+                restarts: r.restarts,
+                accel: accel.clone(),
+                ..Default::default()
+            };
+            if self.written.get(name) == Some(&s) {
+                continue;
+            }
+            let mut stamped = s.clone();
+            stamped.since_unix = unix_now();
+            self.meta.put_record(&stamped).await?;
+            self.written.insert(name.clone(), s);
+        }
+        Ok(())
+    }
+
+    /// Moves VMs of dead hosts of this site to live ones, after fencing. Only the first live
+    /// agent of the site (by name) acts; the CAS on each spec keeps two from moving one VM.
+    async fn failover(&mut self, specs: &BTreeMap<String, (Vm, u64)>) -> Result<(), OrchError> {
+        let hosts = records::hosts(&self.meta).await?;
+        let alive = records::alive_hosts(&self.meta).await?;
+        let site: Vec<&Host> = hosts.iter().filter(|h| h.site == self.cfg.site).collect();
+        let now = Instant::now();
+        let mut dead = BTreeSet::new();
+        for h in &site {
+            if alive.contains(&h.name) {
+                self.missing_since.remove(&h.name);
+            } else {
+                let since = *self.missing_since.entry(h.name.clone()).or_insert(now);
+                if now.duration_since(since) >= self.cfg.dead_after {
+                    dead.insert(h.name.clone());
+                }
+            }
+        }
+        let leader = site.iter().map(|h| &h.name).find(|n| alive.contains(*n));
+        if dead.is_empty() || leader != Some(&self.cfg.name) {
+            return Ok(());
+        }
+        let vms: Vec<Vm> = specs.values().map(|(v, _)| v.clone()).collect();
+        for m in scheduler::failover(&hosts, &alive, &dead, &vms) {
+            let Some((vm, _)) = specs.get(&m.vm) else {
+                continue;
+            };
+            if !vm.running {
+                // A stopped VM needs no restart, only a live host to start on later.
+                continue;
+            }
+            let gw = hosts
+                .iter()
+                .find(|h| h.name == m.from)
+                .map(|h| h.gateway_id.clone())
+                .unwrap_or_default();
+            let fenced = records::fence_volumes(&self.meta, vm, &gw).await?;
+            let from = m.from.clone();
+            let to = m.to.clone();
+            records::update_vm(&self.meta, &m.vm, |v| {
+                if v.host == from {
+                    v.host = to.clone();
+                    v.generation += 1;
+                    v.placement_reason = format!("restarted after host {from} died");
+                }
+                Ok(())
+            })
+            .await?;
+            tracing::warn!(
+                vm = m.vm,
+                from = m.from,
+                to = m.to,
+                fenced,
+                "failover: VM moved off a dead host"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Stops a QEMU: an ACPI power-down and up to `grace` for the guest to go, then `quit`, then
+/// SIGKILL.
+async fn stop_qemu(r: &mut Runner, grace: Duration) {
+    if !grace.is_zero() {
+        if let Ok(mut q) = Qmp::connect(&r.paths.qmp()).await {
+            let _ = q.execute("system_powerdown", serde_json::json!({})).await;
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && r.alive() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    if r.alive() {
+        if let Ok(mut q) = Qmp::connect(&r.paths.qmp()).await {
+            let _ = q.execute("quit", serde_json::json!({})).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && r.alive() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    if r.alive() {
+        if let Some(pid) = r.pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+    if let Some(c) = &mut r.child {
+        let _ = c.wait().await;
+    }
+    r.pid = None;
+}

@@ -1,0 +1,14 @@
+//! Continuum's VM orchestrator: VMs whose disks are Continuum volumes, run by QEMU on
+//! hypervisor hosts.
+//!
+//! - [`scheduler`]: placement (site, capacity, anti-affinity) and failover decisions — pure
+//!   functions of the host and VM records, so every rule is tested deterministically.
+//! - [`qemu`]: QEMU's command line for a VM, the KVM probe, and a QMP client.
+//! - [`records`]: the host, VM and VM-status records in meta and the compare-and-swap updates.
+//! - [`agent`]: `continuum agent`, one per host: registers the host, runs the VMs placed on it,
+//!   reports their state, and fails over VMs of dead hosts of its site after fencing.
+
+pub mod agent;
+pub mod qemu;
+pub mod records;
+pub mod scheduler;

@@ -1,0 +1,198 @@
+//! The orchestrator's records in meta: hosts (with a `HostAlive` record on the agent's lease),
+//! VM specs (written with compare-and-swap by the CLI and the scheduler) and VM status (written
+//! by the agent running the VM), and the checks a new VM spec must pass.
+
+use std::collections::BTreeSet;
+
+use continuum_meta_client::records::Versioned;
+use continuum_meta_client::{Error as MetaError, MetaClient};
+use continuum_proto::records_pb::{Host, HostAlive, Vm, VmStatus, Volume, WriterLease};
+
+use crate::scheduler::{self, PlaceError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrchError {
+    #[error("meta: {0}")]
+    Meta(#[from] MetaError),
+    #[error("{0}")]
+    Place(#[from] PlaceError),
+    #[error("VM {0:?} does not exist")]
+    NoSuchVm(String),
+    #[error("VM {0:?} already exists")]
+    VmExists(String),
+    #[error("volume {0:?} does not exist")]
+    NoSuchVolume(String),
+    #[error("image {0:?} does not exist (import it with `continuum image import`)")]
+    NoSuchImage(String),
+    #[error("volume {volume:?} is already a disk of VM {vm:?}")]
+    VolumeInUse { volume: String, vm: String },
+    #[error("invalid VM spec: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+pub type Result<T> = std::result::Result<T, OrchError>;
+
+/// TTL of an agent's lease: a host whose agent stops renewing is gone after this.
+pub const AGENT_LEASE_TTL_SECONDS: u64 = 6;
+
+/// Names of the hosts whose agents hold their leases.
+pub async fn alive_hosts(meta: &MetaClient) -> Result<BTreeSet<String>> {
+    Ok(meta
+        .records::<HostAlive>()
+        .await?
+        .into_iter()
+        .map(|v| v.record.name)
+        .collect())
+}
+
+pub async fn hosts(meta: &MetaClient) -> Result<Vec<Host>> {
+    Ok(meta
+        .records::<Host>()
+        .await?
+        .into_iter()
+        .map(|v| v.record)
+        .collect())
+}
+
+pub async fn vms(meta: &MetaClient) -> Result<Vec<Versioned<Vm>>> {
+    Ok(meta.records::<Vm>().await?)
+}
+
+pub async fn statuses(meta: &MetaClient) -> Result<Vec<VmStatus>> {
+    Ok(meta
+        .records::<VmStatus>()
+        .await?
+        .into_iter()
+        .map(|v| v.record)
+        .collect())
+}
+
+/// Registers (or re-registers) `host` and marks it alive on a fresh lease of
+/// [`AGENT_LEASE_TTL_SECONDS`], which the caller keeps alive. Returns the lease.
+pub async fn register_host(meta: &MetaClient, host: &Host) -> Result<u64> {
+    let lease = meta.lease_grant(AGENT_LEASE_TTL_SECONDS).await?.id;
+    let mut h = host.clone();
+    h.lease_id = lease;
+    meta.put_record(&h).await?;
+    let alive = HostAlive {
+        name: h.name.clone(),
+        lease_id: lease,
+        ..Default::default()
+    };
+    // HostAlive lives on the lease: put it through a CAS-free swap attached to the lease.
+    let current = meta.record::<HostAlive>(&h.name).await?;
+    meta.swap_record(&alive, current.map(|c| c.mod_revision).unwrap_or(0), lease)
+        .await?;
+    Ok(lease)
+}
+
+/// Checks a new VM's spec against the records: its volumes exist and are no other VM's disks,
+/// and a host of its site can take it (or the pinned `host`). Returns the spec placed.
+pub async fn validate_and_place(meta: &MetaClient, vm: &Vm, pin: Option<&str>) -> Result<Vm> {
+    if vm.name.is_empty()
+        || !vm
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(OrchError::Invalid(format!(
+            "name {:?}: use letters, digits and '-'",
+            vm.name
+        )));
+    }
+    if vm.volumes.is_empty() && vm.kernel.is_empty() {
+        return Err(OrchError::Invalid(
+            "a VM needs a disk (--disk or --image) or a kernel (--kernel)".into(),
+        ));
+    }
+    if vm.memory_bytes < 16 << 20 {
+        return Err(OrchError::Invalid("memory below 16 MiB".into()));
+    }
+    if vm.vcpus == 0 {
+        return Err(OrchError::Invalid("0 vCPUs".into()));
+    }
+    let all = vms(meta).await?;
+    if all.iter().any(|v| v.record.name == vm.name) {
+        return Err(OrchError::VmExists(vm.name.clone()));
+    }
+    for vol in &vm.volumes {
+        if meta.record::<Volume>(vol).await?.is_none() {
+            return Err(OrchError::NoSuchVolume(vol.clone()));
+        }
+        if let Some(other) = all.iter().find(|v| v.record.volumes.contains(vol)) {
+            return Err(OrchError::VolumeInUse {
+                volume: vol.clone(),
+                vm: other.record.name.clone(),
+            });
+        }
+    }
+    let hosts = hosts(meta).await?;
+    let alive = alive_hosts(meta).await?;
+    let placed: Vec<Vm> = all.into_iter().map(|v| v.record).collect();
+    let host = scheduler::place(vm, &hosts, &alive, &placed, pin)?;
+    let mut out = vm.clone();
+    out.host = host;
+    Ok(out)
+}
+
+/// Applies `f` to VM `name`'s spec with compare-and-swap, retrying on conflicts.
+pub async fn update_vm(
+    meta: &MetaClient,
+    name: &str,
+    mut f: impl FnMut(&mut Vm) -> Result<()>,
+) -> Result<Vm> {
+    for _ in 0..20 {
+        let Some(cur) = meta.record::<Vm>(name).await? else {
+            return Err(OrchError::NoSuchVm(name.into()));
+        };
+        let mut vm = cur.record.clone();
+        f(&mut vm)?;
+        match meta.swap_record(&vm, cur.mod_revision, 0).await {
+            Ok(_) => return Ok(vm),
+            Err(MetaError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(OrchError::Conflict(format!(
+        "VM {name} kept changing; try again"
+    )))
+}
+
+/// Who holds volume `volume`'s writer lease (None: nobody, or no such volume).
+pub async fn writer_of(meta: &MetaClient, volume: &str) -> Result<Option<String>> {
+    Ok(writer_lease(meta, volume).await?.map(|l| l.holder))
+}
+
+async fn writer_lease(meta: &MetaClient, volume: &str) -> Result<Option<WriterLease>> {
+    let Some(v) = meta.record::<Volume>(volume).await? else {
+        return Ok(None);
+    };
+    let key = WriterLease {
+        volume_id: v.record.id,
+        ..Default::default()
+    };
+    let name = continuum_proto::records::Record::name(&key);
+    Ok(meta.record::<WriterLease>(&name).await?.map(|l| l.record))
+}
+
+/// Fences what a dead host's gateway holds of `vm`'s volumes: revokes its writer leases, so
+/// the gateway that attaches the volume next takes a new epoch and fences every block server
+/// before it serves I/O (DESIGN.md invariant 1). Returns the leases revoked.
+pub async fn fence_volumes(meta: &MetaClient, vm: &Vm, dead_gateway: &str) -> Result<usize> {
+    let holder = format!(
+        "{}{dead_gateway}",
+        continuum_blockstore::cluster::GATEWAY_HOLDER_PREFIX
+    );
+    let mut revoked = 0;
+    for vol in &vm.volumes {
+        if let Some(l) = writer_lease(meta, vol).await? {
+            if l.holder == holder {
+                meta.lease_revoke(l.lease_id).await?;
+                revoked += 1;
+            }
+        }
+    }
+    Ok(revoked)
+}
