@@ -5,13 +5,21 @@
 #
 #   continuum.act=write:WORD  writes "MARKER:WORD" at sector 2048 of /dev/vda (fsync)
 #   continuum.act=read        prints "READ MARKER:..." from sector 2048 of /dev/vda
+#   continuum.act=readwrite:WORD  both: prints what is there, then writes "MARKER:WORD"
+#   continuum.hold            after the action, stays up (prints HOLDING) instead of powering off
 #
 # Usage: scripts/guest-image.sh [OUT_DIR]   (default /var/cache/continuum-guest; cached)
 set -euo pipefail
 out=${1:-/var/cache/continuum-guest}
-if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ]; then
-  echo "$out"; exit 0
-fi
+# Bump when /init below changes: a cached image of another version is rebuilt.
+version=2
+cached() { [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] && [ "$(cat "$out/version" 2>/dev/null)" = "$version" ]; }
+if cached; then echo "$out"; exit 0; fi
+# Tests running at once build it once: the others wait for the lock and find it cached.
+mkdir -p "$(dirname "$out")"
+exec 9>"$out.lock"
+flock 9
+if cached; then echo "$out"; exit 0; fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
@@ -49,9 +57,17 @@ case "$act" in
            printf 'MARKER:%s\n' "$w" | dd of=/dev/vda bs=512 seek=2048 conv=fsync,sync 2>/dev/null
            sync; echo "WROTE MARKER:$w" ;;
   read)    echo "READ $(dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -n 1)" ;;
+  readwrite:*) w=${act#readwrite:}
+           echo "READ $(dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -n 1)"
+           printf 'MARKER:%s\n' "$w" | dd of=/dev/vda bs=512 seek=2048 conv=fsync,sync 2>/dev/null
+           sync; echo "WROTE MARKER:$w" ;;
   *)       echo "no continuum.act on the command line" ;;
 esac
 [ -b /dev/vda ] || echo "NO DISK /dev/vda"
+if grep -q continuum.hold /proc/cmdline; then
+  echo HOLDING
+  while true; do sleep 1; done
+fi
 echo CONTINUUM-GUEST-DONE
 poweroff -f
 INIT
@@ -61,4 +77,5 @@ mkdir -p "$out"
 cp "k/boot/vmlinuz-$kver" "$out/vmlinuz.tmp"
 mv "$out/initrd.img.tmp" "$out/initrd.img"
 mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+echo "$version" > "$out/version"
 echo "$out"

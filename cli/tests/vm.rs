@@ -54,6 +54,25 @@ impl Host {
     fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// A host failure: its agent, its gateway and its QEMUs die at once (SIGKILL).
+    fn kill(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(mut c) = self._gateway.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.kill_qemus();
+    }
+
+    fn kill_qemus(&self) {
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &format!("{}/vms/", self.data.display())])
+            .status();
+    }
 }
 
 impl Drop for Host {
@@ -66,9 +85,7 @@ impl Drop for Host {
             let _ = c.wait();
         }
         // The agent's QEMUs outlive it by design; a test's must not.
-        let _ = Command::new("pkill")
-            .args(["-KILL", "-f", &format!("{}/vms/", self.data.display())])
-            .status();
+        self.kill_qemus();
     }
 }
 
@@ -279,4 +296,116 @@ async fn a_vm_writes_a_marker_on_one_host_and_reads_it_back_on_another() {
     let list = continuum(&ep, &["vm", "list"]);
     assert!(list.contains("error"), "{list}");
     drop(h1);
+}
+
+/// Waits until `continuum vm show NAME` contains `what`.
+fn wait_show(meta: &str, name: &str, what: &str, timeout: Duration) -> String {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let show = continuum(meta, &["vm", "show", name]);
+        if show.contains(what) {
+            return show;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}: no {what:?} after {timeout:?}:\n{show}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_hosts_vm_restarts_on_another_host_of_its_site_after_fencing() {
+    let f = fabric().await;
+    let ep = f.meta_ep.clone();
+    let image = guest_image();
+    let mut h1 = Host::start(f.dir.path(), "f1", "edge2", &ep);
+    let h2 = Host::start(f.dir.path(), "f2", "edge2", &ep);
+    wait_hosts(&ep, 2);
+    continuum(&ep, &["volume", "create", "ctv-fo", "--size", "128M"]);
+    let marker = format!("fo-{}", std::process::id());
+    continuum(
+        &ep,
+        &[
+            "vm",
+            "create",
+            "ctv-fo",
+            "--site",
+            "edge2",
+            "--host",
+            "f1",
+            "--disk",
+            "ctv-fo",
+            "--kernel",
+            &image.join("vmlinuz").display().to_string(),
+            "--initrd",
+            &image.join("initrd.img").display().to_string(),
+            "--append",
+            &format!(
+                "console=ttyS0 panic=-1 quiet continuum.act=readwrite:{marker} continuum.hold"
+            ),
+        ],
+    );
+    continuum(
+        &ep,
+        &[
+            "vm",
+            "wait",
+            "ctv-fo",
+            "--state",
+            "running",
+            "--timeout-seconds",
+            "60",
+        ],
+    );
+    // The guest is up on f1 and has written its marker.
+    let log1 = f.dir.path().join("f1/vms/ctv-fo/console.log");
+    let up = (0..360).any(|_| {
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::read_to_string(&log1)
+            .unwrap_or_default()
+            .contains("HOLDING")
+    });
+    let first = std::fs::read_to_string(&log1).unwrap_or_default();
+    assert!(
+        up && first.contains(&format!("WROTE MARKER:{marker}")),
+        "{first}"
+    );
+
+    // f1 fails. After its lease is gone for the grace period, f2 fences f1's gateway lease and
+    // starts the VM; the guest finds the marker written on f1.
+    h1.kill();
+    let show = wait_show(&ep, "ctv-fo", "host: f2", Duration::from_secs(60));
+    assert!(show.contains("restarted after host f1 died"), "{show}");
+    assert!(
+        h2.logs().contains("failover: VM moved off a dead host"),
+        "{}",
+        h2.logs()
+    );
+    continuum(
+        &ep,
+        &[
+            "vm",
+            "wait",
+            "ctv-fo",
+            "--state",
+            "running",
+            "--timeout-seconds",
+            "60",
+        ],
+    );
+    let log2 = f.dir.path().join("f2/vms/ctv-fo/console.log");
+    let up = (0..360).any(|_| {
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::read_to_string(&log2)
+            .unwrap_or_default()
+            .contains("HOLDING")
+    });
+    let second = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(
+        up && second.contains(&format!("READ MARKER:{marker}")),
+        "after failover: {second}"
+    );
+    let hosts = continuum(&ep, &["host", "list"]);
+    assert!(hosts.contains("gone") && hosts.contains("alive"), "{hosts}");
 }
