@@ -19,6 +19,50 @@ struct Host {
     data: PathBuf,
 }
 
+/// The site's WAN link to meta: a TCP forwarder the test can cut (every connection dropped,
+/// new ones refused) and restore. Block servers stay reachable (site-local storage).
+struct Wan {
+    addr: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Wan {
+    async fn start(to: &str) -> Wan {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, k, to) = (cut.clone(), conns.clone(), to.to_string());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: the link is down
+                }
+                let to = to.clone();
+                k.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(&to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                }));
+            }
+        });
+        Wan { addr, cut, conns }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Host {
     fn start(dir: &Path, name: &str, site: &str, meta: &str) -> Host {
         let gateway = Gateway::start(dir, &format!("gw-{name}"), meta, &[]);
@@ -408,4 +452,88 @@ async fn a_dead_hosts_vm_restarts_on_another_host_of_its_site_after_fencing() {
     );
     let hosts = continuum(&ep, &["host", "list"]);
     assert!(hosts.contains("gone") && hosts.contains("alive"), "{hosts}");
+}
+
+fn qemu_pid(meta: &str, vm: &str) -> u32 {
+    let show = continuum(meta, &["vm", "show", vm]);
+    show.split("pid ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {show}"))
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_cut_off_from_meta_keeps_its_vms_running_and_nothing_restarts() {
+    let f = fabric().await;
+    let ep = f.meta_ep.clone();
+    let image = guest_image();
+    let wan = Wan::start(&ep).await;
+    let h1 = Host::start(f.dir.path(), "w1", "edge3", &wan.addr);
+    let h2 = Host::start(f.dir.path(), "w2", "edge3", &wan.addr);
+    wait_hosts(&ep, 2);
+    continuum(&ep, &["volume", "create", "ctv-wan", "--size", "64M"]);
+    continuum(
+        &ep,
+        &[
+            "vm",
+            "create",
+            "ctv-wan",
+            "--site",
+            "edge3",
+            "--host",
+            "w1",
+            "--disk",
+            "ctv-wan",
+            "--kernel",
+            &image.join("vmlinuz").display().to_string(),
+            "--initrd",
+            &image.join("initrd.img").display().to_string(),
+            "--append",
+            "console=ttyS0 panic=-1 quiet continuum.act=read continuum.hold",
+        ],
+    );
+    continuum(
+        &ep,
+        &[
+            "vm",
+            "wait",
+            "ctv-wan",
+            "--state",
+            "running",
+            "--timeout-seconds",
+            "60",
+        ],
+    );
+    let pid = qemu_pid(&ep, "ctv-wan");
+
+    // The WAN link goes down for longer than the agents' leases, the grace period and the
+    // gateway's writer lease: from meta, both hosts are gone.
+    wan.cut();
+    std::thread::sleep(Duration::from_secs(20));
+    let hosts = continuum(&ep, &["host", "list"]);
+    assert_eq!(hosts.matches(" gone").count(), 2, "{hosts}");
+    assert!(alive(pid), "the VM keeps running while its site is cut off");
+    let show = continuum(&ep, &["vm", "show", "ctv-wan"]);
+    assert!(show.contains("host: w1"), "nothing moved: {show}");
+
+    // The link comes back: the agents register again; the VM was never restarted.
+    wan.restore();
+    wait_hosts(&ep, 2);
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(alive(pid), "same QEMU");
+    assert_eq!(qemu_pid(&ep, "ctv-wan"), pid);
+    let show = continuum(&ep, &["vm", "show", "ctv-wan"]);
+    assert!(
+        show.contains("host: w1") && show.contains("generation: 1"),
+        "{show}"
+    );
+    for h in [&h1, &h2] {
+        assert!(!h.logs().contains("failover"), "{}", h.logs());
+        assert!(!h.logs().contains("restarting the VM"), "{}", h.logs());
+    }
 }
