@@ -76,6 +76,9 @@ enum Command {
     /// List hypervisor hosts.
     #[command(subcommand)]
     Host(vm::HostCommand),
+    /// Import and list VM images.
+    #[command(subcommand)]
+    Image(vm::ImageCommand),
 }
 
 fn init_logging(level: &str, format: &str) {
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
             Command::Agent(args) => vm::run_agent(*args).await,
             Command::Vm(c) => vm::vm(c).await,
             Command::Host(c) => vm::host(c).await,
+            Command::Image(c) => vm::image(c).await,
         }
     });
     match result {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use continuum_orchestrator::agent::{Agent, AgentConfig};
+use continuum_orchestrator::images::{self, Nbd};
 use continuum_orchestrator::qemu::Accel;
 use continuum_orchestrator::records;
 use continuum_proto::records_pb::{Vm, VmState, VmStatus};
@@ -99,6 +100,80 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Import a disk image file (raw, qcow2, or anything qemu-img reads) into a volume.
+    Import {
+        file: PathBuf,
+        /// The image's name. [default: the file name without extension]
+        #[arg(long)]
+        name: Option<String>,
+        /// Erasure-coding profile of its volume.
+        #[arg(long, default_value = "4+2")]
+        profile: String,
+        /// The gateway that writes it (`unix:PATH` or `HOST:PORT`).
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        nbd: String,
+        #[command(flatten)]
+        ep: Endpoints,
+    },
+    /// List images.
+    List {
+        #[command(flatten)]
+        ep: Endpoints,
+    },
+}
+
+pub async fn image(cmd: ImageCommand) -> anyhow::Result<()> {
+    match cmd {
+        ImageCommand::Import {
+            file,
+            name,
+            profile,
+            nbd,
+            ep,
+        } => {
+            let meta = ep.client()?;
+            let name = match name {
+                Some(n) => n,
+                None => file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .context("name the image with --name")?,
+            };
+            let profile = continuum_blockstore::cluster::parse_profile(&profile)?;
+            let img = images::import(&meta, &file, &name, profile, &Nbd(nbd), true).await?;
+            println!(
+                "image {} imported: {} MiB from {} ({}), volume {}",
+                img.name,
+                img.size_bytes >> 20,
+                img.source,
+                img.source_format,
+                img.volume
+            );
+        }
+        ImageCommand::List { ep } => {
+            let meta = ep.client()?;
+            println!(
+                "{:<20} {:>10} {:<8} {:<24} SOURCE",
+                "IMAGE", "SIZE", "FORMAT", "VOLUME"
+            );
+            for i in meta.records::<continuum_proto::records_pb::Image>().await? {
+                let i = i.record;
+                println!(
+                    "{:<20} {:>10} {:<8} {:<24} {}",
+                    i.name,
+                    format!("{}M", i.size_bytes >> 20),
+                    i.source_format,
+                    i.volume,
+                    i.source
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand, Debug)]
 pub enum HostCommand {
     /// List hypervisor hosts: site, capacity, accelerator, whether the agent is alive.
     List {
@@ -150,9 +225,18 @@ pub enum VmCommand {
         memory: u64,
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
-        /// Disks (existing volumes), in order: vda, vdb, ...
+        /// Disks (existing volumes), in order: vda, vdb, ... (after the --image disk).
         #[arg(long = "disk", value_delimiter = ',')]
         disks: Vec<String>,
+        /// A first disk cloned from this image (`continuum image import`): volume NAME-root.
+        #[arg(long)]
+        image: Option<String>,
+        /// Size of the cloned disk (at least the image's).
+        #[arg(long, value_parser = parse_size)]
+        disk_size: Option<u64>,
+        /// The gateway that copies the image (`unix:PATH` or `HOST:PORT`).
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        nbd: String,
         /// Direct kernel boot: a kernel image on the hosts.
         #[arg(long)]
         kernel: Option<String>,
@@ -262,7 +346,10 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
             site,
             memory,
             vcpus,
-            disks,
+            mut disks,
+            image,
+            disk_size,
+            nbd,
             kernel,
             initrd,
             append,
@@ -272,6 +359,17 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
             ep,
         } => {
             let meta = ep.client()?;
+            let root = format!("{name}-root");
+            if let Some(img) = &image {
+                if meta
+                    .record::<continuum_proto::records_pb::Image>(img)
+                    .await?
+                    .is_none()
+                {
+                    bail!("image {img:?} does not exist (import it with `continuum image import`)");
+                }
+                disks.insert(0, root.clone());
+            }
             let spec = Vm {
                 name: name.clone(),
                 vcpus,
@@ -287,7 +385,14 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
                 placement_reason: "created".into(),
                 ..Default::default()
             };
-            let placed = records::validate_and_place(&meta, &spec, host.as_deref()).await?;
+            // Checks and placement first (the clone's volume does not exist yet).
+            let to_create: Vec<String> = image.iter().map(|_| root.clone()).collect();
+            let placed =
+                records::validate_and_place(&meta, &spec, host.as_deref(), &to_create).await?;
+            if let Some(img) = &image {
+                eprintln!("cloning image {img} into volume {root} ...");
+                images::clone_image(&meta, img, &root, disk_size, &Nbd(nbd.clone())).await?;
+            }
             meta.create_record(&placed).await.map_err(|e| match e {
                 continuum_meta_client::Error::AlreadyExists { .. } => {
                     anyhow::anyhow!("VM {name:?} already exists")

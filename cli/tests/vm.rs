@@ -339,6 +339,80 @@ async fn a_vm_writes_a_marker_on_one_host_and_reads_it_back_on_another() {
     );
     let list = continuum(&ep, &["vm", "list"]);
     assert!(list.contains("error"), "{list}");
+
+    // Images: a qcow2 file with a marker is imported, a VM's disk is cloned from it, and the
+    // guest reads the marker from its copy.
+    let raw = f.dir.path().join("tiny.raw");
+    let mut bytes = vec![0u8; 32 << 20];
+    let img_marker = format!("MARKER:img-{}\n", std::process::id());
+    bytes[2048 * 512..2048 * 512 + img_marker.len()].copy_from_slice(img_marker.as_bytes());
+    std::fs::write(&raw, &bytes).unwrap();
+    let qcow = f.dir.path().join("tiny.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow));
+    let nbd = format!("unix:{}", h1._gateway.socket.display());
+    let out = continuum(
+        &ep,
+        &[
+            "image",
+            "import",
+            &qcow.display().to_string(),
+            "--name",
+            "tiny",
+            "--nbd",
+            &nbd,
+        ],
+    );
+    assert!(
+        out.contains("image tiny imported: 32 MiB") && out.contains("qcow2"),
+        "{out}"
+    );
+    let e = refused(
+        &ep,
+        &["vm", "create", "x", "--site", "edge1", "--image", "nope"],
+    );
+    assert!(e.contains("image \"nope\" does not exist"), "{e}");
+    continuum(
+        &ep,
+        &[
+            "vm",
+            "create",
+            "ctv-img",
+            "--site",
+            "edge1",
+            "--image",
+            "tiny",
+            "--nbd",
+            &nbd,
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--append",
+            &append("read"),
+        ],
+    );
+    let show = continuum(&ep, &["vm", "show", "ctv-img"]);
+    assert!(show.contains("disks: ctv-img-root"), "{show}");
+    continuum(
+        &ep,
+        &[
+            "vm",
+            "wait",
+            "ctv-img",
+            "--state",
+            "stopped",
+            "--timeout-seconds",
+            "180",
+        ],
+    );
+    let log = continuum(&ep, &["vm", "console", "ctv-img", "--log"]);
+    assert!(
+        log.contains(img_marker.trim()),
+        "the clone holds the image: {log}"
+    );
     drop(h1);
 }
 

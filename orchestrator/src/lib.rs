@@ -5,10 +5,12 @@
 //!   functions of the host and VM records, so every rule is tested deterministically.
 //! - [`qemu`]: QEMU's command line for a VM, the KVM probe, and a QMP client.
 //! - [`records`]: the host, VM and VM-status records in meta and the compare-and-swap updates.
+//! - [`images`]: VM images imported into volumes, and VM disks cloned from them.
 //! - [`agent`]: `continuum agent`, one per host: registers the host, runs the VMs placed on it,
 //!   reports their state, and fails over VMs of dead hosts of its site after fencing.
 
 pub mod agent;
+pub mod images;
 pub mod qemu;
 pub mod records;
 pub mod scheduler;

@@ -88,9 +88,15 @@ pub async fn register_host(meta: &MetaClient, host: &Host) -> Result<u64> {
     Ok(lease)
 }
 
-/// Checks a new VM's spec against the records: its volumes exist and are no other VM's disks,
-/// and a host of its site can take it (or the pinned `host`). Returns the spec placed.
-pub async fn validate_and_place(meta: &MetaClient, vm: &Vm, pin: Option<&str>) -> Result<Vm> {
+/// Checks a new VM's spec against the records: its volumes exist (those in `to_create` must
+/// not exist yet: they are cloned from an image after this check) and are no other VM's
+/// disks, and a host of its site can take it (or the pinned `host`). Returns the spec placed.
+pub async fn validate_and_place(
+    meta: &MetaClient,
+    vm: &Vm,
+    pin: Option<&str>,
+    to_create: &[String],
+) -> Result<Vm> {
     if vm.name.is_empty()
         || !vm
             .name
@@ -118,7 +124,16 @@ pub async fn validate_and_place(meta: &MetaClient, vm: &Vm, pin: Option<&str>) -
         return Err(OrchError::VmExists(vm.name.clone()));
     }
     for vol in &vm.volumes {
-        if meta.record::<Volume>(vol).await?.is_none() {
+        let exists = meta.record::<Volume>(vol).await?.is_some();
+        if to_create.contains(vol) {
+            if exists {
+                return Err(OrchError::Invalid(format!(
+                    "volume {vol:?} exists already (the image's copy goes there)"
+                )));
+            }
+            continue;
+        }
+        if !exists {
             return Err(OrchError::NoSuchVolume(vol.clone()));
         }
         if let Some(other) = all.iter().find(|v| v.record.volumes.contains(vol)) {

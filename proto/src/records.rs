@@ -72,6 +72,7 @@ record!(records_pb::Host, "hosts", |r| r.name.clone());
 record!(records_pb::HostAlive, "host-alive", |r| r.name.clone());
 record!(records_pb::Vm, "vms", |r| r.name.clone());
 record!(records_pb::VmStatus, "vm-status", |r| r.name.clone());
+record!(records_pb::Image, "images", |r| r.name.clone());
 
 #[cfg(test)]
 mod tests {
