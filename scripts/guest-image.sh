@@ -6,13 +6,16 @@
 #   continuum.act=write:WORD  writes "MARKER:WORD" at sector 2048 of /dev/vda (fsync)
 #   continuum.act=read        prints "READ MARKER:..." from sector 2048 of /dev/vda
 #   continuum.act=readwrite:WORD  both: prints what is there, then writes "MARKER:WORD"
+#   continuum.act=writeloop:N writes block i ("BLOCK:i") at sector 4096+i for i = 1..N, 0.1 s
+#                             apart (prints "W i" every 10, "IOERR i" if a write fails), then
+#                             drops the page cache, reads them all back: "VERIFIED bad=0|1"
 #   continuum.hold            after the action, stays up (prints HOLDING) instead of powering off
 #
 # Usage: scripts/guest-image.sh [OUT_DIR]   (default /var/cache/continuum-guest; cached)
 set -euo pipefail
 out=${1:-/var/cache/continuum-guest}
 # Bump when /init below changes: a cached image of another version is rebuilt.
-version=2
+version=3
 cached() { [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] && [ "$(cat "$out/version" 2>/dev/null)" = "$version" ]; }
 if cached; then echo "$out"; exit 0; fi
 # Tests running at once build it once: the others wait for the lock and find it cached.
@@ -56,6 +59,20 @@ case "$act" in
   write:*) w=${act#write:}
            printf 'MARKER:%s\n' "$w" | dd of=/dev/vda bs=512 seek=2048 conv=fsync,sync 2>/dev/null
            sync; echo "WROTE MARKER:$w" ;;
+  writeloop:*) n=${act#writeloop:}; i=1
+           while [ $i -le $n ]; do
+             printf 'BLOCK:%08d\n' $i | dd of=/dev/vda bs=512 seek=$((4096+i)) conv=fsync,sync 2>/dev/null || echo "IOERR $i"
+             [ $((i % 10)) = 0 ] && echo "W $i"
+             i=$((i+1)); sleep 0.1
+           done
+           sync; echo 3 > /proc/sys/vm/drop_caches
+           bad=0; j=1
+           while [ $j -le $n ]; do
+             got=$(dd if=/dev/vda bs=512 skip=$((4096+j)) count=1 2>/dev/null | head -n 1)
+             [ "$got" = "$(printf 'BLOCK:%08d' $j)" ] || { echo "BAD $j: $got"; bad=1; }
+             j=$((j+1))
+           done
+           echo "VERIFIED bad=$bad" ;;
   read)    echo "READ $(dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -n 1)" ;;
   readwrite:*) w=${act#readwrite:}
            echo "READ $(dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -n 1)"

@@ -91,6 +91,12 @@ pub struct GatewayArgs {
     /// Address for Prometheus metrics (`/metrics`) and `/health`. [default: off]
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// A connection to a volume another gateway holds is accepted in standby instead of
+    /// refused: its first request waits up to this long for the other gateway to let the
+    /// writer lease go, then attaches (with a new epoch, fencing the other). This is how a
+    /// live-migration target's QEMU opens its disks before the source lets go. 0 = refuse.
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    pub standby_attach_seconds: u64,
     /// BROKEN ON PURPOSE, for the chaos harness's negative test only: acknowledge writes,
     /// FUA and FLUSH before the data reaches any block server (it is queued in memory and
     /// lost when the gateway dies).
@@ -293,18 +299,55 @@ fn describe(vol: &Volume) -> String {
     description(p.data, p.parity)
 }
 
-/// What one connection holds: the attached volume, counted so the last one to go detaches.
+/// What one connection holds: the attached volume, counted so the last one to go detaches —
+/// or, in standby, the volume to attach at the first request.
 pub struct Handle {
-    attached: Arc<Attached>,
+    attached: tokio::sync::OnceCell<Arc<Attached>>,
+    /// Set for a standby connection: the volume and how long its first request may wait.
+    standby: Option<(String, Duration)>,
     gateway: Weak<GatewayInner>,
+}
+
+impl Handle {
+    /// The attached volume; a standby connection attaches now, waiting for the other gateway
+    /// to let go.
+    async fn attached(&self) -> ExportResult<&Arc<Attached>> {
+        self.attached
+            .get_or_try_init(|| async {
+                let (name, wait) = self.standby.clone().expect("unattached only in standby");
+                let gw = self.gateway.upgrade().ok_or_else(|| {
+                    ExportError::new(ErrorCode::Shutdown, "the gateway is stopping")
+                })?;
+                let deadline = tokio::time::Instant::now() + wait;
+                loop {
+                    match gw.attach(&name).await {
+                        Ok(a) => {
+                            tracing::info!(volume = name, "standby connection attached");
+                            return Ok(a);
+                        }
+                        Err(r)
+                            if r.reply == wire::REP_ERR_POLICY
+                                && tokio::time::Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(r) => return Err(ExportError::new(ErrorCode::Io, r.message)),
+                    }
+                }
+            })
+            .await
+    }
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        if self.attached.connections.fetch_sub(1, Ordering::AcqRel) != 1 {
+        let Some(attached) = self.attached.get() else {
+            return;
+        };
+        if attached.connections.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        let (attached, gateway) = (self.attached.clone(), self.gateway.clone());
+        let (attached, gateway) = (attached.clone(), self.gateway.clone());
         tokio::spawn(async move {
             tokio::time::sleep(LINGER).await;
             let Some(gw) = gateway.upgrade() else { return };
@@ -315,7 +358,7 @@ impl Drop for Handle {
 
 impl Export for Handle {
     async fn read(&self, offset: u64, length: u32) -> ExportResult<Bytes> {
-        let a = &self.attached;
+        let a = self.attached().await?;
         a.metrics.reads.fetch_add(1, Ordering::Relaxed);
         a.metrics
             .bytes_read
@@ -327,7 +370,7 @@ impl Export for Handle {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> ExportResult<()> {
-        let a = &self.attached;
+        let a = self.attached().await?;
         a.metrics.writes.fetch_add(1, Ordering::Relaxed);
         a.metrics
             .bytes_written
@@ -350,7 +393,7 @@ impl Export for Handle {
         fua: bool,
         no_hole: bool,
     ) -> ExportResult<()> {
-        let a = &self.attached;
+        let a = self.attached().await?;
         a.metrics.zeroes.fetch_add(1, Ordering::Relaxed);
         a.vol
             .write_zeroes(offset, length as u64, fua)
@@ -380,7 +423,7 @@ impl Export for Handle {
     }
 
     async fn flush(&self) -> ExportResult<()> {
-        let a = &self.attached;
+        let a = self.attached().await?;
         a.metrics.flushes.fetch_add(1, Ordering::Relaxed);
         if a.ack_early.is_some() {
             return Ok(());
@@ -395,7 +438,7 @@ impl Export for Handle {
     }
 
     async fn block_status(&self, offset: u64, length: u32) -> ExportResult<Vec<Extent>> {
-        let a = &self.attached;
+        let a = self.attached().await?;
         let alloc = a.allocated.lock().expect("poisoned");
         Ok(extents_by_chunk(offset, length, a.unit_bytes, |u| {
             alloc.contains(&u)
@@ -412,6 +455,7 @@ pub struct GatewayInner {
     metrics: Arc<Metrics>,
     me: Weak<GatewayInner>,
     ack_before_durable: bool,
+    standby_attach: Duration,
 }
 
 /// The catalog NBD connections find exports in.
@@ -666,12 +710,28 @@ impl Catalog for Gateway {
     }
 
     async fn open(&self, name: &str) -> Result<(ExportInfo, Arc<Handle>), Refusal> {
-        let a = self.0.attach(name).await?;
+        let a = match self.0.attach(name).await {
+            Ok(a) => a,
+            Err(r) if r.reply == wire::REP_ERR_POLICY && !self.0.standby_attach.is_zero() => {
+                tracing::info!(volume = name, reason = r.message, "connection in standby");
+                let info = self.describe(name).await?;
+                return Ok((
+                    info,
+                    Arc::new(Handle {
+                        attached: tokio::sync::OnceCell::new(),
+                        standby: Some((name.to_string(), self.0.standby_attach)),
+                        gateway: self.0.me.clone(),
+                    }),
+                ));
+            }
+            Err(r) => return Err(r),
+        };
         let info = a.info();
         Ok((
             info,
             Arc::new(Handle {
-                attached: a,
+                attached: tokio::sync::OnceCell::new_with(Some(a)),
+                standby: None,
                 gateway: self.0.me.clone(),
             }),
         ))
@@ -709,6 +769,7 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         me: me.clone(),
         ack_before_durable: args.failpoint_ack_before_durable,
+        standby_attach: Duration::from_secs(args.standby_attach_seconds),
     });
     let catalog = Arc::new(Gateway(inner.clone()));
     let config = Arc::new(ServerConfig {

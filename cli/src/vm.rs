@@ -50,6 +50,9 @@ pub struct AgentArgs {
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     pub qemu: String,
+    /// The address this host receives live migrations on (other hosts' QEMUs connect to it).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub migration_address: String,
     #[command(flatten)]
     pub ep: Endpoints,
 }
@@ -87,6 +90,7 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         dead_after: Duration::from_secs(args.dead_after_seconds),
         stop_timeout: Duration::from_secs(args.stop_timeout_seconds),
         qemu: args.qemu,
+        migration_address: args.migration_address,
     };
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
@@ -291,6 +295,20 @@ pub enum VmCommand {
         #[command(flatten)]
         ep: Endpoints,
     },
+    /// Live-migrate a running VM to another host of its site (QEMU migration; the volumes'
+    /// writer leases pass from the source's gateway to the target's at switch-over).
+    Migrate {
+        name: String,
+        #[arg(long)]
+        to: String,
+        /// Return once the migration is requested instead of waiting for it to finish.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, default_value_t = 300)]
+        timeout_seconds: u64,
+        #[command(flatten)]
+        ep: Endpoints,
+    },
     /// Delete a VM (its volumes stay).
     Delete {
         name: String,
@@ -446,6 +464,17 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
             if !v.anti_affinity_group.is_empty() {
                 println!("  anti-affinity group: {}", v.anti_affinity_group);
             }
+            if !v.migrate_to.is_empty() {
+                println!(
+                    "  migrating to: {} ({})",
+                    v.migrate_to,
+                    if v.migrate_incoming.is_empty() {
+                        "target starting"
+                    } else {
+                        &v.migrate_incoming
+                    }
+                );
+            }
             println!(
                 "  desired: {}  generation: {}",
                 if v.running { "running" } else { "stopped" },
@@ -516,6 +545,69 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
             })
             .await?;
             println!("VM {name} starting on host {}", v.host);
+        }
+        VmCommand::Migrate {
+            name,
+            to,
+            no_wait,
+            timeout_seconds,
+            ep,
+        } => {
+            let meta = ep.client()?;
+            let Some(cur) = meta.record::<Vm>(&name).await? else {
+                bail!("VM {name:?} does not exist");
+            };
+            let from = cur.record.host.clone();
+            if from == to {
+                bail!("VM {name} is on {to} already");
+            }
+            let hosts = records::hosts(&meta).await?;
+            let alive = records::alive_hosts(&meta).await?;
+            let all: Vec<Vm> = records::vms(&meta)
+                .await?
+                .into_iter()
+                .map(|v| v.record)
+                .collect();
+            continuum_orchestrator::scheduler::place(&cur.record, &hosts, &alive, &all, Some(&to))?;
+            records::update_vm(&meta, &name, |v| {
+                if !v.running {
+                    return Err(records::OrchError::Invalid(
+                        "the VM is not running: start it on the other host instead".into(),
+                    ));
+                }
+                if !v.migrate_to.is_empty() {
+                    return Err(records::OrchError::Invalid(format!(
+                        "a migration to {} is in progress",
+                        v.migrate_to
+                    )));
+                }
+                v.migrate_to = to.clone();
+                v.migrate_incoming.clear();
+                Ok(())
+            })
+            .await?;
+            println!("VM {name}: migrating from {from} to {to}");
+            if no_wait {
+                return Ok(());
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_seconds);
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Some(v) = meta.record::<Vm>(&name).await? else {
+                    bail!("VM {name} was deleted");
+                };
+                let v = v.record;
+                if v.host == to && v.migrate_to.is_empty() {
+                    println!("VM {name} migrated to {to}");
+                    return Ok(());
+                }
+                if v.migrate_to.is_empty() {
+                    bail!("{}", v.placement_reason);
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!("VM {name} still migrating to {to} after {timeout_seconds} s");
+                }
+            }
         }
         VmCommand::Stop { name, ep } => {
             let meta = ep.client()?;

@@ -65,7 +65,11 @@ impl Wan {
 
 impl Host {
     fn start(dir: &Path, name: &str, site: &str, meta: &str) -> Host {
-        let gateway = Gateway::start(dir, &format!("gw-{name}"), meta, &[]);
+        Host::start_with(dir, name, site, meta, &[])
+    }
+
+    fn start_with(dir: &Path, name: &str, site: &str, meta: &str, gw_extra: &[&str]) -> Host {
+        let gateway = Gateway::start(dir, &format!("gw-{name}"), meta, gw_extra);
         let log = dir.join(format!("agent-{name}.log"));
         let agent = Command::new(common::bin())
             .args([
@@ -610,4 +614,141 @@ async fn a_site_cut_off_from_meta_keeps_its_vms_running_and_nothing_restarts() {
         assert!(!h.logs().contains("failover"), "{}", h.logs());
         assert!(!h.logs().contains("restarting the VM"), "{}", h.logs());
     }
+}
+
+/// A libnbd client on the *source* gateway that stays connected through the migration and
+/// writes only when told: the old side trying to write after switch-over.
+const OLD_WRITER: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("connected", flush=True)
+sys.stdin.readline()
+try:
+    h.pwrite(b"\x55" * 4096, 0)
+    h.flush()
+    print("written", flush=True)
+except nbd.Error as e:
+    print("refused:", e, flush=True)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writing_guest_live_migrates_and_the_old_side_can_no_longer_write() {
+    use std::io::{BufRead, Write};
+    let f = fabric().await;
+    let ep = f.meta_ep.clone();
+    let image = guest_image();
+    let standby = ["--standby-attach-seconds=30"];
+    let h1 = Host::start_with(f.dir.path(), "m1", "edge4", &ep, &standby);
+    let h2 = Host::start_with(f.dir.path(), "m2", "edge4", &ep, &standby);
+    wait_hosts(&ep, 2);
+    continuum(&ep, &["volume", "create", "ctv-mig", "--size", "64M"]);
+    continuum(
+        &ep,
+        &[
+            "vm",
+            "create",
+            "ctv-mig",
+            "--site",
+            "edge4",
+            "--host",
+            "m1",
+            "--disk",
+            "ctv-mig",
+            "--kernel",
+            &image.join("vmlinuz").display().to_string(),
+            "--initrd",
+            &image.join("initrd.img").display().to_string(),
+            "--append",
+            "console=ttyS0 panic=-1 quiet continuum.act=writeloop:300 continuum.hold",
+        ],
+    );
+    continuum(
+        &ep,
+        &[
+            "vm",
+            "wait",
+            "ctv-mig",
+            "--state",
+            "running",
+            "--timeout-seconds",
+            "60",
+        ],
+    );
+    let log1 = f.dir.path().join("m1/vms/ctv-mig/console.log");
+    let writing = (0..360).any(|_| {
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::read_to_string(&log1)
+            .unwrap_or_default()
+            .contains("W 20")
+    });
+    assert!(
+        writing,
+        "the guest writes: {}",
+        std::fs::read_to_string(&log1).unwrap_or_default()
+    );
+
+    // The old side: a client of the source gateway's export, connected before the migration.
+    // Debian's python3 has the libnbd binding (python3-libnbd); a pyenv one on PATH may not.
+    let mut old = Command::new("/usr/bin/python3")
+        .args(["-c", OLD_WRITER, &h1._gateway.uri("ctv-mig")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut old_out = std::io::BufReader::new(old.stdout.take().unwrap());
+    let mut line = String::new();
+    old_out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+
+    // Migrate while the guest writes.
+    let out = continuum(&ep, &["vm", "migrate", "ctv-mig", "--to", "m2"]);
+    assert!(out.contains("migrated to m2"), "{out}");
+    let show = continuum(&ep, &["vm", "show", "ctv-mig"]);
+    assert!(
+        show.contains("host: m2") && show.contains("live-migrated from m1"),
+        "{show}"
+    );
+    assert!(
+        h1.logs().contains("live migration completed"),
+        "{}",
+        h1.logs()
+    );
+
+    // The guest goes on on m2 and verifies everything it wrote, before and after.
+    let log2 = f.dir.path().join("m2/vms/ctv-mig/console.log");
+    let done = (0..360).any(|_| {
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::read_to_string(&log2)
+            .unwrap_or_default()
+            .contains("VERIFIED")
+    });
+    let before = std::fs::read_to_string(&log1).unwrap_or_default();
+    let after = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(done, "the guest finishes on m2:\n{before}\n----\n{after}");
+    assert!(after.contains("VERIFIED bad=0"), "{before}\n----\n{after}");
+    // It was writing on both sides of the switch-over.
+    assert!(
+        !before.contains("VERIFIED") && after.contains("W 300"),
+        "{before}\n----\n{after}"
+    );
+    assert!(
+        !before.contains("IOERR") && !after.contains("IOERR"),
+        "{before}\n----\n{after}"
+    );
+    assert!(
+        after.contains("HOLDING") && !after.contains("Linux version"),
+        "the guest was not rebooted: {after}"
+    );
+
+    // The old side writes now: the block servers refuse its epoch.
+    old.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut line = String::new();
+    old_out.read_line(&mut line).unwrap();
+    let _ = old.wait();
+    assert!(
+        line.starts_with("refused"),
+        "the old side's write after switch-over: {line}"
+    );
+    drop(h2);
 }

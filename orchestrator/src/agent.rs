@@ -32,6 +32,8 @@ pub const TICK: Duration = Duration::from_secs(1);
 const START_GRACE: Duration = Duration::from_secs(5);
 /// Crash restarts with no successful minute between them before the VM goes to ERROR.
 const MAX_QUICK_RESTARTS: u32 = 5;
+/// Bytes per second a live migration may use.
+const MIGRATION_BANDWIDTH: u64 = 1 << 30;
 /// Failed starts in a row before the VM goes to ERROR (a first failure may be a race, e.g. a
 /// gateway letting a volume go a moment late).
 const MAX_FAILED_STARTS: u32 = 3;
@@ -52,6 +54,8 @@ pub struct AgentConfig {
     /// How long a stop waits for the guest to power off after the ACPI request.
     pub stop_timeout: Duration,
     pub qemu: String,
+    /// The address this host's QEMUs listen on for incoming live migrations.
+    pub migration_address: String,
 }
 
 fn unix_now() -> u64 {
@@ -76,6 +80,12 @@ struct Runner {
     failed_starts: u32,
     /// Not started yet: waiting for its volumes (PENDING with the reason); retried every pass.
     waiting: bool,
+    /// A live-migration target (QEMU started with `-incoming`) until the VM is placed here.
+    incoming: bool,
+    /// Where an incoming migration is to listen, until QEMU listens and it is published.
+    incoming_addr: Option<String>,
+    /// A live-migration source: `migrate` was sent.
+    migrating: bool,
     paths: VmPaths,
 }
 
@@ -170,6 +180,9 @@ impl Agent {
                     quick_restarts: 0,
                     failed_starts: 0,
                     waiting: false,
+                    incoming: false,
+                    incoming_addr: None,
+                    migrating: false,
                     paths,
                 },
             );
@@ -242,16 +255,22 @@ impl Agent {
             .collect();
         self.reap(&by_name).await;
         for (vm, _) in by_name.values() {
-            if vm.host != self.cfg.name {
-                continue;
+            if vm.host == self.cfg.name {
+                self.converge(vm).await;
+            } else if vm.migrate_to == self.cfg.name && vm.running {
+                self.converge_incoming(vm).await;
             }
-            self.converge(vm).await;
         }
         // QEMUs of VMs deleted or placed elsewhere: the spec no longer wants them here.
+        let me = self.cfg.name.clone();
         let strays: Vec<String> = self
             .runners
             .keys()
-            .filter(|n| by_name.get(*n).is_none_or(|(v, _)| v.host != self.cfg.name))
+            .filter(|n| {
+                by_name
+                    .get(*n)
+                    .is_none_or(|(v, _)| v.host != me && v.migrate_to != me)
+            })
             .cloned()
             .collect();
         for name in strays {
@@ -293,6 +312,28 @@ impl Agent {
                 None => None,
             };
             r.pid = None;
+            if r.incoming {
+                // The migration target failed: the migration is off, the source runs on.
+                let reason = format!(
+                    "migration to {} failed: the target QEMU exited ({}): {}",
+                    self.cfg.name,
+                    exit.map(|s| s.to_string()).unwrap_or_else(|| "gone".into()),
+                    tail(&r.paths.qemu_log(), 3)
+                );
+                tracing::warn!(vm = name, reason, "incoming migration failed");
+                self.runners.remove(&name);
+                let me = self.cfg.name.clone();
+                let _ = records::update_vm(&self.meta, &name, |v| {
+                    if v.migrate_to == me {
+                        v.migrate_to.clear();
+                        v.migrate_incoming.clear();
+                        v.placement_reason = reason.clone();
+                    }
+                    Ok(())
+                })
+                .await;
+                continue;
+            }
             let clean = exit.is_some_and(|s| s.success());
             let log = tail(&r.paths.qemu_log(), 3);
             if clean {
@@ -353,6 +394,14 @@ impl Agent {
 
     /// Makes this host's QEMU for `vm` match its spec.
     async fn converge(&mut self, vm: &Vm) {
+        if let Some(r) = self.runners.get_mut(&vm.name) {
+            // A finished incoming migration: the VM is placed here now, and this is its QEMU.
+            r.incoming = false;
+        }
+        if vm.running && !vm.migrate_to.is_empty() {
+            self.migrate_out(vm).await;
+            return;
+        }
         let current = self.runners.get_mut(&vm.name);
         if vm.running {
             match current {
@@ -399,6 +448,160 @@ impl Agent {
         Ok(None)
     }
 
+    /// The target side of a live migration: QEMU waiting for the state on `-incoming`, its
+    /// disks opened in standby on this host's gateway until the source lets the volumes go.
+    async fn converge_incoming(&mut self, vm: &Vm) {
+        if let Some(r) = self.runners.get_mut(&vm.name).filter(|r| r.incoming) {
+            // QEMU runs with `-incoming defer`: once its QMP answers, it listens, and only then
+            // is the address published (the source connects at once).
+            let Some(addr) = r.incoming_addr.clone() else {
+                return;
+            };
+            let Ok(mut q) = Qmp::connect(&r.paths.qmp()).await else {
+                return;
+            };
+            if let Err(e) = q
+                .execute("migrate-incoming", serde_json::json!({ "uri": addr }))
+                .await
+            {
+                tracing::warn!(vm = vm.name, error = %e, "migrate-incoming");
+                return;
+            }
+            r.incoming_addr = None;
+            let me = self.cfg.name.clone();
+            let published = records::update_vm(&self.meta, &vm.name, |v| {
+                if v.migrate_to == me {
+                    v.migrate_incoming = addr.clone();
+                }
+                Ok(())
+            })
+            .await;
+            if let Err(e) = published {
+                tracing::warn!(vm = vm.name, error = %e, "cannot publish the incoming address");
+            }
+            return;
+        }
+        let port = match std::net::TcpListener::bind((self.cfg.migration_address.as_str(), 0))
+            .and_then(|l| l.local_addr())
+        {
+            Ok(a) => a.port(),
+            Err(e) => {
+                tracing::warn!(vm = vm.name, error = %e, "no port for an incoming migration");
+                return;
+            }
+        };
+        let addr = format!("tcp:{}:{port}", self.cfg.migration_address);
+        self.spawn_runner(vm, Some("defer".into()));
+        if let Some(r) = self.runners.get_mut(&vm.name) {
+            r.incoming = true;
+            r.incoming_addr = Some(addr.clone());
+            r.reason = format!("incoming migration on {addr}");
+        }
+    }
+
+    /// The source side of a live migration: sends `migrate` once the target listens, follows
+    /// it, and at completion hands the volumes over (revokes this gateway's writer leases, so
+    /// the target's gateway attaches with a new epoch that fences this one) and moves the
+    /// VM's placement to the target.
+    async fn migrate_out(&mut self, vm: &Vm) {
+        let Some(r) = self.runners.get_mut(&vm.name) else {
+            return;
+        };
+        if vm.migrate_incoming.is_empty() || !r.alive() || r.state != VmState::Running {
+            return;
+        }
+        let Ok(mut q) = Qmp::connect(&r.paths.qmp()).await else {
+            return;
+        };
+        if !r.migrating {
+            // Hosts of a site share a LAN: QEMU's default bandwidth cap would stretch a busy
+            // guest's migration over minutes.
+            let _ = q
+                .execute(
+                    "migrate-set-parameters",
+                    serde_json::json!({ "max-bandwidth": MIGRATION_BANDWIDTH }),
+                )
+                .await;
+            let sent = q
+                .execute("migrate", serde_json::json!({ "uri": vm.migrate_incoming }))
+                .await;
+            match sent {
+                Ok(_) => {
+                    r.migrating = true;
+                    tracing::info!(
+                        vm = vm.name,
+                        to = vm.migrate_to,
+                        uri = vm.migrate_incoming,
+                        "live migration started"
+                    );
+                }
+                Err(e) => self.abort_migration(vm, format!("migrate: {e}")).await,
+            }
+            return;
+        }
+        let (status, error) = match q.execute("query-migrate", serde_json::json!({})).await {
+            Ok(s) => (
+                s["status"].as_str().unwrap_or("").to_string(),
+                s["error-desc"].as_str().unwrap_or("").to_string(),
+            ),
+            Err(e) => {
+                tracing::warn!(vm = vm.name, error = %e, "query-migrate");
+                return;
+            }
+        };
+        match status.as_str() {
+            "completed" => {
+                let fenced = records::fence_volumes(&self.meta, vm, &self.cfg.gateway_id).await;
+                let (from, to) = (self.cfg.name.clone(), vm.migrate_to.clone());
+                let moved = records::update_vm(&self.meta, &vm.name, |v| {
+                    if v.migrate_to == to {
+                        v.host = to.clone();
+                        v.migrate_to.clear();
+                        v.migrate_incoming.clear();
+                        v.placement_reason = format!("live-migrated from {from}");
+                    }
+                    Ok(())
+                })
+                .await;
+                tracing::info!(
+                    vm = vm.name,
+                    to,
+                    ?fenced,
+                    ok = moved.is_ok(),
+                    "live migration completed; writer leases handed over"
+                );
+                if let Some(mut r) = self.runners.remove(&vm.name) {
+                    stop_qemu(&mut r, Duration::ZERO).await;
+                }
+                self.written.remove(&vm.name);
+            }
+            "failed" | "cancelled" => {
+                r.migrating = false;
+                self.abort_migration(vm, format!("migration {status}: {error}"))
+                    .await;
+            }
+            _ => {}
+        }
+    }
+
+    async fn abort_migration(&mut self, vm: &Vm, reason: String) {
+        tracing::warn!(
+            vm = vm.name,
+            reason,
+            "live migration failed; the VM stays here"
+        );
+        let to = vm.migrate_to.clone();
+        let _ = records::update_vm(&self.meta, &vm.name, |v| {
+            if v.migrate_to == to {
+                v.migrate_to.clear();
+                v.migrate_incoming.clear();
+                v.placement_reason = format!("migration to {to} failed: {reason}");
+            }
+            Ok(())
+        })
+        .await;
+    }
+
     async fn start(&mut self, vm: &Vm) {
         match self.held_elsewhere(vm).await {
             Ok(None) => {}
@@ -411,6 +614,11 @@ impl Agent {
                 return;
             }
         }
+        self.spawn_runner(vm, None);
+    }
+
+    /// Starts QEMU for `vm` (with `-incoming` for a migration target) as its runner.
+    fn spawn_runner(&mut self, vm: &Vm, incoming: Option<String>) {
         let paths = VmPaths::new(&self.cfg.data_dir, &vm.name);
         let mut runner = Runner {
             generation: vm.generation,
@@ -423,9 +631,12 @@ impl Agent {
             quick_restarts: 0,
             failed_starts: 0,
             waiting: false,
+            incoming: false,
+            incoming_addr: None,
+            migrating: false,
             paths: paths.clone(),
         };
-        match self.spawn(vm, &paths) {
+        match self.spawn(vm, &paths, incoming) {
             Ok(child) => {
                 runner.pid = child.id();
                 runner.child = Some(child);
@@ -457,12 +668,20 @@ impl Agent {
             quick_restarts: 0,
             failed_starts: 0,
             waiting: true,
+            incoming: false,
+            incoming_addr: None,
+            migrating: false,
             paths: VmPaths::new(&self.cfg.data_dir, &vm.name),
         };
         self.runners.insert(vm.name.clone(), r);
     }
 
-    fn spawn(&self, vm: &Vm, paths: &VmPaths) -> std::io::Result<tokio::process::Child> {
+    fn spawn(
+        &self,
+        vm: &Vm,
+        paths: &VmPaths,
+        incoming: Option<String>,
+    ) -> std::io::Result<tokio::process::Child> {
         std::fs::create_dir_all(&paths.dir)?;
         for stale in [paths.qmp(), paths.console(), paths.pid()] {
             let _ = std::fs::remove_file(stale);
@@ -472,7 +691,7 @@ impl Agent {
             accel: self.accel,
             gateway_socket: self.cfg.gateway_socket.clone(),
             tap: None,
-            incoming: None,
+            incoming,
         };
         let log = std::fs::File::create(paths.qemu_log())?;
         tokio::process::Command::new(&self.cfg.qemu)
