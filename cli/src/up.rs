@@ -39,6 +39,12 @@ pub struct UpArgs {
     /// Size of the demo volume.
     #[arg(long, default_value = "10G", value_parser = crate::block::parse_size, value_name = "SIZE")]
     pub demo_size: u64,
+    /// Boot a demo VM (with the demo volume as its disk) from this kernel; with --demo-vm-initrd.
+    /// `scripts/up.sh` passes the small test guest of `scripts/guest-image.sh`.
+    #[arg(long, value_name = "PATH")]
+    pub demo_vm_kernel: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    pub demo_vm_initrd: Option<PathBuf>,
     /// Start, print the summary, and exit leaving nothing running (a smoke test).
     #[arg(long)]
     pub check: bool,
@@ -61,13 +67,46 @@ fn terminate(d: &Daemon) {
     }
 }
 
-/// Stops the gateway first (it flushes to the block servers and lets its leases go), then
-/// everything else at once.
-async fn stop_all(daemons: &mut [Daemon]) {
+/// Stops the agent first, then the VMs it ran (their QEMUs outlive an agent by design, not
+/// `continuum up`), then the gateway (it flushes to the block servers and lets its leases go),
+/// then everything else at once.
+async fn stop_all(daemons: &mut [Daemon], agent_dir: &Path) {
+    let (agents, rest): (Vec<&mut Daemon>, Vec<&mut Daemon>) =
+        daemons.iter_mut().partition(|d| d.name == "agent");
+    stop_group(agents).await;
+    stop_vms(agent_dir).await;
     let (gateways, others): (Vec<&mut Daemon>, Vec<&mut Daemon>) =
-        daemons.iter_mut().partition(|d| d.name == "gateway");
+        rest.into_iter().partition(|d| d.name == "gateway");
     stop_group(gateways).await;
     stop_group(others).await;
+}
+
+/// Stops the QEMUs of the local agent (SIGTERM, then SIGKILL after 10 s).
+async fn stop_vms(agent_dir: &Path) {
+    let Ok(dir) = std::fs::read_dir(agent_dir.join("vms")) else {
+        return;
+    };
+    let pids: Vec<rustix::process::Pid> = dir
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("qemu.pid")).ok())
+        .filter_map(|s| s.trim().parse::<i32>().ok())
+        .filter_map(rustix::process::Pid::from_raw)
+        .collect();
+    for p in &pids {
+        let _ = rustix::process::kill_process(*p, rustix::process::Signal::TERM);
+    }
+    for _ in 0..100 {
+        if pids
+            .iter()
+            .all(|p| rustix::process::test_kill_process(*p).is_err())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for p in &pids {
+        let _ = rustix::process::kill_process(*p, rustix::process::Signal::KILL);
+    }
 }
 
 async fn stop_group(mut daemons: Vec<&mut Daemon>) {
@@ -115,11 +154,11 @@ where
             return Ok(v);
         }
         if let Some(why) = exited_during_startup(daemons) {
-            stop_all(daemons).await;
+            stop_all(daemons, &logs.with_file_name("agent")).await;
             bail!(why);
         }
         if tokio::time::Instant::now() > deadline {
-            stop_all(daemons).await;
+            stop_all(daemons, &logs.with_file_name("agent")).await;
             bail!(
                 "not within 30 s: {what}; see the logs in {}",
                 logs.display()
@@ -226,6 +265,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         format!("--listen=127.0.0.1:{}", args.nbd_port),
         format!("--socket={}", socket.display()),
         format!("--metrics-addr={}", addr(300, 1)),
+        "--standby-attach-seconds=30".to_string(),
     ];
     daemons.push(start_daemon(
         &exe,
@@ -266,6 +306,67 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .map(|_| ())
     })
     .await?;
+    // The hypervisor agent of this machine (host "local", site "local").
+    let agent_dir = data_dir.join("agent");
+    let a = vec![
+        "agent".to_string(),
+        "--name=local".to_string(),
+        "--site=local".to_string(),
+        format!("--data-dir={}", agent_dir.display()),
+        format!("--gateway-socket={}", socket.display()),
+        "--gateway-id=local".to_string(),
+        format!("--endpoints={}", endpoints.join(",")),
+    ];
+    daemons.push(start_daemon(
+        &exe,
+        "agent".into(),
+        &a,
+        logs.join("agent.log"),
+    )?);
+    let c = &client;
+    wait_ready(&mut daemons, "the agent registered", &logs, || async move {
+        continuum_orchestrator::records::alive_hosts(&c)
+            .await
+            .ok()
+            .filter(|h| h.contains("local"))
+            .map(|_| ())
+    })
+    .await?;
+    let demo_vm = match (&args.demo_vm_kernel, args.demo_volume.is_empty()) {
+        (Some(kernel), false) => {
+            let exists = client
+                .record::<continuum_proto::records_pb::Vm>("demo-vm")
+                .await?
+                .is_some();
+            if !exists {
+                let spec = continuum_proto::records_pb::Vm {
+                    name: "demo-vm".into(),
+                    vcpus: 1,
+                    memory_bytes: 256 << 20,
+                    volumes: vec![args.demo_volume.clone()],
+                    site: "local".into(),
+                    running: true,
+                    generation: 1,
+                    kernel: kernel.display().to_string(),
+                    initrd: args
+                        .demo_vm_initrd
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    append: "console=ttyS0 panic=-1 quiet continuum.act=read continuum.hold".into(),
+                    placement_reason: "created by continuum up".into(),
+                    ..Default::default()
+                };
+                let placed =
+                    continuum_orchestrator::records::validate_and_place(&client, &spec, None, &[])
+                        .await
+                        .context("creating the demo VM")?;
+                client.create_record(&placed).await?;
+            }
+            true
+        }
+        _ => false,
+    };
     println!();
     println!("Continuum is up.");
     println!("  meta members   {}", endpoints.join(", "));
@@ -293,6 +394,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "                 nbd+unix:///{demo}?socket={}",
         socket.display()
     );
+    println!("  agent          host local (site local): `continuum host list`");
+    if demo_vm {
+        println!(
+            "  demo VM        demo-vm: `continuum vm show demo-vm`, `continuum vm console demo-vm`"
+        );
+    }
     println!("  data           {}", data_dir.display());
     println!("  logs           {}", logs.display());
     println!();
@@ -317,7 +424,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     println!();
     if args.check {
-        stop_all(&mut daemons).await;
+        stop_all(&mut daemons, &agent_dir).await;
         println!("--check: stopped everything.");
         return Ok(());
     }
@@ -339,7 +446,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     println!("stopping ...");
-    stop_all(&mut daemons).await;
+    stop_all(&mut daemons, &agent_dir).await;
     println!("stopped; data kept in {}", data_dir.display());
     Ok(())
 }

@@ -37,9 +37,12 @@ pub struct AgentArgs {
     /// Memory VMs may use here, e.g. 16G. [default: this machine's, less 1 GiB]
     #[arg(long, value_parser = parse_size)]
     pub memory: Option<u64>,
-    /// Accelerator: auto (probe KVM, else TCG), kvm or tcg.
+    /// Accelerator: auto (probe: a Linux kernel must boot under KVM, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
     pub accel: String,
+    /// The kernel the KVM probe boots. [default: the newest /boot/vmlinuz-*]
+    #[arg(long, value_name = "PATH")]
+    pub kvm_probe_kernel: Option<PathBuf>,
     /// A host whose agent has been silent this long is dead: its VMs restart on another host
     /// of the site (after fencing).
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
@@ -87,6 +90,7 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             "tcg" => Some(Accel::Tcg),
             _ => None,
         },
+        kvm_probe_kernel: args.kvm_probe_kernel,
         dead_after: Duration::from_secs(args.dead_after_seconds),
         stop_timeout: Duration::from_secs(args.stop_timeout_seconds),
         qemu: args.qemu,

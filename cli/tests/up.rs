@@ -8,6 +8,19 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn up(data_dir: &std::path::Path, base_port: u16, nbd_port: u16, check: bool) -> Command {
+    // The demo VM boots the test guest (a kernel and a busybox initramfs).
+    let image = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scripts/guest-image.sh"
+    ))
+    .output()
+    .unwrap();
+    assert!(
+        image.status.success(),
+        "{}",
+        String::from_utf8_lossy(&image.stderr)
+    );
+    let image = std::path::PathBuf::from(String::from_utf8_lossy(&image.stdout).trim());
     let mut c = Command::new(common::bin());
     c.args([
         "up",
@@ -19,7 +32,11 @@ fn up(data_dir: &std::path::Path, base_port: u16, nbd_port: u16, check: bool) ->
         "256M",
         "--data-dir",
     ])
-    .arg(data_dir);
+    .arg(data_dir)
+    .arg("--demo-vm-kernel")
+    .arg(image.join("vmlinuz"))
+    .arg("--demo-vm-initrd")
+    .arg(image.join("initrd.img"));
     if check {
         c.arg("--check");
     }
@@ -122,8 +139,32 @@ fn up_serves_a_demo_volume_stops_on_ctrl_c_and_resumes_with_its_data() {
         assert!(dir.path().join(format!("block-{i}/index/CURRENT")).exists());
     }
     assert!(dir.path().join("logs/gateway.log").exists());
+    // The agent runs the demo VM, whose disk is the demo volume.
+    assert!(first.contains("demo VM        demo-vm"), "{first}");
+    let console = dir.path().join("agent/vms/demo-vm/console.log");
+    let booted = (0..360).any(|_| {
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains("HOLDING")
+    });
+    assert!(
+        booted,
+        "the demo VM boots: {}",
+        std::fs::read_to_string(&console).unwrap_or_default()
+    );
+    let pid: i32 = std::fs::read_to_string(dir.path().join("agent/vms/demo-vm/qemu.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     qemu_io(&uri, &["write -P 0x5c 1048576 3M", "flush"]);
     interrupt(child);
+    // Ctrl-C stopped the VM too.
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the demo VM's QEMU is stopped with the fabric"
+    );
 
     let (child, second) = start(up(dir.path(), base, nbd_port, false));
     assert!(second.contains("Continuum is up."), "{second}");

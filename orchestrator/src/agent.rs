@@ -49,6 +49,8 @@ pub struct AgentConfig {
     pub memory_bytes: u64,
     /// None: probe KVM, fall back to TCG.
     pub accel: Option<Accel>,
+    /// The kernel the KVM probe boots (default: the newest /boot/vmlinuz-*).
+    pub kvm_probe_kernel: Option<PathBuf>,
     /// A host whose agent lease has been gone this long is dead (its VMs fail over).
     pub dead_after: Duration,
     /// How long a stop waits for the guest to power off after the ACPI request.
@@ -124,10 +126,20 @@ pub struct Agent {
 
 impl Agent {
     pub async fn new(meta: MetaClient, cfg: AgentConfig) -> Agent {
-        let accel = match cfg.accel {
-            Some(a) => a,
-            None if qemu::probe_kvm(Duration::from_secs(5)).await => Accel::Kvm,
-            None => Accel::Tcg,
+        let accel = match (
+            cfg.accel,
+            qemu::probe_kernel(cfg.kvm_probe_kernel.as_deref()),
+        ) {
+            (Some(a), _) => a,
+            (None, Some(k)) if qemu::probe_kvm(&k, Duration::from_secs(20)).await => Accel::Kvm,
+            (None, Some(k)) => {
+                tracing::info!(kernel = %k.display(), "a Linux guest does not boot under KVM here: VMs run under TCG");
+                Accel::Tcg
+            }
+            (None, None) => {
+                tracing::info!("no kernel to probe KVM with (/boot is empty; --kvm-probe-kernel): VMs run under TCG, --accel kvm forces KVM");
+                Accel::Tcg
+            }
         };
         tracing::info!(host = cfg.name, accel = accel.as_str(), "agent starting");
         let mut a = Agent {

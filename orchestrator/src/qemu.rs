@@ -145,28 +145,52 @@ pub fn mac_of(name: &str) -> String {
     format!("52:54:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
 }
 
-/// Whether guests run under KVM here: QEMU starts a machine with KVM and its firmware must
-/// print on the debug console within `timeout`. `/dev/kvm` existing is not enough (on some
-/// machines guests hang under it).
-pub async fn probe_kvm(timeout: Duration) -> bool {
+/// The kernel the KVM probe boots: `kernel`, else the newest `/boot/vmlinuz-*`.
+pub fn probe_kernel(kernel: Option<&Path>) -> Option<PathBuf> {
+    if let Some(k) = kernel {
+        return Some(k.to_path_buf());
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// Whether Linux guests run under KVM here: QEMU boots `kernel` the way VMs run (q35, KVM,
+/// `-cpu host`) and the kernel must get as far as mounting its root (it then panics: there is
+/// none) within `timeout`. Neither `/dev/kvm` existing nor firmware running is enough: on some
+/// machines the firmware runs and a kernel then hangs, or `-cpu host` makes QEMU abort.
+pub async fn probe_kvm(kernel: &Path, timeout: Duration) -> bool {
     if std::fs::metadata("/dev/kvm").is_err() {
         return false;
     }
     let child = tokio::process::Command::new("qemu-system-x86_64")
         .args([
             "-machine",
-            "pc,accel=kvm",
+            "q35,accel=kvm",
+            "-cpu",
+            "host",
             "-m",
-            "32",
+            "128",
             "-nodefaults",
             "-no-user-config",
             "-display",
             "none",
-            "-chardev",
-            "stdio,id=dbg",
-            "-device",
-            "isa-debugcon,iobase=0x402,chardev=dbg",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+            "-append",
+            "console=ttyS0 panic=-1",
+            "-kernel",
         ])
+        .arg(kernel)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -179,9 +203,9 @@ pub async fn probe_kvm(timeout: Duration) -> bool {
         return false;
     };
     let mut lines = BufReader::new(out).lines();
-    let seen = tokio::time::timeout(timeout, async {
+    let booted = tokio::time::timeout(timeout, async {
         while let Ok(Some(l)) = lines.next_line().await {
-            if l.contains("SeaBIOS") {
+            if l.contains("VFS:") || l.contains("Kernel panic") || l.contains("Run /init") {
                 return true;
             }
         }
@@ -190,7 +214,7 @@ pub async fn probe_kvm(timeout: Duration) -> bool {
     .await
     .unwrap_or(false);
     let _ = child.kill().await;
-    seen
+    booted
 }
 
 #[derive(Debug, thiserror::Error)]
