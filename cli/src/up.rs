@@ -325,7 +325,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )?);
     let c = &client;
     wait_ready(&mut daemons, "the agent registered", &logs, || async move {
-        continuum_orchestrator::records::alive_hosts(&c)
+        continuum_orchestrator::records::alive_hosts(c)
             .await
             .ok()
             .filter(|h| h.contains("local"))
