@@ -513,20 +513,7 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
                 let Some(cur) = meta.record::<Vm>(&name).await? else {
                     bail!("VM {name:?} does not exist");
                 };
-                let hosts = records::hosts(&meta).await?;
-                let alive = records::alive_hosts(&meta).await?;
-                let all: Vec<Vm> = records::vms(&meta)
-                    .await?
-                    .into_iter()
-                    .map(|v| v.record)
-                    .collect();
-                target = Some(continuum_orchestrator::scheduler::place(
-                    &cur.record,
-                    &hosts,
-                    &alive,
-                    &all,
-                    Some(h),
-                )?);
+                target = Some(records::place_on(&meta, &cur.record, h).await?);
             }
             let v = records::update_vm(&meta, &name, |v| {
                 if v.running && target.as_ref().is_some_and(|t| *t != v.host) {
@@ -565,14 +552,7 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
             if from == to {
                 bail!("VM {name} is on {to} already");
             }
-            let hosts = records::hosts(&meta).await?;
-            let alive = records::alive_hosts(&meta).await?;
-            let all: Vec<Vm> = records::vms(&meta)
-                .await?
-                .into_iter()
-                .map(|v| v.record)
-                .collect();
-            continuum_orchestrator::scheduler::place(&cur.record, &hosts, &alive, &all, Some(&to))?;
+            records::place_on(&meta, &cur.record, &to).await?;
             records::update_vm(&meta, &name, |v| {
                 if !v.running {
                     return Err(records::OrchError::Invalid(

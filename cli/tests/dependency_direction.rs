@@ -39,6 +39,7 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
             "continuum-blockstore",
             "continuum-nbd",
             "continuum-overlay",
+            "continuum-orchestrator",
         ]
         .into(),
     );

@@ -145,6 +145,33 @@ fn guest_image() -> PathBuf {
     PathBuf::from(out.trim())
 }
 
+/// `continuum vm wait NAME --state STATE` (panics with the reason if it is not reached).
+fn wait_state(meta: &str, name: &str, state: &str, seconds: u64) {
+    continuum(
+        meta,
+        &[
+            "vm",
+            "wait",
+            name,
+            "--state",
+            state,
+            "--timeout-seconds",
+            &seconds.to_string(),
+        ],
+    );
+}
+
+/// Waits up to 3 minutes (TCG boots take ~10 s here) until the console log at `log` contains
+/// `what`.
+fn wait_console(log: &Path, what: &str) -> bool {
+    (0..360).any(|_| {
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains(what)
+    })
+}
+
 /// `continuum` that is expected to fail: its stderr.
 fn refused(meta: &str, args: &[&str]) -> String {
     let out = Command::new(common::bin())
@@ -254,18 +281,7 @@ async fn a_vm_writes_a_marker_on_one_host_and_reads_it_back_on_another() {
     assert!(e.contains("already a disk of VM \"ctv-h1\""), "{e}");
     let list = continuum(&ep, &["vm", "list"]);
     assert!(list.contains("ctv-h1") && list.contains("h1"), "{list}");
-    continuum(
-        &ep,
-        &[
-            "vm",
-            "wait",
-            "ctv-h1",
-            "--state",
-            "stopped",
-            "--timeout-seconds",
-            "180",
-        ],
-    );
+    wait_state(&ep, "ctv-h1", "stopped", 180);
     let log = continuum(&ep, &["vm", "console", "ctv-h1", "--log"]);
     assert!(
         log.contains(&format!("WROTE MARKER:{marker}")),
@@ -288,18 +304,7 @@ async fn a_vm_writes_a_marker_on_one_host_and_reads_it_back_on_another() {
     );
     let show = continuum(&ep, &["vm", "show", "ctv-h1"]);
     assert!(show.contains("host: h2"), "{show}");
-    continuum(
-        &ep,
-        &[
-            "vm",
-            "wait",
-            "ctv-h1",
-            "--state",
-            "stopped",
-            "--timeout-seconds",
-            "180",
-        ],
-    );
+    wait_state(&ep, "ctv-h1", "stopped", 180);
     let log = continuum(&ep, &["vm", "console", "ctv-h1", "--log"]);
     assert!(
         log.contains(&format!("READ MARKER:{marker}")),
@@ -400,18 +405,7 @@ async fn a_vm_writes_a_marker_on_one_host_and_reads_it_back_on_another() {
     );
     let show = continuum(&ep, &["vm", "show", "ctv-img"]);
     assert!(show.contains("disks: ctv-img-root"), "{show}");
-    continuum(
-        &ep,
-        &[
-            "vm",
-            "wait",
-            "ctv-img",
-            "--state",
-            "stopped",
-            "--timeout-seconds",
-            "180",
-        ],
-    );
+    wait_state(&ep, "ctv-img", "stopped", 180);
     let log = continuum(&ep, &["vm", "console", "ctv-img", "--log"]);
     assert!(
         log.contains(img_marker.trim()),
@@ -468,26 +462,10 @@ async fn a_dead_hosts_vm_restarts_on_another_host_of_its_site_after_fencing() {
             ),
         ],
     );
-    continuum(
-        &ep,
-        &[
-            "vm",
-            "wait",
-            "ctv-fo",
-            "--state",
-            "running",
-            "--timeout-seconds",
-            "60",
-        ],
-    );
+    wait_state(&ep, "ctv-fo", "running", 60);
     // The guest is up on f1 and has written its marker.
     let log1 = f.dir.path().join("f1/vms/ctv-fo/console.log");
-    let up = (0..360).any(|_| {
-        std::thread::sleep(Duration::from_millis(500));
-        std::fs::read_to_string(&log1)
-            .unwrap_or_default()
-            .contains("HOLDING")
-    });
+    let up = wait_console(&log1, "HOLDING");
     let first = std::fs::read_to_string(&log1).unwrap_or_default();
     assert!(
         up && first.contains(&format!("WROTE MARKER:{marker}")),
@@ -504,25 +482,9 @@ async fn a_dead_hosts_vm_restarts_on_another_host_of_its_site_after_fencing() {
         "{}",
         h2.logs()
     );
-    continuum(
-        &ep,
-        &[
-            "vm",
-            "wait",
-            "ctv-fo",
-            "--state",
-            "running",
-            "--timeout-seconds",
-            "60",
-        ],
-    );
+    wait_state(&ep, "ctv-fo", "running", 60);
     let log2 = f.dir.path().join("f2/vms/ctv-fo/console.log");
-    let up = (0..360).any(|_| {
-        std::thread::sleep(Duration::from_millis(500));
-        std::fs::read_to_string(&log2)
-            .unwrap_or_default()
-            .contains("HOLDING")
-    });
+    let up = wait_console(&log2, "HOLDING");
     let second = std::fs::read_to_string(&log2).unwrap_or_default();
     assert!(
         up && second.contains(&format!("READ MARKER:{marker}")),
@@ -575,18 +537,7 @@ async fn a_site_cut_off_from_meta_keeps_its_vms_running_and_nothing_restarts() {
             "console=ttyS0 panic=-1 quiet continuum.act=read continuum.hold",
         ],
     );
-    continuum(
-        &ep,
-        &[
-            "vm",
-            "wait",
-            "ctv-wan",
-            "--state",
-            "running",
-            "--timeout-seconds",
-            "60",
-        ],
-    );
+    wait_state(&ep, "ctv-wan", "running", 60);
     let pid = qemu_pid(&ep, "ctv-wan");
 
     // The WAN link goes down for longer than the agents' leases, the grace period and the
@@ -663,25 +614,9 @@ async fn a_writing_guest_live_migrates_and_the_old_side_can_no_longer_write() {
             "console=ttyS0 panic=-1 quiet continuum.act=writeloop:300 continuum.hold",
         ],
     );
-    continuum(
-        &ep,
-        &[
-            "vm",
-            "wait",
-            "ctv-mig",
-            "--state",
-            "running",
-            "--timeout-seconds",
-            "60",
-        ],
-    );
+    wait_state(&ep, "ctv-mig", "running", 60);
     let log1 = f.dir.path().join("m1/vms/ctv-mig/console.log");
-    let writing = (0..360).any(|_| {
-        std::thread::sleep(Duration::from_millis(500));
-        std::fs::read_to_string(&log1)
-            .unwrap_or_default()
-            .contains("W 20")
-    });
+    let writing = wait_console(&log1, "W 20");
     assert!(
         writing,
         "the guest writes: {}",
@@ -717,12 +652,7 @@ async fn a_writing_guest_live_migrates_and_the_old_side_can_no_longer_write() {
 
     // The guest goes on on m2 and verifies everything it wrote, before and after.
     let log2 = f.dir.path().join("m2/vms/ctv-mig/console.log");
-    let done = (0..360).any(|_| {
-        std::thread::sleep(Duration::from_millis(500));
-        std::fs::read_to_string(&log2)
-            .unwrap_or_default()
-            .contains("VERIFIED")
-    });
+    let done = wait_console(&log2, "VERIFIED");
     let before = std::fs::read_to_string(&log1).unwrap_or_default();
     let after = std::fs::read_to_string(&log2).unwrap_or_default();
     assert!(done, "the guest finishes on m2:\n{before}\n----\n{after}");

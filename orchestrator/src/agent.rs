@@ -92,6 +92,25 @@ struct Runner {
 }
 
 impl Runner {
+    fn new(generation: u64, paths: VmPaths, state: VmState, reason: String) -> Runner {
+        Runner {
+            generation,
+            child: None,
+            pid: None,
+            started: Instant::now(),
+            state,
+            reason,
+            restarts: 0,
+            quick_restarts: 0,
+            failed_starts: 0,
+            waiting: false,
+            incoming: false,
+            incoming_addr: None,
+            migrating: false,
+            paths,
+        }
+    }
+
     fn alive(&mut self) -> bool {
         match &mut self.child {
             Some(c) => matches!(c.try_wait(), Ok(None)),
@@ -179,25 +198,14 @@ impl Agent {
                 .and_then(|s| s.trim().parse().ok())
                 .unwrap_or(0);
             tracing::info!(vm = name, pid, "adopting a running QEMU");
-            self.runners.insert(
-                name,
-                Runner {
-                    generation,
-                    child: None,
-                    pid: Some(pid),
-                    started: Instant::now(),
-                    state: VmState::Running,
-                    reason: "adopted after an agent restart".into(),
-                    restarts: 0,
-                    quick_restarts: 0,
-                    failed_starts: 0,
-                    waiting: false,
-                    incoming: false,
-                    incoming_addr: None,
-                    migrating: false,
-                    paths,
-                },
+            let mut r = Runner::new(
+                generation,
+                paths,
+                VmState::Running,
+                "adopted after an agent restart".into(),
             );
+            r.pid = Some(pid);
+            self.runners.insert(name, r);
         }
     }
 
@@ -632,22 +640,12 @@ impl Agent {
     /// Starts QEMU for `vm` (with `-incoming` for a migration target) as its runner.
     fn spawn_runner(&mut self, vm: &Vm, incoming: Option<String>) {
         let paths = VmPaths::new(&self.cfg.data_dir, &vm.name);
-        let mut runner = Runner {
-            generation: vm.generation,
-            child: None,
-            pid: None,
-            started: Instant::now(),
-            state: VmState::Pending,
-            reason: String::new(),
-            restarts: 0,
-            quick_restarts: 0,
-            failed_starts: 0,
-            waiting: false,
-            incoming: false,
-            incoming_addr: None,
-            migrating: false,
-            paths: paths.clone(),
-        };
+        let mut runner = Runner::new(
+            vm.generation,
+            paths.clone(),
+            VmState::Pending,
+            String::new(),
+        );
         match self.spawn(vm, &paths, incoming) {
             Ok(child) => {
                 runner.pid = child.id();
@@ -669,22 +667,13 @@ impl Agent {
 
     /// `vm` waits (PENDING with `reason`); the next pass tries to start it again.
     fn waiting(&mut self, vm: &Vm, reason: String) {
-        let r = Runner {
-            generation: vm.generation,
-            child: None,
-            pid: None,
-            started: Instant::now(),
-            state: VmState::Pending,
+        let mut r = Runner::new(
+            vm.generation,
+            VmPaths::new(&self.cfg.data_dir, &vm.name),
+            VmState::Pending,
             reason,
-            restarts: 0,
-            quick_restarts: 0,
-            failed_starts: 0,
-            waiting: true,
-            incoming: false,
-            incoming_addr: None,
-            migrating: false,
-            paths: VmPaths::new(&self.cfg.data_dir, &vm.name),
-        };
+        );
+        r.waiting = true;
         self.runners.insert(vm.name.clone(), r);
     }
 

@@ -152,6 +152,15 @@ pub async fn validate_and_place(
     Ok(out)
 }
 
+/// Checks that host `host` can take `vm` now (scheduler rules, with everything else where it
+/// is); returns the host.
+pub async fn place_on(meta: &MetaClient, vm: &Vm, host: &str) -> Result<String> {
+    let hosts = hosts(meta).await?;
+    let alive = alive_hosts(meta).await?;
+    let placed: Vec<Vm> = vms(meta).await?.into_iter().map(|v| v.record).collect();
+    Ok(scheduler::place(vm, &hosts, &alive, &placed, Some(host))?)
+}
+
 /// Applies `f` to VM `name`'s spec with compare-and-swap, retrying on conflicts.
 pub async fn update_vm(
     meta: &MetaClient,
