@@ -525,9 +525,17 @@ impl Agent {
     /// VM's placement to the target.
     async fn migrate_out(&mut self, vm: &Vm) {
         let Some(r) = self.runners.get_mut(&vm.name) else {
+            // Nothing runs here to migrate (not started yet, or gone): the migration is off.
+            self.abort_migration(vm, format!("the VM does not run on {}", self.cfg.name))
+                .await;
             return;
         };
-        if vm.migrate_incoming.is_empty() || !r.alive() || r.state != VmState::Running {
+        if !r.alive() && !r.waiting {
+            let reason = format!("its QEMU on {} is not running", self.cfg.name);
+            self.abort_migration(vm, reason).await;
+            return;
+        }
+        if vm.migrate_incoming.is_empty() || r.state != VmState::Running {
             return;
         }
         let Ok(mut q) = Qmp::connect(&r.paths.qmp()).await else {
