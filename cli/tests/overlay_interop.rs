@@ -215,6 +215,18 @@ fn start_both(lab: &mut Lab, a_key: &[u8; 32], b_key: &[u8; 32], psk: &[u8; 32])
     });
 }
 
+/// `continuum overlay show` of our side (cnt0).
+fn our_show() -> String {
+    let out = sh(&[
+        env!("CARGO_BIN_EXE_continuum"),
+        "overlay",
+        "show",
+        "--tun",
+        "cnt0",
+    ]);
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 /// `wg show WG_DEV FIELD` in B (wireguard-go's view).
 fn wg_show(field: &str) -> String {
     let out = sh(&["ip", "netns", "exec", NS_B, "wg", "show", WG_DEV, field]);
@@ -290,14 +302,7 @@ fn continuum_and_wireguard_go_handshake_both_ways_and_carry_ping_and_iperf3() {
     );
     // Bulk TCP left our side in GSO trains (this kernel has UDP GSO): several datagrams per
     // send call, and wireguard-go, which has no GRO, took them all.
-    let ours = sh(&[
-        env!("CARGO_BIN_EXE_continuum"),
-        "overlay",
-        "show",
-        "--tun",
-        "cnt0",
-    ]);
-    let ours = String::from_utf8_lossy(&ours.stdout).to_string();
+    let ours = our_show();
     let batching: Vec<u64> = ours
         .lines()
         .find_map(|l| l.trim().strip_prefix("udp batching: "))
@@ -335,14 +340,7 @@ fn continuum_and_wireguard_go_handshake_both_ways_and_carry_ping_and_iperf3() {
         "51821",
     ]);
     assert!(ping(NS_B, "10.200.0.1"), "ping after B moved");
-    let ours = sh(&[
-        env!("CARGO_BIN_EXE_continuum"),
-        "overlay",
-        "show",
-        "--tun",
-        "cnt0",
-    ]);
-    let ours = String::from_utf8_lossy(&ours.stdout).to_string();
+    let ours = our_show();
     assert!(
         ours.contains("endpoint: 10.99.0.2:51821"),
         "our side follows B:\n{ours}"

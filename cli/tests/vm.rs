@@ -145,6 +145,21 @@ fn guest_image() -> PathBuf {
     PathBuf::from(out.trim())
 }
 
+/// `continuum vm create NAME --site SITE --host HOST --disk DISK` booting the test guest with
+/// `guest` (its `continuum.*` kernel arguments).
+fn create_guest_vm(meta: &str, image: &Path, [name, site, host, disk]: [&str; 4], guest: &str) {
+    let kernel = image.join("vmlinuz").display().to_string();
+    let initrd = image.join("initrd.img").display().to_string();
+    let append = format!("console=ttyS0 panic=-1 quiet {guest}");
+    continuum(
+        meta,
+        &[
+            "vm", "create", name, "--site", site, "--host", host, "--disk", disk, "--kernel",
+            &kernel, "--initrd", &initrd, "--append", &append,
+        ],
+    );
+}
+
 /// `continuum vm wait NAME --state STATE` (panics with the reason if it is not reached).
 fn wait_state(meta: &str, name: &str, state: &str, seconds: u64) {
     continuum(
@@ -252,25 +267,11 @@ async fn a_vm_writes_a_marker_on_one_host_and_reads_it_back_on_another() {
     );
 
     // First boot on h1: the guest writes the marker and powers off.
-    continuum(
+    create_guest_vm(
         &ep,
-        &[
-            "vm",
-            "create",
-            "ctv-h1",
-            "--site",
-            "edge1",
-            "--host",
-            "h1",
-            "--disk",
-            "ctv-disk",
-            "--kernel",
-            &kernel,
-            "--initrd",
-            &initrd,
-            "--append",
-            &append(&format!("write:{marker}")),
-        ],
+        &image,
+        ["ctv-h1", "edge1", "h1", "ctv-disk"],
+        &format!("continuum.act=write:{marker}"),
     );
     let e = refused(
         &ep,
@@ -440,27 +441,11 @@ async fn a_dead_hosts_vm_restarts_on_another_host_of_its_site_after_fencing() {
     wait_hosts(&ep, 2);
     continuum(&ep, &["volume", "create", "ctv-fo", "--size", "128M"]);
     let marker = format!("fo-{}", std::process::id());
-    continuum(
+    create_guest_vm(
         &ep,
-        &[
-            "vm",
-            "create",
-            "ctv-fo",
-            "--site",
-            "edge2",
-            "--host",
-            "f1",
-            "--disk",
-            "ctv-fo",
-            "--kernel",
-            &image.join("vmlinuz").display().to_string(),
-            "--initrd",
-            &image.join("initrd.img").display().to_string(),
-            "--append",
-            &format!(
-                "console=ttyS0 panic=-1 quiet continuum.act=readwrite:{marker} continuum.hold"
-            ),
-        ],
+        &image,
+        ["ctv-fo", "edge2", "f1", "ctv-fo"],
+        &format!("continuum.act=readwrite:{marker} continuum.hold"),
     );
     wait_state(&ep, "ctv-fo", "running", 60);
     // The guest is up on f1 and has written its marker.
@@ -517,25 +502,11 @@ async fn a_site_cut_off_from_meta_keeps_its_vms_running_and_nothing_restarts() {
     let h2 = Host::start(f.dir.path(), "w2", "edge3", &wan.addr);
     wait_hosts(&ep, 2);
     continuum(&ep, &["volume", "create", "ctv-wan", "--size", "64M"]);
-    continuum(
+    create_guest_vm(
         &ep,
-        &[
-            "vm",
-            "create",
-            "ctv-wan",
-            "--site",
-            "edge3",
-            "--host",
-            "w1",
-            "--disk",
-            "ctv-wan",
-            "--kernel",
-            &image.join("vmlinuz").display().to_string(),
-            "--initrd",
-            &image.join("initrd.img").display().to_string(),
-            "--append",
-            "console=ttyS0 panic=-1 quiet continuum.act=read continuum.hold",
-        ],
+        &image,
+        ["ctv-wan", "edge3", "w1", "ctv-wan"],
+        "continuum.act=read continuum.hold",
     );
     wait_state(&ep, "ctv-wan", "running", 60);
     let pid = qemu_pid(&ep, "ctv-wan");
@@ -594,25 +565,11 @@ async fn a_writing_guest_live_migrates_and_the_old_side_can_no_longer_write() {
     let h2 = Host::start_with(f.dir.path(), "m2", "edge4", &ep, &standby);
     wait_hosts(&ep, 2);
     continuum(&ep, &["volume", "create", "ctv-mig", "--size", "64M"]);
-    continuum(
+    create_guest_vm(
         &ep,
-        &[
-            "vm",
-            "create",
-            "ctv-mig",
-            "--site",
-            "edge4",
-            "--host",
-            "m1",
-            "--disk",
-            "ctv-mig",
-            "--kernel",
-            &image.join("vmlinuz").display().to_string(),
-            "--initrd",
-            &image.join("initrd.img").display().to_string(),
-            "--append",
-            "console=ttyS0 panic=-1 quiet continuum.act=writeloop:300 continuum.hold",
-        ],
+        &image,
+        ["ctv-mig", "edge4", "m1", "ctv-mig"],
+        "continuum.act=writeloop:300 continuum.hold",
     );
     wait_state(&ep, "ctv-mig", "running", 60);
     let log1 = f.dir.path().join("m1/vms/ctv-mig/console.log");
