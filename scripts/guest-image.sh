@@ -10,12 +10,16 @@
 #                             apart (prints "W i" every 10, "IOERR i" if a write fails), then
 #                             drops the page cache, reads them all back: "VERIFIED bad=0|1"
 #   continuum.hold            after the action, stays up (prints HOLDING) instead of powering off
+#   ip=ADDR::GW:MASK::eth0:off  configures the virtio NIC (what `continuum agent` passes for a
+#                             VM with --nic); prints "NET eth0 ADDR"
+#   continuum.ping=IP         after the network is up, pings IP until it answers (up to 120 s):
+#                             "PING OK IP" or "PING FAILED IP"
 #
 # Usage: scripts/guest-image.sh [OUT_DIR]   (default /var/cache/continuum-guest; cached)
 set -euo pipefail
 out=${1:-/var/cache/continuum-guest}
 # Bump when /init below changes: a cached image of another version is rebuilt.
-version=3
+version=4
 cached() { [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] && [ "$(cat "$out/version" 2>/dev/null)" = "$version" ]; }
 if cached; then echo "$out"; exit 0; fi
 # Tests running at once build it once: the others wait for the lock and find it cached.
@@ -54,6 +58,24 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
   [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko 2>/dev/null
 done
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+ipconf=$(sed -n 's/.*[[:space:]]ip=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$ipconf" ]; then
+  addr=$(echo "$ipconf" | cut -d: -f1); gw=$(echo "$ipconf" | cut -d: -f3)
+  mask=$(echo "$ipconf" | cut -d: -f4); dev=$(echo "$ipconf" | cut -d: -f6)
+  i=0; while [ ! -e /sys/class/net/${dev:-eth0} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+  ifconfig lo up
+  ifconfig "${dev:-eth0}" "$addr" netmask "$mask" up && route add default gw "$gw" \
+    && echo "NET ${dev:-eth0} $addr" || echo "NET FAILED"
+fi
+peer=$(sed -n 's/.*continuum\.ping=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$peer" ]; then
+  i=0; ok=0
+  while [ $i -lt 120 ]; do
+    if ping -c 1 -W 1 "$peer" >/dev/null 2>&1; then ok=1; break; fi
+    i=$((i+1))
+  done
+  [ $ok = 1 ] && echo "PING OK $peer" || echo "PING FAILED $peer"
+fi
 act=$(sed -n 's/.*continuum\.act=\([^ ]*\).*/\1/p' /proc/cmdline)
 case "$act" in
   write:*) w=${act#write:}

@@ -220,6 +220,8 @@ pub async fn host(cmd: HostCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+// Parsed once per run: the size of `Create` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
     /// Create a VM (placed by the scheduler on a host of its site) and start it.
@@ -253,6 +255,13 @@ pub enum VmCommand {
         /// Kernel command line.
         #[arg(long, default_value = "console=ttyS0")]
         append: String,
+        /// A virtio-net NIC on its site's overlay subnet (the site's `continuum overlay up
+        /// --subnet`); with direct kernel boot the guest gets its address as `ip=`.
+        #[arg(long)]
+        nic: bool,
+        /// The NIC's address (default: the lowest free one of the site's subnet).
+        #[arg(long, requires = "nic")]
+        address: Option<String>,
         /// VMs of one group never share a host.
         #[arg(long)]
         anti_affinity: Option<String>,
@@ -375,6 +384,8 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
             kernel,
             initrd,
             append,
+            nic,
+            address,
             anti_affinity,
             host,
             no_start,
@@ -404,6 +415,8 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
                 kernel: kernel.unwrap_or_default(),
                 initrd: initrd.unwrap_or_default(),
                 append,
+                nic,
+                address: address.unwrap_or_default(),
                 placement_reason: "created".into(),
                 ..Default::default()
             };
@@ -421,7 +434,14 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
                 }
                 e => e.into(),
             })?;
-            println!("VM {name} created on host {}", placed.host);
+            if placed.nic {
+                println!(
+                    "VM {name} created on host {} with address {}",
+                    placed.host, placed.address
+                );
+            } else {
+                println!("VM {name} created on host {}", placed.host);
+            }
         }
         VmCommand::List { ep } => {
             let meta = ep.client()?;
@@ -433,7 +453,12 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
             );
             for v in vms {
                 let v = v.record;
-                let (state, reason) = effective(&v, statuses.iter().find(|s| s.name == v.name));
+                let (state, reason) = effective(
+                    &v,
+                    statuses
+                        .iter()
+                        .find(|s| s.name == v.name && s.host == v.host),
+                );
                 println!(
                     "{:<20} {:<12} {:<14} {:>5} {:>8} {:<9} {}",
                     v.name,
@@ -452,7 +477,7 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
                 bail!("VM {name:?} does not exist");
             };
             let v = v.record;
-            let status = meta.record::<VmStatus>(&name).await?.map(|s| s.record);
+            let status = records::status_of(&meta, &v).await?;
             let (state, reason) = effective(&v, status.as_ref());
             println!("vm: {}", v.name);
             println!(
@@ -461,6 +486,14 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
             );
             println!("  vcpus: {}  memory: {} MiB", v.vcpus, v.memory_bytes >> 20);
             println!("  disks: {}", v.volumes.join(", "));
+            if v.nic {
+                println!(
+                    "  nic: {}  mac: {}  tap: {}",
+                    v.address,
+                    continuum_orchestrator::qemu::mac_of(&v.name),
+                    continuum_orchestrator::network::tap_name(&v.name)
+                );
+            }
             if !v.kernel.is_empty() {
                 println!("  kernel: {}  initrd: {}", v.kernel, v.initrd);
                 println!("  append: {}", v.append);
@@ -621,15 +654,20 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
             if !meta.delete_record::<Vm>(&name).await? {
                 bail!("VM {name:?} does not exist");
             }
-            let _ = meta.delete_record::<VmStatus>(&name).await;
+            let _ = records::delete_statuses(&meta, &name).await;
             println!("VM {name} deleted (its host's agent stops its QEMU; volumes stay)");
         }
         VmCommand::Console { name, log, ep } => {
             let meta = ep.client()?;
-            let Some(s) = meta.record::<VmStatus>(&name).await? else {
-                bail!("VM {name:?} has no status yet (not started?)");
+            let Some(v) = meta.record::<Vm>(&name).await? else {
+                bail!("VM {name:?} does not exist");
             };
-            let s = s.record;
+            let Some(s) = records::status_of(&meta, &v.record).await? else {
+                bail!(
+                    "VM {name:?} has no status on host {:?} yet (not started?)",
+                    v.record.host
+                );
+            };
             if log {
                 let text = std::fs::read_to_string(&s.console_log).with_context(|| {
                     format!(
@@ -654,7 +692,7 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
                 let Some(v) = meta.record::<Vm>(&name).await? else {
                     bail!("VM {name:?} does not exist");
                 };
-                let status = meta.record::<VmStatus>(&name).await?.map(|s| s.record);
+                let status = records::status_of(&meta, &v.record).await?;
                 let (now, reason) = effective(&v.record, status.as_ref());
                 if now == state {
                     println!("{name}: {now}");

@@ -1,6 +1,7 @@
-//! The orchestrator end to end: agents (`continuum agent`) with their gateways on two hosts of
-//! one site, VMs created with `continuum vm create` booting the test guest
-//! (scripts/guest-image.sh) under TCG with a Continuum volume as their disk.
+//! The orchestrator end to end: hypervisor hosts as network namespaces on a bridge, each with
+//! its gateway and agent (`continuum agent`), meta and the block servers on the bridge's
+//! address in the root namespace; VMs created with `continuum vm create` boot the test guest
+//! (scripts/guest-image.sh) under TCG with a Continuum volume as their disk. Needs root.
 
 mod common;
 
@@ -8,13 +9,89 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::fabric::{continuum, fabric, run, Gateway};
+use common::fabric::{continuum, fabric_on, in_ns, run, Fabric, Gateway};
+use common::net::Net;
 
-/// A hypervisor host: its gateway and its agent.
+/// One test's hosts: namespaces `PREFIX-NAME` with addresses 10.N.0.i on the bridge
+/// (10.N.0.254, where meta and the block servers listen).
+struct Lab {
+    f: Fabric,
+    net: Net,
+    n: u8,
+    hosts: u8,
+}
+
+async fn lab(prefix: &str, n: u8) -> Lab {
+    common::net::need_root("the VM tests");
+    let net = Net::new(prefix, "24", &format!("10.{n}.0.254"));
+    let f = fabric_on(&net.bridge_ip).await;
+    Lab {
+        f,
+        net,
+        n,
+        hosts: 0,
+    }
+}
+
+impl Lab {
+    fn dir(&self) -> &Path {
+        self.f.dir.path()
+    }
+
+    fn meta(&self) -> String {
+        self.f.meta_ep.clone()
+    }
+
+    /// A host in its own namespace whose agent and gateway reach meta at `meta`.
+    fn host(&mut self, name: &str, site: &str, meta: &str, gw_extra: &[&str]) -> Host {
+        self.hosts += 1;
+        let ns = self.net.add_ns(name);
+        let ip = format!("10.{}.0.{}", self.n, self.hosts);
+        self.net.link(&ns, name, &format!("{ip}/24"), None);
+        let dir = self.dir().to_path_buf();
+        let gateway = Gateway::start_in(Some(&ns), &dir, &format!("gw-{name}"), meta, gw_extra);
+        let log = dir.join(format!("agent-{name}.log"));
+        let agent = in_ns(Some(&ns))
+            .args([
+                "agent",
+                &format!("--name={name}"),
+                &format!("--site={site}"),
+                &format!("--endpoints={meta}"),
+                &format!("--gateway-id=gw-{name}"),
+                &format!("--migration-address={ip}"),
+                "--accel=tcg",
+                "--cpus=2",
+                "--memory=2G",
+                "--dead-after-seconds=4",
+                "--stop-timeout-seconds=2",
+            ])
+            .arg(format!("--gateway-socket={}", gateway.socket.display()))
+            .arg(format!("--data-dir={}", dir.join(name).display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Host {
+            name: name.into(),
+            ns,
+            ip,
+            gateway,
+            agent: Some(agent),
+            overlay: None,
+            log,
+            data: dir.join(name),
+        }
+    }
+}
+
+/// A hypervisor host: its namespace, gateway and agent (and overlay daemon, if started).
 struct Host {
     name: String,
-    _gateway: Gateway,
+    ns: String,
+    ip: String,
+    gateway: Gateway,
     agent: Option<Child>,
+    overlay: Option<Child>,
     log: PathBuf,
     data: PathBuf,
 }
@@ -28,9 +105,10 @@ struct Wan {
 }
 
 impl Wan {
-    async fn start(to: &str) -> Wan {
+    /// A forwarder on `ip` to `to`.
+    async fn start(ip: &str, to: &str) -> Wan {
         use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -64,43 +142,37 @@ impl Wan {
 }
 
 impl Host {
-    fn start(dir: &Path, name: &str, site: &str, meta: &str) -> Host {
-        Host::start_with(dir, name, site, meta, &[])
-    }
-
-    fn start_with(dir: &Path, name: &str, site: &str, meta: &str, gw_extra: &[&str]) -> Host {
-        let gateway = Gateway::start(dir, &format!("gw-{name}"), meta, gw_extra);
-        let log = dir.join(format!("agent-{name}.log"));
-        let agent = Command::new(common::bin())
-            .args([
-                "agent",
-                &format!("--name={name}"),
-                &format!("--site={site}"),
-                &format!("--endpoints={meta}"),
-                &format!("--gateway-id=gw-{name}"),
-                "--accel=tcg",
-                "--cpus=2",
-                "--memory=2G",
-                "--dead-after-seconds=4",
-                "--stop-timeout-seconds=2",
-            ])
-            .arg(format!("--gateway-socket={}", gateway.socket.display()))
-            .arg(format!("--data-dir={}", dir.join(name).display()))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Host {
-            name: name.into(),
-            _gateway: gateway,
-            agent: Some(agent),
-            log,
-            data: dir.join(name),
-        }
-    }
-
     fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `continuum overlay up` for this host's site: overlay address 10.(N+1).0.`i`, the
+    /// site's VM subnet `subnet`, reached by the others at this host's address.
+    fn overlay_up(&mut self, lab: &Lab, site: &str, i: u8, subnet: &str) {
+        let log = lab.dir().join(format!("overlay-{}.log", self.name));
+        let child = in_ns(Some(&self.ns))
+            .args([
+                "overlay",
+                "up",
+                &format!("--meta={}", lab.meta()),
+                &format!("--name={}", self.name),
+                &format!("--site={site}"),
+                &format!("--address=10.{}.0.{i}/24", lab.n + 1),
+                "--listen-port=51820",
+                &format!("--endpoint={}:51820", self.ip),
+                &format!("--subnet={subnet}"),
+                &format!("--tun={}", overlay_tun(&self.ns)),
+            ])
+            .arg(format!(
+                "--state-dir={}",
+                lab.dir().join(format!("overlay-{}", self.name)).display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        self.overlay = Some(child);
     }
 
     /// A host failure: its agent, its gateway and its QEMUs die at once (SIGKILL).
@@ -109,7 +181,7 @@ impl Host {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if let Some(mut c) = self._gateway.child.take() {
+        if let Some(mut c) = self.gateway.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -123,12 +195,21 @@ impl Host {
     }
 }
 
+/// The overlay's TUN device on a host (its namespace's name, which is unique, shortened).
+fn overlay_tun(ns: &str) -> String {
+    format!("o{}", ns.replace('-', ""))
+}
+
 impl Drop for Host {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("---- agent {} log ----\n{}", self.name, self.logs());
         }
-        if let Some(mut c) = self.agent.take() {
+        for c in [self.agent.take(), self.overlay.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut c = c;
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -145,19 +226,24 @@ fn guest_image() -> PathBuf {
     PathBuf::from(out.trim())
 }
 
-/// `continuum vm create NAME --site SITE --host HOST --disk DISK` booting the test guest with
-/// `guest` (its `continuum.*` kernel arguments).
-fn create_guest_vm(meta: &str, image: &Path, [name, site, host, disk]: [&str; 4], guest: &str) {
+/// `continuum vm create NAME --site SITE --host HOST EXTRA...` booting the test guest with
+/// `guest` (its `continuum.*` kernel arguments); returns what it printed.
+fn create_guest_vm(
+    meta: &str,
+    image: &Path,
+    [name, site, host]: [&str; 3],
+    extra: &[&str],
+    guest: &str,
+) -> String {
     let kernel = image.join("vmlinuz").display().to_string();
     let initrd = image.join("initrd.img").display().to_string();
     let append = format!("console=ttyS0 panic=-1 quiet {guest}");
-    continuum(
-        meta,
-        &[
-            "vm", "create", name, "--site", site, "--host", host, "--disk", disk, "--kernel",
-            &kernel, "--initrd", &initrd, "--append", &append,
-        ],
-    );
+    let mut args = vec![
+        "vm", "create", name, "--site", site, "--host", host, "--kernel", &kernel, "--initrd",
+        &initrd, "--append", &append,
+    ];
+    args.extend_from_slice(extra);
+    continuum(meta, &args)
 }
 
 /// `continuum vm wait NAME --state STATE` (panics with the reason if it is not reached).
@@ -216,11 +302,11 @@ fn wait_hosts(meta: &str, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_writes_a_marker_on_one_host_and_reads_it_back_on_another() {
-    let f = fabric().await;
-    let ep = f.meta_ep.clone();
+    let mut lab = lab("cvm1", 81).await;
+    let ep = lab.meta();
     let image = guest_image();
-    let h1 = Host::start(f.dir.path(), "h1", "edge1", &ep);
-    let h2 = Host::start(f.dir.path(), "h2", "edge1", &ep);
+    let h1 = lab.host("h1", "edge1", &ep, &[]);
+    let h2 = lab.host("h2", "edge1", &ep, &[]);
     wait_hosts(&ep, 2);
     continuum(&ep, &["volume", "create", "ctv-disk", "--size", "256M"]);
     let kernel = image.join("vmlinuz").display().to_string();
@@ -270,7 +356,8 @@ async fn a_vm_writes_a_marker_on_one_host_and_reads_it_back_on_another() {
     create_guest_vm(
         &ep,
         &image,
-        ["ctv-h1", "edge1", "h1", "ctv-disk"],
+        ["ctv-h1", "edge1", "h1"],
+        &["--disk", "ctv-disk"],
         &format!("continuum.act=write:{marker}"),
     );
     let e = refused(
@@ -352,17 +439,17 @@ async fn a_vm_writes_a_marker_on_one_host_and_reads_it_back_on_another() {
 
     // Images: a qcow2 file with a marker is imported, a VM's disk is cloned from it, and the
     // guest reads the marker from its copy.
-    let raw = f.dir.path().join("tiny.raw");
+    let raw = lab.dir().join("tiny.raw");
     let mut bytes = vec![0u8; 32 << 20];
     let img_marker = format!("MARKER:img-{}\n", std::process::id());
     bytes[2048 * 512..2048 * 512 + img_marker.len()].copy_from_slice(img_marker.as_bytes());
     std::fs::write(&raw, &bytes).unwrap();
-    let qcow = f.dir.path().join("tiny.qcow2");
+    let qcow = lab.dir().join("tiny.qcow2");
     run(Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "qcow2"])
         .arg(&raw)
         .arg(&qcow));
-    let nbd = format!("unix:{}", h1._gateway.socket.display());
+    let nbd = format!("unix:{}", h1.gateway.socket.display());
     let out = continuum(
         &ep,
         &[
@@ -433,23 +520,24 @@ fn wait_show(meta: &str, name: &str, what: &str, timeout: Duration) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_hosts_vm_restarts_on_another_host_of_its_site_after_fencing() {
-    let f = fabric().await;
-    let ep = f.meta_ep.clone();
+    let mut lab = lab("cvm2", 82).await;
+    let ep = lab.meta();
     let image = guest_image();
-    let mut h1 = Host::start(f.dir.path(), "f1", "edge2", &ep);
-    let h2 = Host::start(f.dir.path(), "f2", "edge2", &ep);
+    let mut h1 = lab.host("f1", "edge2", &ep, &[]);
+    let h2 = lab.host("f2", "edge2", &ep, &[]);
     wait_hosts(&ep, 2);
     continuum(&ep, &["volume", "create", "ctv-fo", "--size", "128M"]);
     let marker = format!("fo-{}", std::process::id());
     create_guest_vm(
         &ep,
         &image,
-        ["ctv-fo", "edge2", "f1", "ctv-fo"],
+        ["ctv-fo", "edge2", "f1"],
+        &["--disk", "ctv-fo"],
         &format!("continuum.act=readwrite:{marker} continuum.hold"),
     );
     wait_state(&ep, "ctv-fo", "running", 60);
     // The guest is up on f1 and has written its marker.
-    let log1 = f.dir.path().join("f1/vms/ctv-fo/console.log");
+    let log1 = lab.dir().join("f1/vms/ctv-fo/console.log");
     let up = wait_console(&log1, "HOLDING");
     let first = std::fs::read_to_string(&log1).unwrap_or_default();
     assert!(
@@ -468,7 +556,7 @@ async fn a_dead_hosts_vm_restarts_on_another_host_of_its_site_after_fencing() {
         h2.logs()
     );
     wait_state(&ep, "ctv-fo", "running", 60);
-    let log2 = f.dir.path().join("f2/vms/ctv-fo/console.log");
+    let log2 = lab.dir().join("f2/vms/ctv-fo/console.log");
     let up = wait_console(&log2, "HOLDING");
     let second = std::fs::read_to_string(&log2).unwrap_or_default();
     assert!(
@@ -494,18 +582,19 @@ fn alive(pid: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_cut_off_from_meta_keeps_its_vms_running_and_nothing_restarts() {
-    let f = fabric().await;
-    let ep = f.meta_ep.clone();
+    let mut lab = lab("cvm3", 83).await;
+    let ep = lab.meta();
     let image = guest_image();
-    let wan = Wan::start(&ep).await;
-    let h1 = Host::start(f.dir.path(), "w1", "edge3", &wan.addr);
-    let h2 = Host::start(f.dir.path(), "w2", "edge3", &wan.addr);
+    let wan = Wan::start(&lab.net.bridge_ip.clone(), &ep).await;
+    let h1 = lab.host("w1", "edge3", &wan.addr, &[]);
+    let h2 = lab.host("w2", "edge3", &wan.addr, &[]);
     wait_hosts(&ep, 2);
     continuum(&ep, &["volume", "create", "ctv-wan", "--size", "64M"]);
     create_guest_vm(
         &ep,
         &image,
-        ["ctv-wan", "edge3", "w1", "ctv-wan"],
+        ["ctv-wan", "edge3", "w1"],
+        &["--disk", "ctv-wan"],
         "continuum.act=read continuum.hold",
     );
     wait_state(&ep, "ctv-wan", "running", 60);
@@ -557,22 +646,23 @@ except nbd.Error as e:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writing_guest_live_migrates_and_the_old_side_can_no_longer_write() {
     use std::io::{BufRead, Write};
-    let f = fabric().await;
-    let ep = f.meta_ep.clone();
+    let mut lab = lab("cvm4", 84).await;
+    let ep = lab.meta();
     let image = guest_image();
     let standby = ["--standby-attach-seconds=30"];
-    let h1 = Host::start_with(f.dir.path(), "m1", "edge4", &ep, &standby);
-    let h2 = Host::start_with(f.dir.path(), "m2", "edge4", &ep, &standby);
+    let h1 = lab.host("m1", "edge4", &ep, &standby);
+    let h2 = lab.host("m2", "edge4", &ep, &standby);
     wait_hosts(&ep, 2);
     continuum(&ep, &["volume", "create", "ctv-mig", "--size", "64M"]);
     create_guest_vm(
         &ep,
         &image,
-        ["ctv-mig", "edge4", "m1", "ctv-mig"],
+        ["ctv-mig", "edge4", "m1"],
+        &["--disk", "ctv-mig"],
         "continuum.act=writeloop:300 continuum.hold",
     );
     wait_state(&ep, "ctv-mig", "running", 60);
-    let log1 = f.dir.path().join("m1/vms/ctv-mig/console.log");
+    let log1 = lab.dir().join("m1/vms/ctv-mig/console.log");
     let writing = wait_console(&log1, "W 20");
     assert!(
         writing,
@@ -583,7 +673,7 @@ async fn a_writing_guest_live_migrates_and_the_old_side_can_no_longer_write() {
     // The old side: a client of the source gateway's export, connected before the migration.
     // Debian's python3 has the libnbd binding (python3-libnbd); a pyenv one on PATH may not.
     let mut old = Command::new("/usr/bin/python3")
-        .args(["-c", OLD_WRITER, &h1._gateway.uri("ctv-mig")])
+        .args(["-c", OLD_WRITER, &h1.gateway.uri("ctv-mig")])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -608,7 +698,7 @@ async fn a_writing_guest_live_migrates_and_the_old_side_can_no_longer_write() {
     );
 
     // The guest goes on on m2 and verifies everything it wrote, before and after.
-    let log2 = f.dir.path().join("m2/vms/ctv-mig/console.log");
+    let log2 = lab.dir().join("m2/vms/ctv-mig/console.log");
     let done = wait_console(&log2, "VERIFIED");
     let before = std::fs::read_to_string(&log1).unwrap_or_default();
     let after = std::fs::read_to_string(&log2).unwrap_or_default();
@@ -638,4 +728,114 @@ async fn a_writing_guest_live_migrates_and_the_old_side_can_no_longer_write() {
         "the old side's write after switch-over: {line}"
     );
     drop(h2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vms_in_different_sites_ping_each_other_over_the_overlay() {
+    let mut lab = lab("cvm5", 85).await;
+    let ep = lab.meta();
+    let image = guest_image();
+    // Each site is one host whose overlay daemon routes the site's VM subnet; the namespaces
+    // share only the bridge (10.85.0.0/24), so the VM subnets meet through the overlay alone.
+    let mut a = lab.host("p1", "site-a", &ep, &[]);
+    let mut b = lab.host("p2", "site-b", &ep, &[]);
+    a.overlay_up(&lab, "site-a", 1, "10.87.1.0/24");
+    b.overlay_up(&lab, "site-b", 2, "10.87.2.0/24");
+    wait_hosts(&ep, 2);
+    let meta = lab.f._meta.client();
+    let registered = common::wait_for(Duration::from_secs(30), || async {
+        let peers = meta
+            .records::<continuum_proto::records_pb::OverlayPeer>()
+            .await
+            .ok()?;
+        let routed: Vec<String> = peers
+            .into_iter()
+            .flat_map(|p| p.record.allowed_ips)
+            .collect();
+        (routed.iter().any(|r| r == "10.87.1.0/24") && routed.iter().any(|r| r == "10.87.2.0/24"))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        registered.is_some(),
+        "both sites register their overlay records"
+    );
+
+    // NIC addresses: a wanted one is checked against the site's subnet.
+    let e = refused(
+        &ep,
+        &[
+            "vm",
+            "create",
+            "bad",
+            "--site",
+            "site-a",
+            "--kernel",
+            "/k",
+            "--nic",
+            "--address",
+            "10.87.2.9",
+        ],
+    );
+    assert!(e.contains("outside site \"site-a\"'s VM subnets"), "{e}");
+
+    // VM a gets the lowest free address of site a's subnet; VM b the one it asks for.
+    let out = create_guest_vm(
+        &ep,
+        &image,
+        ["ping-a", "site-a", "p1"],
+        &["--nic"],
+        "continuum.ping=10.87.2.5 continuum.hold",
+    );
+    assert!(out.contains("with address 10.87.1.2/24"), "{out}");
+    let out = create_guest_vm(
+        &ep,
+        &image,
+        ["ping-b", "site-b", "p2"],
+        &["--nic", "--address", "10.87.2.5"],
+        "continuum.ping=10.87.1.2 continuum.hold",
+    );
+    assert!(out.contains("with address 10.87.2.5/24"), "{out}");
+    for (vm, host) in [("ping-a", &a), ("ping-b", &b)] {
+        let log = host.data.join(format!("vms/{vm}/console.log"));
+        let ok = wait_console(&log, "PING ");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(ok && text.contains("PING OK"), "{vm}: {text}");
+        assert!(text.contains("NET eth0 10.87."), "{vm}: {text}");
+    }
+    // The pings crossed the overlay: p1's daemon has a session with p2's and carried data.
+    let ov =
+        run(Command::new(common::bin()).args(["overlay", "show", "--tun", &overlay_tun(&a.ns)]));
+    assert!(
+        ov.contains("peer: ") && ov.contains("latest handshake") && ov.contains("received"),
+        "{ov}"
+    );
+    // ... the only route between the VM subnets: p1 reaches site b's through its TUN device.
+    let route = run(Command::new("ip").args(["-n", &a.ns, "route", "get", "10.87.2.5"]));
+    assert!(
+        route.contains(&format!("dev {}", overlay_tun(&a.ns))),
+        "{route}"
+    );
+    let show = continuum(&ep, &["vm", "show", "ping-a"]);
+    assert!(show.contains("nic: 10.87.1.2/24"), "{show}");
+
+    // The tap goes with the VM.
+    let tap = show
+        .split("tap: ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let has_tap = || {
+        common::sh(&["ip", "-n", &a.ns, "link", "show", &tap])
+            .status
+            .success()
+    };
+    assert!(has_tap(), "tap {tap} on p1");
+    continuum(&ep, &["vm", "delete", "ping-a"]);
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(200));
+        !has_tap()
+    });
+    assert!(gone, "tap {tap} removed with the VM: {}", a.logs());
 }

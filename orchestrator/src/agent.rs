@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use continuum_meta_client::MetaClient;
 use continuum_proto::records_pb::{Host, HostAlive, Vm, VmState, VmStatus};
 
+use crate::network::Tap;
 use crate::qemu::{self, Accel, HostSide, Qmp, VmPaths};
 use crate::records::{self, OrchError, AGENT_LEASE_TTL_SECONDS};
 use crate::scheduler;
@@ -37,6 +38,9 @@ const MIGRATION_BANDWIDTH: u64 = 1 << 30;
 /// Failed starts in a row before the VM goes to ERROR (a first failure may be a race, e.g. a
 /// gateway letting a volume go a moment late).
 const MAX_FAILED_STARTS: u32 = 3;
+/// How long a migration target's QEMU may take to answer QMP and listen before the migration
+/// is called off.
+const INCOMING_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -141,6 +145,8 @@ pub struct Agent {
     /// When each host of the site was first seen without its lease.
     missing_since: BTreeMap<String, Instant>,
     written: HashMap<String, VmStatus>,
+    /// This host's statuses of VMs it does not run were deleted (once, at the first pass).
+    statuses_cleaned: bool,
 }
 
 impl Agent {
@@ -170,6 +176,7 @@ impl Agent {
             keep_alive: None,
             missing_since: BTreeMap::new(),
             written: HashMap::new(),
+            statuses_cleaned: false,
         };
         a.adopt();
         a
@@ -298,8 +305,13 @@ impl Agent {
             if let Some(mut r) = self.runners.remove(&name) {
                 stop_qemu(&mut r, Duration::ZERO).await;
             }
-            self.written.remove(&name);
+            self.forget(&name).await;
         }
+        if !self.statuses_cleaned {
+            self.forget_stale_statuses().await?;
+            self.statuses_cleaned = true;
+        }
+        self.remove_unused_taps();
         self.write_statuses().await?;
         self.failover(&by_name).await?;
         Ok(())
@@ -342,6 +354,7 @@ impl Agent {
                 );
                 tracing::warn!(vm = name, reason, "incoming migration failed");
                 self.runners.remove(&name);
+                self.forget(&name).await;
                 let me = self.cfg.name.clone();
                 let _ = records::update_vm(&self.meta, &name, |v| {
                     if v.migrate_to == me {
@@ -477,14 +490,30 @@ impl Agent {
             let Some(addr) = r.incoming_addr.clone() else {
                 return;
             };
-            let Ok(mut q) = Qmp::connect(&r.paths.qmp()).await else {
-                return;
+            let listening = match Qmp::connect(&r.paths.qmp()).await {
+                Ok(mut q) => q
+                    .execute("migrate-incoming", serde_json::json!({ "uri": addr }))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("migrate-incoming: {e}")),
+                Err(e) => Err(format!("QMP: {e}")),
             };
-            if let Err(e) = q
-                .execute("migrate-incoming", serde_json::json!({ "uri": addr }))
-                .await
-            {
-                tracing::warn!(vm = vm.name, error = %e, "migrate-incoming");
+            if let Err(e) = listening {
+                if r.started.elapsed() < INCOMING_READY_TIMEOUT {
+                    tracing::debug!(vm = vm.name, error = e, "target QEMU not ready yet");
+                    return;
+                }
+                // A target QEMU that never gets ready must not hold the migration forever.
+                let reason = format!(
+                    "the target QEMU on {} was not ready within {} s ({e})",
+                    self.cfg.name,
+                    INCOMING_READY_TIMEOUT.as_secs()
+                );
+                if let Some(mut r) = self.runners.remove(&vm.name) {
+                    stop_qemu(&mut r, Duration::ZERO).await;
+                }
+                self.forget(&vm.name).await;
+                self.abort_migration(vm, reason).await;
                 return;
             }
             r.incoming_addr = None;
@@ -601,7 +630,7 @@ impl Agent {
                 if let Some(mut r) = self.runners.remove(&vm.name) {
                     stop_qemu(&mut r, Duration::ZERO).await;
                 }
-                self.written.remove(&vm.name);
+                self.forget(&vm.name).await;
             }
             "failed" | "cancelled" => {
                 r.migrating = false;
@@ -696,10 +725,25 @@ impl Agent {
             let _ = std::fs::remove_file(stale);
         }
         std::fs::write(paths.dir.join("generation"), vm.generation.to_string())?;
+        let tap = match (vm.nic, Tap::for_vm(vm)) {
+            (false, _) => None,
+            (true, None) => {
+                return Err(std::io::Error::other(format!(
+                    "its NIC has no valid address ({:?})",
+                    vm.address
+                )))
+            }
+            (true, Some(tap)) => {
+                tap.set_up()
+                    .map_err(|e| std::io::Error::other(format!("its NIC: {e}")))?;
+                std::fs::write(paths.tap(), &tap.name)?;
+                Some(tap.name)
+            }
+        };
         let host = HostSide {
             accel: self.accel,
             gateway_socket: self.cfg.gateway_socket.clone(),
-            tap: None,
+            tap,
             incoming,
         };
         let log = std::fs::File::create(paths.qemu_log())?;
@@ -711,6 +755,50 @@ impl Agent {
             // QEMU outlives the agent (an agent restart adopts it).
             .kill_on_drop(false)
             .spawn()
+    }
+
+    /// Drops what this agent reported about VM `name` (it no longer runs it here).
+    async fn forget(&mut self, name: &str) {
+        self.written.remove(name);
+        let key = format!("{name}/{}", self.cfg.name);
+        if let Err(e) = self.meta.delete_record::<VmStatus>(&key).await {
+            tracing::warn!(vm = name, error = %e, "cannot delete its status");
+        }
+    }
+
+    /// Deletes this host's statuses of VMs it does not run (left from before a restart of
+    /// the agent or the host).
+    async fn forget_stale_statuses(&mut self) -> Result<(), OrchError> {
+        for s in records::statuses(&self.meta).await? {
+            if s.host == self.cfg.name && !self.runners.contains_key(&s.name) {
+                self.forget(&s.name).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the tap devices this agent made for VMs it no longer runs (deleted, moved away).
+    fn remove_unused_taps(&self) {
+        let Ok(dir) = std::fs::read_dir(self.cfg.data_dir.join("vms")) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if self.runners.contains_key(&name) {
+                continue;
+            }
+            let paths = VmPaths::new(&self.cfg.data_dir, &name);
+            let Ok(tap) = std::fs::read_to_string(paths.tap()) else {
+                continue;
+            };
+            match Tap::remove(tap.trim()) {
+                Ok(()) => {
+                    tracing::info!(vm = name, tap = tap.trim(), "tap device removed");
+                    let _ = std::fs::remove_file(paths.tap());
+                }
+                Err(e) => tracing::warn!(vm = name, error = %e, "cannot remove the tap device"),
+            }
+        }
     }
 
     async fn write_statuses(&mut self) -> Result<(), OrchError> {

@@ -58,6 +58,10 @@ impl VmPaths {
     pub fn pid(&self) -> PathBuf {
         self.dir.join("qemu.pid")
     }
+    /// Names the tap device the agent made for the VM's NIC (removed with the device).
+    pub fn tap(&self) -> PathBuf {
+        self.dir.join("tap")
+    }
 }
 
 /// What the host adds to a VM's spec.
@@ -105,7 +109,12 @@ pub fn command_line(vm: &Vm, paths: &VmPaths, host: &HostSide) -> Vec<String> {
         if !vm.initrd.is_empty() {
             push(&["-initrd", &vm.initrd]);
         }
-        push(&["-append", &vm.append]);
+        let mut append = vm.append.clone();
+        if let (true, Ok(addr)) = (vm.nic, vm.address.parse::<ipnet::Ipv4Net>()) {
+            append.push(' ');
+            append.push_str(&crate::network::kernel_ip_arg(addr));
+        }
+        push(&["-append", append.trim()]);
     }
     for (i, vol) in vm.volumes.iter().enumerate() {
         let node = format!("disk{i}");
@@ -135,13 +144,7 @@ pub fn command_line(vm: &Vm, paths: &VmPaths, host: &HostSide) -> Vec<String> {
 
 /// A stable, locally administered MAC address for a VM's NIC.
 pub fn mac_of(name: &str) -> String {
-    // FNV-1a: stable across builds and platforms (std's hasher is not).
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    let b = h.to_be_bytes();
+    let b = crate::network::stable_hash(name).to_be_bytes();
     format!("52:54:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
 }
 
@@ -342,6 +345,7 @@ mod tests {
             initrd: "/i".into(),
             append: "console=ttyS0".into(),
             nic: true,
+            address: "10.91.1.2/24".into(),
             ..Default::default()
         }
     }
@@ -361,7 +365,7 @@ mod tests {
         assert!(a.contains("driver=nbd,node-name=disk0,server.type=unix,server.path=/run/gw.sock,export=web-root,reconnect-delay=15"), "{a}");
         assert!(a.contains("virtio-blk-pci,drive=disk1,id=vd1"), "{a}");
         assert!(
-            a.contains("-kernel /k -initrd /i -append console=ttyS0"),
+            a.contains("-kernel /k -initrd /i -append console=ttyS0 ip=10.91.1.2::10.91.1.1:255.255.255.0::eth0:off"),
             "{a}"
         );
         assert!(a.contains("tap,id=net0,ifname=ctap0,script=no"), "{a}");

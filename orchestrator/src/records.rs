@@ -6,8 +6,11 @@ use std::collections::BTreeSet;
 
 use continuum_meta_client::records::Versioned;
 use continuum_meta_client::{Error as MetaError, MetaClient};
-use continuum_proto::records_pb::{Host, HostAlive, Vm, VmStatus, Volume, WriterLease};
+use continuum_proto::records_pb::{
+    Host, HostAlive, OverlayPeer, Vm, VmStatus, Volume, WriterLease,
+};
 
+use crate::network;
 use crate::scheduler::{self, PlaceError};
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,25 @@ pub async fn statuses(meta: &MetaClient) -> Result<Vec<VmStatus>> {
         .into_iter()
         .map(|v| v.record)
         .collect())
+}
+
+/// The status the agent of `vm`'s host reports for it.
+pub async fn status_of(meta: &MetaClient, vm: &Vm) -> Result<Option<VmStatus>> {
+    Ok(meta
+        .record::<VmStatus>(&format!("{}/{}", vm.name, vm.host))
+        .await?
+        .map(|v| v.record))
+}
+
+/// Deletes every host's status of VM `name`.
+pub async fn delete_statuses(meta: &MetaClient, name: &str) -> Result<()> {
+    for s in statuses(meta).await? {
+        if s.name == name {
+            meta.delete_record::<VmStatus>(&continuum_proto::records::Record::name(&s))
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Registers (or re-registers) `host` and marks it alive on a fresh lease of
@@ -149,7 +171,33 @@ pub async fn validate_and_place(
     let host = scheduler::place(vm, &hosts, &alive, &placed, pin)?;
     let mut out = vm.clone();
     out.host = host;
+    if vm.nic {
+        out.address = nic_address(meta, vm, &placed).await?;
+    }
     Ok(out)
+}
+
+/// The address of `vm`'s NIC in its site's VM subnet: `vm.address` (an IPv4 address) if it is
+/// free, else the lowest free one.
+async fn nic_address(meta: &MetaClient, vm: &Vm, others: &[Vm]) -> Result<String> {
+    let peers: Vec<OverlayPeer> = meta
+        .records::<OverlayPeer>()
+        .await?
+        .into_iter()
+        .map(|v| v.record)
+        .collect();
+    let subnets = network::site_subnets(&peers, &vm.site);
+    let wanted =
+        match vm.address.as_str() {
+            "" => None,
+            a => Some(a.parse::<std::net::Ipv4Addr>().map_err(|_| {
+                OrchError::Invalid(format!("--address {a:?} is not an IPv4 address"))
+            })?),
+        };
+    let used = network::used_addresses(others);
+    network::choose_address(&subnets, &used, wanted, &vm.site)
+        .map(|a| a.to_string())
+        .map_err(OrchError::Invalid)
 }
 
 /// Checks that host `host` can take `vm` now (scheduler rules, with everything else where it

@@ -71,7 +71,12 @@ record!(records_pb::OverlayPeer, "overlay-peers", |r| r.name.clone());
 record!(records_pb::Host, "hosts", |r| r.name.clone());
 record!(records_pb::HostAlive, "host-alive", |r| r.name.clone());
 record!(records_pb::Vm, "vms", |r| r.name.clone());
-record!(records_pb::VmStatus, "vm-status", |r| r.name.clone());
+// One status per VM and host: during a live migration source and target report side by side;
+// readers take the one of the host the spec names.
+record!(records_pb::VmStatus, "vm-status", |r| format!(
+    "{}/{}",
+    r.name, r.host
+));
 record!(records_pb::Image, "images", |r| r.name.clone());
 
 #[cfg(test)]

@@ -4,6 +4,8 @@ use std::process::{Child, Command, Stdio};
 
 pub struct Blocks {
     pub dir: tempfile::TempDir,
+    /// The address they listen on.
+    pub ip: String,
     pub ports: Vec<u16>,
     pub metrics_ports: Vec<u16>,
     pub children: Vec<Option<Child>>,
@@ -12,8 +14,14 @@ pub struct Blocks {
 
 impl Blocks {
     pub fn start(n: usize, meta: &str) -> Blocks {
+        Blocks::start_on("127.0.0.1", n, meta)
+    }
+
+    /// [`Blocks::start`] listening on `ip`.
+    pub fn start_on(ip: &str, n: usize, meta: &str) -> Blocks {
         let mut b = Blocks {
             dir: tempfile::tempdir().unwrap(),
+            ip: ip.to_string(),
             ports: (0..n).map(|_| super::free_port()).collect(),
             metrics_ports: (0..n).map(|_| super::free_port()).collect(),
             children: Vec::new(),
@@ -33,7 +41,7 @@ impl Blocks {
             .args([
                 "block",
                 &format!("--id={}", i + 1),
-                &format!("--listen=127.0.0.1:{}", self.ports[i]),
+                &format!("--listen={}:{}", self.ip, self.ports[i]),
                 &format!("--meta={}", self.meta),
                 &format!("--host=h{}", i + 1),
                 "--capacity=1G",

@@ -16,10 +16,23 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(dir: &Path, name: &str, meta: &str, extra: &[&str]) -> Gateway {
+        Gateway::start_in(None, dir, name, meta, extra)
+    }
+
+    /// [`Gateway::start`] in network namespace `ns` (its NBD socket is a file, reachable from
+    /// every namespace).
+    pub fn start_in(
+        ns: Option<&str>,
+        dir: &Path,
+        name: &str,
+        meta: &str,
+        extra: &[&str],
+    ) -> Gateway {
         let socket = dir.join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&socket);
         let port = super::free_port();
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new(super::bin())
+        let child = in_ns(ns)
             .args([
                 "gateway",
                 &format!("--id={name}"),
@@ -40,7 +53,7 @@ impl Gateway {
         };
         let up = (0..200).any(|_| {
             std::thread::sleep(Duration::from_millis(50));
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            std::os::unix::net::UnixStream::connect(&g.socket).is_ok()
         });
         assert!(up, "gateway listens: {}", g.logs());
         g
@@ -86,6 +99,19 @@ impl Drop for Gateway {
     }
 }
 
+/// `continuum` run in network namespace `ns` (`ip netns exec`, which execs it: the child's
+/// pid is continuum's), or here.
+pub fn in_ns(ns: Option<&str>) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, super::bin()]);
+            c
+        }
+        None => Command::new(super::bin()),
+    }
+}
+
 /// Runs a command; panics with its output unless it succeeds.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd
@@ -115,11 +141,17 @@ pub struct Fabric {
 }
 
 pub async fn fabric() -> Fabric {
-    let meta = super::Cluster::start(1, &[]);
+    fabric_on("127.0.0.1").await
+}
+
+/// [`fabric`] with meta and the block servers on `ip` (a test bridge's address, for hosts in
+/// other network namespaces).
+pub async fn fabric_on(ip: &str) -> Fabric {
+    let meta = super::Cluster::start_on(ip, 1, &[]);
     meta.wait_leader(Duration::from_secs(20)).await;
     let meta_ep = meta.endpoints().join(",");
     let client = meta.client();
-    let blocks = Blocks::start(6, &meta_ep);
+    let blocks = Blocks::start_on(ip, 6, &meta_ep);
     let up = super::wait_for(Duration::from_secs(30), || async {
         let n = continuum_blockstore::cluster::alive_nodes(&client)
             .await

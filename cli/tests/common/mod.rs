@@ -5,6 +5,7 @@
 
 pub mod blocks;
 pub mod fabric;
+pub mod net;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -57,12 +58,18 @@ pub fn bin() -> &'static str {
 impl Cluster {
     /// Starts `n` members bootstrapping one cluster; `extra` flags go to every member.
     pub fn start(n: u64, extra: &[&str]) -> Cluster {
+        Cluster::start_on("127.0.0.1", n, extra)
+    }
+
+    /// [`Cluster::start`] with clients served on `ip` (e.g. a test bridge's address, for hosts
+    /// in other network namespaces).
+    pub fn start_on(ip: &str, n: u64, extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut nodes = Vec::new();
         for id in 1..=n {
             nodes.push(Node {
                 id,
-                client: format!("127.0.0.1:{}", free_port()),
+                client: format!("{ip}:{}", free_port()),
                 peer: format!("127.0.0.1:{}", free_port()),
                 data_dir: dir.path().join(format!("meta-{id}")),
                 child: None,
