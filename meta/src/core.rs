@@ -1256,6 +1256,13 @@ impl<E: Engine + Clone> MetaCore<E> {
     fn maybe_compact(&mut self) -> Result<(), StoreError> {
         let applied = self.sm().applied_index();
         let store = self.node.store();
+        if store.truncated_index() == 0 && applied >= 1 {
+            // The initial configuration is bootstrapped into the state machine, not the log:
+            // a member joining later must start from a snapshot (which carries it), never from
+            // entry 1, or it would build its configuration from the conf changes alone (just
+            // itself) and could elect itself. So no log keeps entry 1 once it is applied.
+            return self.node.mut_store().compact(1);
+        }
         if applied.saturating_sub(store.truncated_index()) <= self.cfg.snapshot_entries {
             return Ok(());
         }
@@ -1375,6 +1382,17 @@ impl<E: Engine + Clone> MetaCore<E> {
 
     fn apply_conf_change(&mut self, e: &Entry) -> Result<(), StoreError> {
         let key = keys::log(e.index);
+        let before = self.sm().conf_state();
+        if before.voters.is_empty() && before.learners.is_empty() {
+            // Only a bootstrap or a snapshot gives a member its first configuration; a conf
+            // change applied to none would make this member the cluster's only voter.
+            return Err(StoreError::Corrupt {
+                key,
+                reason: "a conf change reached a member without the cluster's configuration (a \
+                         member joining must start from a snapshot)"
+                    .into(),
+            });
+        }
         let cc: ConfChangeV2 = crate::log_store::decode(&key, &e.data)?;
         let ctx: pb::ConfChangeContext = crate::log_store::decode(&key, &cc.context)?;
         let result = match self.node.apply_conf_change(&cc) {
