@@ -725,20 +725,16 @@ impl Agent {
             let _ = std::fs::remove_file(stale);
         }
         std::fs::write(paths.dir.join("generation"), vm.generation.to_string())?;
-        let tap = match (vm.nic, Tap::for_vm(vm)) {
-            (false, _) => None,
-            (true, None) => {
-                return Err(std::io::Error::other(format!(
-                    "its NIC has no valid address ({:?})",
-                    vm.address
-                )))
-            }
-            (true, Some(tap)) => {
-                tap.set_up()
-                    .map_err(|e| std::io::Error::other(format!("its NIC: {e}")))?;
-                std::fs::write(paths.tap(), &tap.name)?;
-                Some(tap.name)
-            }
+        let tap = if vm.nic {
+            let tap = Tap::for_vm(vm).ok_or_else(|| {
+                std::io::Error::other(format!("its NIC has no valid address ({:?})", vm.address))
+            })?;
+            tap.set_up()
+                .map_err(|e| std::io::Error::other(format!("its NIC: {e}")))?;
+            std::fs::write(paths.tap(), &tap.name)?;
+            Some(tap.name)
+        } else {
+            None
         };
         let host = HostSide {
             accel: self.accel,
@@ -760,7 +756,7 @@ impl Agent {
     /// Drops what this agent reported about VM `name` (it no longer runs it here).
     async fn forget(&mut self, name: &str) {
         self.written.remove(name);
-        let key = format!("{name}/{}", self.cfg.name);
+        let key = records::status_key(name, &self.cfg.name);
         if let Err(e) = self.meta.delete_record::<VmStatus>(&key).await {
             tracing::warn!(vm = name, error = %e, "cannot delete its status");
         }

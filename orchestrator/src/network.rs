@@ -166,18 +166,6 @@ impl Tap {
         }
         Ok(())
     }
-
-    /// Tap devices of VMs on this host (by their prefix).
-    pub fn existing() -> Vec<String> {
-        std::fs::read_dir("/sys/class/net")
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with("ctv") && n.len() == 11)
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
 }
 
 fn ip(args: &[&str]) -> Result<(), NetError> {

@@ -72,10 +72,19 @@ pub async fn statuses(meta: &MetaClient) -> Result<Vec<VmStatus>> {
         .collect())
 }
 
+/// The record name of host `host`'s status of VM `vm` (the layout is the record's).
+pub fn status_key(vm: &str, host: &str) -> String {
+    continuum_proto::records::Record::name(&VmStatus {
+        name: vm.into(),
+        host: host.into(),
+        ..Default::default()
+    })
+}
+
 /// The status the agent of `vm`'s host reports for it.
 pub async fn status_of(meta: &MetaClient, vm: &Vm) -> Result<Option<VmStatus>> {
     Ok(meta
-        .record::<VmStatus>(&format!("{}/{}", vm.name, vm.host))
+        .record::<VmStatus>(&status_key(&vm.name, &vm.host))
         .await?
         .map(|v| v.record))
 }
@@ -84,7 +93,7 @@ pub async fn status_of(meta: &MetaClient, vm: &Vm) -> Result<Option<VmStatus>> {
 pub async fn delete_statuses(meta: &MetaClient, name: &str) -> Result<()> {
     for s in statuses(meta).await? {
         if s.name == name {
-            meta.delete_record::<VmStatus>(&continuum_proto::records::Record::name(&s))
+            meta.delete_record::<VmStatus>(&status_key(&s.name, &s.host))
                 .await?;
         }
     }
