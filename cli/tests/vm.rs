@@ -697,9 +697,10 @@ async fn a_writing_guest_live_migrates_and_the_old_side_can_no_longer_write() {
         h1.logs()
     );
 
-    // The guest goes on on m2 and verifies everything it wrote, before and after.
+    // The guest goes on on m2 and verifies everything it wrote, before and after. HOLDING is
+    // its last line (after VERIFIED): waiting for VERIFIED alone raced with that line.
     let log2 = lab.dir().join("m2/vms/ctv-mig/console.log");
-    let done = wait_console(&log2, "VERIFIED");
+    let done = wait_console(&log2, "HOLDING");
     let before = std::fs::read_to_string(&log1).unwrap_or_default();
     let after = std::fs::read_to_string(&log2).unwrap_or_default();
     assert!(done, "the guest finishes on m2:\n{before}\n----\n{after}");
