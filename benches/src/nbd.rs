@@ -40,6 +40,13 @@ pub struct NbdArgs {
     /// The `continuum` binary. [default: next to this one]
     #[arg(long)]
     continuum_bin: Option<PathBuf>,
+    /// Run only these jobs (comma-separated names; the first job, which fills the device,
+    /// always runs). [default: all]
+    #[arg(long, value_delimiter = ',')]
+    jobs: Vec<String>,
+    /// Measure only these targets (continuum, qemu-nbd, nbdkit-memory). [default: all]
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
 }
 
 /// One fio job as run against every target.
@@ -109,13 +116,14 @@ struct Measure {
 #[derive(Debug, Serialize)]
 struct Row {
     job: String,
-    continuum: Measure,
-    qemu_nbd: Measure,
-    nbdkit_memory: Measure,
+    /// `None` for a target left out with `--targets`.
+    continuum: Option<Measure>,
+    qemu_nbd: Option<Measure>,
+    nbdkit_memory: Option<Measure>,
     /// Continuum IOPS / qemu-nbd IOPS.
-    ratio_iops: f64,
+    ratio_iops: Option<f64>,
     /// Continuum p99 / qemu-nbd p99.
-    ratio_p99: f64,
+    ratio_p99: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -378,9 +386,9 @@ fn start_nbdkit(dir: &Path, size_mib: u64) -> Result<(Cluster, String)> {
     ))
 }
 
-fn run_all(uri: &str, name: &str, args: &NbdArgs) -> Result<Vec<Measure>> {
+fn run_all(uri: &str, name: &str, jobs: &[Job], args: &NbdArgs) -> Result<Vec<Measure>> {
     let mut out = Vec::new();
-    for job in JOBS {
+    for job in jobs {
         let m = fio(uri, job, args.size_mib, args.runtime_s)?;
         eprintln!(
             "  {name:<14} {:<20} {:>9.0} IOPS {:>8.1} MB/s  p50 {:>7.0} us  p99 {:>7.0} us",
@@ -420,45 +428,79 @@ pub async fn run(args: NbdArgs) -> Result<()> {
         args.size_mib, args.runtime_s
     );
 
-    let continuum = {
-        let (_c, uri) = start_continuum(&bin, &cdir, args.size_mib)?;
-        run_all(&uri, "continuum", &args)?
-    };
-    let qemu = {
-        let (_c, uri) = start_qemu_nbd(&qdir, args.size_mib)?;
-        run_all(&uri, "qemu-nbd", &args)?
-    };
-    let nbdkit = {
-        let (_c, uri) = start_nbdkit(&kdir, args.size_mib)?;
-        run_all(&uri, "nbdkit-memory", &args)?
-    };
-    let rows: Vec<Row> = JOBS
+    let known = ["continuum", "qemu-nbd", "nbdkit-memory"];
+    if let Some(t) = args.targets.iter().find(|t| !known.contains(&t.as_str())) {
+        bail!("unknown target {t:?} (known: {})", known.join(", "));
+    }
+    if let Some(j) = args.jobs.iter().find(|j| !JOBS.iter().any(|k| k.name == *j)) {
+        let names: Vec<&str> = JOBS.iter().map(|k| k.name).collect();
+        bail!("unknown job {j:?} (known: {})", names.join(", "));
+    }
+    let jobs: Vec<Job> = JOBS
         .iter()
         .enumerate()
-        .map(|(i, j)| Row {
-            job: j.name.to_string(),
-            continuum: continuum[i],
-            qemu_nbd: qemu[i],
-            nbdkit_memory: nbdkit[i],
-            ratio_iops: continuum[i].iops / qemu[i].iops.max(1e-9),
-            ratio_p99: continuum[i].p99_us / qemu[i].p99_us.max(1e-9),
+        .filter(|(i, j)| *i == 0 || args.jobs.is_empty() || args.jobs.iter().any(|n| n == j.name))
+        .map(|(_, j)| *j)
+        .collect();
+    let wanted = |t: &str| args.targets.is_empty() || args.targets.iter().any(|n| n == t);
+    let continuum = match wanted("continuum") {
+        true => {
+            let (_c, uri) = start_continuum(&bin, &cdir, args.size_mib)?;
+            Some(run_all(&uri, "continuum", &jobs, &args)?)
+        }
+        false => None,
+    };
+    let qemu = match wanted("qemu-nbd") {
+        true => {
+            let (_c, uri) = start_qemu_nbd(&qdir, args.size_mib)?;
+            Some(run_all(&uri, "qemu-nbd", &jobs, &args)?)
+        }
+        false => None,
+    };
+    let nbdkit = match wanted("nbdkit-memory") {
+        true => {
+            let (_c, uri) = start_nbdkit(&kdir, args.size_mib)?;
+            Some(run_all(&uri, "nbdkit-memory", &jobs, &args)?)
+        }
+        false => None,
+    };
+    let at = |m: &Option<Vec<Measure>>, i: usize| m.as_ref().map(|v| v[i]);
+    let rows: Vec<Row> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, j)| {
+            let (c, q) = (at(&continuum, i), at(&qemu, i));
+            let ratio = |f: fn(&Measure) -> f64| Some(f(&c?) / f(&q?).max(1e-9));
+            Row {
+                job: j.name.to_string(),
+                continuum: c,
+                qemu_nbd: q,
+                nbdkit_memory: at(&nbdkit, i),
+                ratio_iops: ratio(|m| m.iops),
+                ratio_p99: ratio(|m| m.p99_us),
+            }
         })
         .collect();
     println!(
         "{:<20} {:>12} {:>12} {:>12} {:>8} {:>10} {:>10} {:>9}",
         "job", "continuum", "qemu-nbd", "nbdkit-mem", "ratio", "p99 cont", "p99 qemu", "p99 ratio"
     );
+    let num = |v: Option<f64>, unit: &str| match v {
+        Some(v) if unit == "x" => format!("{v:.2}x"),
+        Some(v) => format!("{v:.0}{unit}"),
+        None => "-".to_string(),
+    };
     for r in &rows {
         println!(
-            "{:<20} {:>12.0} {:>12.0} {:>12.0} {:>7.2}x {:>8.0}us {:>8.0}us {:>8.2}x",
+            "{:<20} {:>12} {:>12} {:>12} {:>8} {:>10} {:>10} {:>9}",
             r.job,
-            r.continuum.iops,
-            r.qemu_nbd.iops,
-            r.nbdkit_memory.iops,
-            r.ratio_iops,
-            r.continuum.p99_us,
-            r.qemu_nbd.p99_us,
-            r.ratio_p99
+            num(r.continuum.map(|m| m.iops), ""),
+            num(r.qemu_nbd.map(|m| m.iops), ""),
+            num(r.nbdkit_memory.map(|m| m.iops), ""),
+            num(r.ratio_iops, "x"),
+            num(r.continuum.map(|m| m.p99_us), "us"),
+            num(r.qemu_nbd.map(|m| m.p99_us), "us"),
+            num(r.ratio_p99, "x"),
         );
     }
     let report = Report {
