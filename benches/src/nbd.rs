@@ -432,7 +432,11 @@ pub async fn run(args: NbdArgs) -> Result<()> {
     if let Some(t) = args.targets.iter().find(|t| !known.contains(&t.as_str())) {
         bail!("unknown target {t:?} (known: {})", known.join(", "));
     }
-    if let Some(j) = args.jobs.iter().find(|j| !JOBS.iter().any(|k| k.name == *j)) {
+    if let Some(j) = args
+        .jobs
+        .iter()
+        .find(|j| !JOBS.iter().any(|k| k.name == *j))
+    {
         let names: Vec<&str> = JOBS.iter().map(|k| k.name).collect();
         bail!("unknown job {j:?} (known: {})", names.join(", "));
     }

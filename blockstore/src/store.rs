@@ -800,7 +800,8 @@ impl<D: Device, I: Index> Store<D, I> {
         first: usize,
         n: usize,
     ) -> Result<BytesMut> {
-        let mut out = BytesMut::zeroed(n * BLOCK_BYTES);
+        // Filled lazily: a range that is one device run is returned as read, without a copy.
+        let mut out: Option<BytesMut> = None;
         let mut i = 0;
         while i < n {
             let idx = first + i;
@@ -825,10 +826,15 @@ impl<D: Device, I: Index> Store<D, I> {
                     });
                 }
             }
-            out[i * BLOCK_BYTES..(i + run) * BLOCK_BYTES].copy_from_slice(&data);
+            if i == 0 && run == n {
+                return Ok(data);
+            }
+            out.get_or_insert_with(|| BytesMut::zeroed(n * BLOCK_BYTES))
+                [i * BLOCK_BYTES..(i + run) * BLOCK_BYTES]
+                .copy_from_slice(&data);
             i += run;
         }
-        Ok(out)
+        Ok(out.unwrap_or_else(|| BytesMut::zeroed(n * BLOCK_BYTES)))
     }
 
     /// Keeps `bytes` of the filesystem around the device free: no block is allocated while
