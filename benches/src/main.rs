@@ -9,6 +9,7 @@
 
 mod cluster;
 mod continuum;
+mod cpu;
 mod ec;
 mod etcd;
 mod hist;

@@ -23,6 +23,7 @@ use continuum_blockstore::store::{ObjectKey, Version, WriteMode, WriteReq};
 use continuum_blockstore::volume::{ServerInfo, Volume, VolumeSpec};
 use serde::Serialize;
 
+use crate::cpu::{CpuMeter, CpuUse};
 use crate::hist::{LatencyHistogram, Summary};
 
 #[derive(Debug, Args)]
@@ -60,6 +61,20 @@ struct Phase {
     ratio: f64,
     /// Continuum ÷ peer of every round (random phases; the reported round is the median).
     round_ratios: Vec<f64>,
+    /// Machine CPU per operation of the reported round (random phases).
+    continuum_cpu: Option<CpuUse>,
+    single_server_cpu: Option<CpuUse>,
+    /// Peer CPU µs/op ÷ Continuum CPU µs/op of every round: the efficiency ratio, which moves
+    /// less with the host's load than the throughput ratio.
+    round_cpu_ratios: Vec<f64>,
+}
+
+/// One round of a random phase: Continuum, then the peer.
+struct Round {
+    c: Summary,
+    c_cpu: CpuUse,
+    p: Summary,
+    p_cpu: CpuUse,
 }
 
 #[derive(Debug, Serialize)]
@@ -280,6 +295,7 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
     for round in 0..args.rounds.max(1) {
         let v = vol.clone();
         let d = k4.clone();
+        let meter = CpuMeter::start()?;
         let (c, _) = drive(args.ops, args.depth, move |t, i| {
             let (v, d) = (v.clone(), d.clone());
             let mut r = Rng((t + 1 + round * 1000) * 0x9e37_79b9 + i);
@@ -288,9 +304,11 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
         })
         .await?;
         vol.flush().await?;
+        let c_cpu = meter.stop(c.ops)?;
         let s = single.clone();
         let d = k4.clone();
         let depth = args.depth;
+        let meter = CpuMeter::start()?;
         let (p, _) = drive(args.ops, args.depth, move |t, i| {
             let (s, d) = (s.clone(), d.clone());
             let mut r = Rng((t + 1 + round * 1000) * 0x9e37_79b9 + i);
@@ -301,13 +319,18 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
         })
         .await?;
         single.client.flush().await?;
+        let p_cpu = meter.stop(p.ops)?;
         eprintln!(
-            "[volume]   round {}: {:.0} vs {:.0} op/s",
+            "[volume]   round {}: {:.0} vs {:.0} op/s, {:.0} vs {:.0} CPU µs/op, steal {:.0}/{:.0} %",
             round + 1,
             c.ops_per_s,
-            p.ops_per_s
+            p.ops_per_s,
+            c_cpu.us_per_op,
+            p_cpu.us_per_op,
+            c_cpu.steal * 100.0,
+            p_cpu.steal * 100.0
         );
-        rounds.push((c, p));
+        rounds.push(Round { c, c_cpu, p, p_cpu });
     }
     phases.push(rand_phase("rand write 4K", rounds));
 
@@ -315,6 +338,7 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
     let mut rounds = Vec::new();
     for round in 0..args.rounds.max(1) {
         let v = vol.clone();
+        let meter = CpuMeter::start()?;
         let (c, _) = drive(args.ops, args.depth, move |t, i| {
             let v = v.clone();
             let mut r = Rng((t + 7 + round * 1000) * 0x9e37_79b9 + i);
@@ -325,7 +349,9 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
             }
         })
         .await?;
+        let c_cpu = meter.stop(c.ops)?;
         let s = single.clone();
+        let meter = CpuMeter::start()?;
         let (p, _) = drive(args.ops, args.depth, move |t, i| {
             let s = s.clone();
             let mut r = Rng((t + 7 + round * 1000) * 0x9e37_79b9 + i);
@@ -348,13 +374,18 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
             }
         })
         .await?;
+        let p_cpu = meter.stop(p.ops)?;
         eprintln!(
-            "[volume]   round {}: {:.0} vs {:.0} op/s",
+            "[volume]   round {}: {:.0} vs {:.0} op/s, {:.0} vs {:.0} CPU µs/op, steal {:.0}/{:.0} %",
             round + 1,
             c.ops_per_s,
-            p.ops_per_s
+            p.ops_per_s,
+            c_cpu.us_per_op,
+            p_cpu.us_per_op,
+            c_cpu.steal * 100.0,
+            p_cpu.steal * 100.0
         );
-        rounds.push((c, p));
+        rounds.push(Round { c, c_cpu, p, p_cpu });
     }
     phases.push(rand_phase("rand read 4K", rounds));
     vol.flush().await?;
@@ -417,8 +448,18 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
             p.ratio
         );
         if p.round_ratios.len() > 1 {
-            let each: Vec<String> = p.round_ratios.iter().map(|r| format!("{r:.2}x")).collect();
-            println!("{:<14} rounds: {} (median shown)", "", each.join(", "));
+            let each = |v: &[f64]| -> String {
+                v.iter()
+                    .map(|r| format!("{r:.2}x"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            println!(
+                "{:<14} rounds: {} (median shown); CPU per op, peer ÷ continuum: {}",
+                "",
+                each(&p.round_ratios),
+                each(&p.round_cpu_ratios)
+            );
         }
     }
     println!(
@@ -454,23 +495,31 @@ fn seq_phase(name: &str, c: Summary, ce: Duration, p: Summary, pe: Duration, byt
         single_server_mb_s: pm,
         ratio: cm / pm,
         round_ratios: Vec::new(),
+        continuum_cpu: None,
+        single_server_cpu: None,
+        round_cpu_ratios: Vec::new(),
     }
 }
 
 /// The median round (by ratio) of a random phase.
-fn rand_phase(name: &str, mut rounds: Vec<(Summary, Summary)>) -> Phase {
-    let ratio = |(c, p): &(Summary, Summary)| c.ops_per_s / p.ops_per_s.max(1e-9);
+fn rand_phase(name: &str, mut rounds: Vec<Round>) -> Phase {
+    let ratio = |r: &Round| r.c.ops_per_s / r.p.ops_per_s.max(1e-9);
+    let cpu_ratio = |r: &Round| r.p_cpu.us_per_op / r.c_cpu.us_per_op.max(1e-9);
     let round_ratios: Vec<f64> = rounds.iter().map(ratio).collect();
+    let round_cpu_ratios: Vec<f64> = rounds.iter().map(cpu_ratio).collect();
     rounds.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
-    let (c, p) = rounds.swap_remove(rounds.len() / 2);
+    let r = rounds.swap_remove(rounds.len() / 2);
     Phase {
         name: name.into(),
-        ratio: c.ops_per_s / p.ops_per_s.max(1e-9),
-        continuum: c,
-        single_server: p,
+        ratio: ratio(&r),
+        continuum: r.c,
+        single_server: r.p,
         continuum_mb_s: 0.0,
         single_server_mb_s: 0.0,
         round_ratios,
+        continuum_cpu: Some(r.c_cpu),
+        single_server_cpu: Some(r.p_cpu),
+        round_cpu_ratios,
     }
 }
 
