@@ -223,7 +223,14 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
         .enumerate()
         .map(|(i, s)| info(i as u64 + 1, s.as_ref().expect("running"), true))
         .collect();
-    let spec = VolumeSpec::new(1, size);
+    // Placed over the six servers it was created on, as `continuum volume create` records
+    // them (`placement_servers`): the seventh server added before the rebuild then takes over
+    // the lost server's positions only, instead of re-ranking every group it scores high in
+    // (which moved shards between the surviving servers and made the "rebuild" a reshuffle).
+    let spec = VolumeSpec {
+        members: (1..=6).collect(),
+        ..VolumeSpec::new(1, size)
+    };
     let vol = Volume::open(spec, 1, &map, Duration::from_secs(10)).await?;
     let single = Arc::new(Single {
         client: BlockClient::new(peer.addr.to_string(), Duration::from_secs(10)),
