@@ -67,6 +67,8 @@ pub const MAX_UNSTABLE_VERSIONS: usize = 256;
 /// A write to an object with this many undo entries applies its queued stabilization first
 /// (syncing the device), so records stay small under sequential writes.
 const APPLY_STABLE_AT: usize = 32;
+/// Records per index write when queued stabilizations are applied at a flush.
+const APPLY_BATCH: usize = 512;
 
 const BLOCK: u64 = BLOCK_BYTES as u64;
 /// Freed runs at least this long (in blocks) are punched out of the data file.
@@ -1211,8 +1213,41 @@ impl<D: Device, I: Index> Store<D, I> {
 
     /// Applies queued stabilizations (the device was synced after they were queued, covering
     /// generation `covered`).
+    ///
+    /// Objects nobody holds or waits for are done in batches of one index write each, with no
+    /// await between reading a record and committing it (so the object lock is not needed:
+    /// the store runs on one thread). The others take their lock one by one.
     async fn apply_stable(&self, queued: HashMap<ObjectKey, Queued>, covered: u64) -> Result<()> {
-        for (object, queued) in queued {
+        let mut contended = Vec::new();
+        let mut batch: Batch = Vec::new();
+        let mut freed = Vec::new();
+        let mut done = 0;
+        let mut queued = queued.into_iter();
+        loop {
+            let next = queued.next();
+            if let Some((object, q)) = next {
+                if self.locks.borrow().contains_key(&object) {
+                    contended.push((object, q));
+                    continue;
+                }
+                let mut rec = self.load(&object)?;
+                let (n, f) = self.drop_stable(&object, &mut rec, q, covered)?;
+                if n > 0 {
+                    batch.push(record_change(&object, &rec));
+                    freed.extend(f);
+                    done += n;
+                }
+            }
+            if !batch.is_empty() && (next.is_none() || batch.len() >= APPLY_BATCH) {
+                let b = std::mem::take(&mut batch);
+                self.commit(b, false, std::mem::take(&mut freed)).await?;
+                bump(&self.stats.stabilized, std::mem::take(&mut done));
+            }
+            if next.is_none() {
+                break;
+            }
+        }
+        for (object, queued) in contended {
             let _g = self.lock(object).await;
             let mut rec = self.load(&object)?;
             let (done, freed) = self.drop_stable(&object, &mut rec, queued, covered)?;

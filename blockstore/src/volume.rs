@@ -1596,7 +1596,7 @@ impl Volume {
         }
         let unit = self.spec.unit;
         let mut source = view.clone();
-        let all = self
+        let mut all = self
             .gather(stripe, servers, &mut source, 0, unit, &targets)
             .await?;
         let data_versions: Vec<(u32, Version)> =
@@ -1604,7 +1604,7 @@ impl Volume {
         tracing::debug!(volume = self.spec.id, stripe, ?targets, ?view, "rebuilding");
         let mut rebuilt = 0;
         for &p in &targets {
-            let content = Bytes::from(all[p].clone().expect("reconstructed"));
+            let content = Bytes::from(all[p].take().expect("reconstructed"));
             let req = WriteReq {
                 object: self.object(stripe, p),
                 epoch: self.epoch,
