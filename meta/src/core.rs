@@ -1589,6 +1589,88 @@ mod tests {
         call(&mut core, 5, put("b")).unwrap();
     }
 
+    /// The membership invariant (ARCHITECTURE.md, meta): a member that joins gets its first
+    /// configuration from a snapshot, never by applying conf changes to none (which made a
+    /// joined member a cluster of itself that could elect itself and lose acked writes).
+    #[test]
+    fn a_joining_member_starts_from_a_snapshot_and_never_stands_alone() {
+        let mut leader = single(MemEngine::new());
+        for i in 0..5 {
+            call(&mut leader, i + 1, put(&format!("k{i}"))).unwrap();
+        }
+        assert!(
+            leader.node.store().truncated_index() >= 1,
+            "entry 1 (before any configuration) is still in the log"
+        );
+        let joining = Member {
+            id: 2,
+            peer_addr: "p2".into(),
+            client_addr: "c2".into(),
+            is_learner: false,
+        };
+        let mut now = 5_000;
+        leader.handle_request(now, 100, Request::MemberAdd(joining));
+        let mut cfg = CoreConfig::new(2);
+        cfg.min_free_bytes = 1000;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut joiner = MetaCore::open(cfg, MemEngine::new(), None, &logger, 0).unwrap();
+        let (mut added, mut snapshots, mut first_conf) = (false, 0, None);
+        for _ in 0..400 {
+            now += 50;
+            leader.handle_tick(now);
+            joiner.handle_tick(now);
+            leader.process();
+            while let Some(o) = leader.poll_output() {
+                match o {
+                    Output::Send(m) if m.to == 2 => {
+                        let snap = m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
+                        joiner.handle_message(now, m);
+                        if snap {
+                            snapshots += 1;
+                            leader.handle_snapshot_status(2, true);
+                        }
+                    }
+                    Output::Respond { id: 100, result } => {
+                        result.unwrap();
+                        added = true;
+                    }
+                    _ => {}
+                }
+            }
+            joiner.process();
+            while let Some(o) = joiner.poll_output() {
+                if let Output::Send(m) = o {
+                    leader.handle_message(now, m);
+                }
+            }
+            let cs = joiner.sm().conf_state().clone();
+            if first_conf.is_none() && !(cs.voters.is_empty() && cs.learners.is_empty()) {
+                first_conf = Some(cs);
+            }
+            assert!(!joiner.is_stopped(), "the joining member fail-stopped");
+            assert!(!joiner.is_leader(), "the joining member elected itself");
+            if added && snapshots > 0 && joiner.applied_index() == leader.applied_index() {
+                break;
+            }
+        }
+        assert!(added, "the member add was never acknowledged");
+        assert!(snapshots > 0, "the joining member was not sent a snapshot");
+        let first = first_conf.expect("the joining member never got a configuration");
+        assert!(
+            first.voters.contains(&1),
+            "the first configuration the joining member had lacks the leader: {first:?}"
+        );
+        assert_eq!(joiner.applied_index(), leader.applied_index());
+        let state = joiner.dump_state().unwrap();
+        for i in 0..5 {
+            let key = format!("k{i}");
+            assert!(
+                state.iter().any(|(k, _)| k.ends_with(key.as_bytes())),
+                "{key} missing on the joined member"
+            );
+        }
+    }
+
     #[test]
     fn storage_failure_stops_the_member_and_loses_nothing_acked() {
         let engine = MemEngine::new();
