@@ -882,10 +882,25 @@ impl<D: Device, I: Index> Store<D, I> {
 
     /// Commits `batch` (synced when `sync`), then hands `freed` to the allocator.
     async fn commit(&self, mut batch: Batch, sync: bool, freed: Vec<u64>) -> Result<()> {
-        if sync {
-            let covered = self.sync_device().await?;
-            batch.extend(self.synced_change(covered));
+        if !sync {
+            return self.commit_unsynced(batch, freed);
         }
+        let covered = self.sync_device().await?;
+        batch.extend(self.synced_change(covered));
+        self.write_index(batch, true, freed)?;
+        self.after_sync().await
+    }
+
+    /// Commits `batch` without a sync. Not async: a caller that read records and commits
+    /// them here knows nothing ran in between (see [`Self::apply_stable`]).
+    fn commit_unsynced(&self, batch: Batch, freed: Vec<u64>) -> Result<()> {
+        self.write_index(batch, false, freed)?;
+        self.unsynced.set(self.unsynced.get() + 1);
+        Ok(())
+    }
+
+    /// Writes `batch` to the index, updates the cached epochs and defers `freed`.
+    fn write_index(&self, batch: Batch, sync: bool, freed: Vec<u64>) -> Result<()> {
         // Epoch records of the batch, for the in-memory copy once the batch is written.
         let epochs: Vec<(u64, u64)> = batch
             .iter()
@@ -905,16 +920,9 @@ impl<D: Device, I: Index> Store<D, I> {
                 cache.insert(volume, epoch);
             }
         }
-        {
-            let mut a = self.alloc.borrow_mut();
-            for b in freed {
-                a.defer_free(b);
-            }
-        }
-        if sync {
-            self.after_sync().await?;
-        } else {
-            self.unsynced.set(self.unsynced.get() + 1);
+        let mut a = self.alloc.borrow_mut();
+        for b in freed {
+            a.defer_free(b);
         }
         Ok(())
     }
@@ -1214,9 +1222,9 @@ impl<D: Device, I: Index> Store<D, I> {
     /// Applies queued stabilizations (the device was synced after they were queued, covering
     /// generation `covered`).
     ///
-    /// Objects nobody holds or waits for are done in batches of one index write each, with no
-    /// await between reading a record and committing it (so the object lock is not needed:
-    /// the store runs on one thread). The others take their lock one by one.
+    /// Objects nobody holds or waits for are done in batches of one index write each. There is
+    /// no await from reading their records to committing them, so the object lock is not
+    /// needed: the store runs on one thread. The others take their lock one by one.
     async fn apply_stable(&self, queued: HashMap<ObjectKey, Queued>, covered: u64) -> Result<()> {
         let mut contended = Vec::new();
         let mut batch: Batch = Vec::new();
@@ -1240,7 +1248,7 @@ impl<D: Device, I: Index> Store<D, I> {
             }
             if !batch.is_empty() && (next.is_none() || batch.len() >= APPLY_BATCH) {
                 let b = std::mem::take(&mut batch);
-                self.commit(b, false, std::mem::take(&mut freed)).await?;
+                self.commit_unsynced(b, std::mem::take(&mut freed))?;
                 bump(&self.stats.stabilized, std::mem::take(&mut done));
             }
             if next.is_none() {
