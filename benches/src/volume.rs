@@ -83,6 +83,8 @@ struct Rebuild {
     seconds: f64,
     mb_s: f64,
     copy_mb_s: f64,
+    /// The slower of the two copies (not compared).
+    copy_other_mb_s: f64,
     ratio: f64,
 }
 
@@ -407,6 +409,9 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
     map2[0].up = false;
     map2.push(info(7, &seventh, true));
     vol.set_servers(&map2);
+    // Both the rebuild and the copy start with no dirty data of earlier phases left to write
+    // back (it slowed whichever ran into it: the copy moved between 190 and 1400 MB/s).
+    rustix::fs::sync();
     let t0 = Instant::now();
     let report = vol.repair_all(0).await?;
     let secs = t0.elapsed().as_secs_f64();
@@ -420,12 +425,19 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
         report.shards_rebuilt,
         rebuilt as f64 / 1e6
     );
-    let copy_mb_s = plain_copy(&dir, rebuilt.max(1 << 20))?;
+    // The copy's rate is bimodal on this VM: 110-250 or 1000-1300 MB/s from one try to the
+    // next (the host's own writeback, it seems). Two tries; the faster is the peer, so the
+    // ratio is never flattered by a slow baseline.
+    let first = plain_copy(&dir, rebuilt.max(1 << 20))?;
+    let second = plain_copy(&dir, rebuilt.max(1 << 20))?;
+    let (copy_mb_s, copy_other_mb_s) = (first.max(second), first.min(second));
+    eprintln!("[volume] plain copy: {first:.0} and {second:.0} MB/s (the faster is compared)");
     let rebuild = Rebuild {
         bytes_rebuilt: rebuilt,
         seconds: secs,
         mb_s,
         copy_mb_s,
+        copy_other_mb_s,
         ratio: mb_s / copy_mb_s,
     };
 
@@ -547,6 +559,7 @@ fn plain_copy(dir: &std::path::Path, bytes: u64) -> Result<f64> {
         }
         f.sync_all()?;
     }
+    rustix::fs::sync();
     let t0 = Instant::now();
     std::fs::copy(&src, &dst)?;
     std::fs::File::open(&dst)?.sync_all()?;
