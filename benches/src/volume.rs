@@ -77,6 +77,21 @@ struct Round {
     p_cpu: CpuUse,
 }
 
+impl Round {
+    fn report(&self, round: u64) {
+        eprintln!(
+            "[volume]   round {}: {:.0} vs {:.0} op/s, {:.0} vs {:.0} CPU µs/op, steal {:.0}/{:.0} %",
+            round + 1,
+            self.c.ops_per_s,
+            self.p.ops_per_s,
+            self.c_cpu.us_per_op,
+            self.p_cpu.us_per_op,
+            self.c_cpu.steal * 100.0,
+            self.p_cpu.steal * 100.0
+        );
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Rebuild {
     bytes_rebuilt: u64,
@@ -329,17 +344,9 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
         .await?;
         single.client.flush().await?;
         let p_cpu = meter.stop(p.ops)?;
-        eprintln!(
-            "[volume]   round {}: {:.0} vs {:.0} op/s, {:.0} vs {:.0} CPU µs/op, steal {:.0}/{:.0} %",
-            round + 1,
-            c.ops_per_s,
-            p.ops_per_s,
-            c_cpu.us_per_op,
-            p_cpu.us_per_op,
-            c_cpu.steal * 100.0,
-            p_cpu.steal * 100.0
-        );
-        rounds.push(Round { c, c_cpu, p, p_cpu });
+        let r = Round { c, c_cpu, p, p_cpu };
+        r.report(round);
+        rounds.push(r);
     }
     phases.push(rand_phase("rand write 4K", rounds));
 
@@ -384,17 +391,9 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
         })
         .await?;
         let p_cpu = meter.stop(p.ops)?;
-        eprintln!(
-            "[volume]   round {}: {:.0} vs {:.0} op/s, {:.0} vs {:.0} CPU µs/op, steal {:.0}/{:.0} %",
-            round + 1,
-            c.ops_per_s,
-            p.ops_per_s,
-            c_cpu.us_per_op,
-            p_cpu.us_per_op,
-            c_cpu.steal * 100.0,
-            p_cpu.steal * 100.0
-        );
-        rounds.push(Round { c, c_cpu, p, p_cpu });
+        let r = Round { c, c_cpu, p, p_cpu };
+        r.report(round);
+        rounds.push(r);
     }
     phases.push(rand_phase("rand read 4K", rounds));
     vol.flush().await?;
