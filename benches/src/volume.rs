@@ -424,7 +424,7 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
         report.shards_rebuilt,
         rebuilt as f64 / 1e6
     );
-    // The copy's rate is bimodal on this VM: 110-250 or 1000-1300 MB/s from one try to the
+    // The copy's rate is bimodal on this VM: 51-250 or 930-1300 MB/s from one try to the
     // next (the host's own writeback, it seems). Two tries; the faster is the peer, so the
     // ratio is never flattered by a slow baseline.
     let first = plain_copy(&dir, rebuilt.max(1 << 20))?;

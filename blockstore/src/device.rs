@@ -120,15 +120,7 @@ impl Device for UringDevice {
             // A small buffered write is a short copy into the page cache: done here, in
             // place. Through io_uring, ext4 (no non-blocking buffered writes) punts every one
             // to a worker thread, and the hand-off and wake-up cost more than the copy.
-            let mut done = 0;
-            while done < data.len() {
-                match rustix::io::pwrite(&self.stat, &data[done..], offset + done as u64) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => done += n,
-                    Err(rustix::io::Errno::INTR) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            std::os::unix::fs::FileExt::write_all_at(&self.stat, &data, offset)?;
             return Ok(());
         }
         let (res, _) = self.file.write_all_at(data, offset).await;

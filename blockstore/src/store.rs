@@ -1226,18 +1226,14 @@ impl<D: Device, I: Index> Store<D, I> {
     /// no await from reading their records to committing them, so the object lock is not
     /// needed: the store runs on one thread. The others take their lock one by one.
     async fn apply_stable(&self, queued: HashMap<ObjectKey, Queued>, covered: u64) -> Result<()> {
-        let mut contended = Vec::new();
-        let mut batch: Batch = Vec::new();
-        let mut freed = Vec::new();
-        let mut done = 0;
-        let mut queued = queued.into_iter();
-        loop {
-            let next = queued.next();
-            if let Some((object, q)) = next {
-                if self.locks.borrow().contains_key(&object) {
-                    contended.push((object, q));
-                    continue;
-                }
+        // Sorted out before anything awaits, so "nobody holds or waits" stays true until the
+        // batches below are committed.
+        let (free, contended): (Vec<_>, Vec<_>) = queued
+            .into_iter()
+            .partition(|(object, _)| !self.locks.borrow().contains_key(object));
+        for chunk in free.chunks(APPLY_BATCH) {
+            let (mut batch, mut freed, mut done): (Batch, Vec<u64>, u64) = Default::default();
+            for &(object, q) in chunk {
                 let mut rec = self.load(&object)?;
                 let (n, f) = self.drop_stable(&object, &mut rec, q, covered)?;
                 if n > 0 {
@@ -1246,13 +1242,9 @@ impl<D: Device, I: Index> Store<D, I> {
                     done += n;
                 }
             }
-            if !batch.is_empty() && (next.is_none() || batch.len() >= APPLY_BATCH) {
-                let b = std::mem::take(&mut batch);
-                self.commit_unsynced(b, std::mem::take(&mut freed))?;
-                bump(&self.stats.stabilized, std::mem::take(&mut done));
-            }
-            if next.is_none() {
-                break;
+            if !batch.is_empty() {
+                self.commit_unsynced(batch, freed)?;
+                bump(&self.stats.stabilized, done);
             }
         }
         for (object, queued) in contended {
