@@ -175,11 +175,11 @@ impl Index for SimIndex {
         self.inner.scan(from, to, limit)
     }
 
-    fn sync(&self) -> Result<(), IndexError> {
+    async fn sync(&self) -> Result<(), IndexError> {
         if self.broken_sync {
             return Ok(());
         }
-        self.inner.sync()
+        self.inner.sync().await
     }
 }
 
