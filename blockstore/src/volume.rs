@@ -56,6 +56,12 @@ const MAX_REPAIR_PARALLEL: usize = 16;
 const HEAL_PER_ROUND: usize = 64;
 /// How long an unreachable server is skipped before it is tried again.
 const RETRY_UNREACHABLE: Duration = Duration::from_secs(2);
+/// The background task flushes the servers this often while versions wait to be stabilized
+/// (a version is stabilized only once a flush made it durable on every shard that took it)...
+const STABILIZE_FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// ...or as soon as this many shard versions wait: a hot object must not reach the store's
+/// limit of unstable versions (`store::MAX_UNSTABLE_VERSIONS`) before a flush.
+const STABILIZE_FLUSH_AT: usize = 384;
 
 /// One block server as the volume sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -232,7 +238,18 @@ pub struct Volume {
     locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     /// Per 4 KiB block: held by a sub-block write while it reads, merges and writes the block.
     rmw_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
-    /// Per server: stabilizations to send (piggybacked or by the background task).
+    /// Per server: shard versions it acknowledged that no flush has covered yet. They are
+    /// stabilized only after one did, on every server (see [`Volume::flush`]): a version
+    /// stabilized on one shard while another can still lose it in a power loss could leave
+    /// a stripe with fewer than k shards of one state (the whole-cluster power loss case).
+    unflushed: Mutex<HashMap<u64, Vec<(ObjectKey, Version)>>>,
+    /// Wakes the background task when `unflushed` reaches [`STABILIZE_FLUSH_AT`].
+    flush_soon: Arc<tokio::sync::Notify>,
+    /// Flushes run one at a time: a flush that found nothing dirty must not return while an
+    /// earlier one is still making the servers it took durable.
+    flush_lock: tokio::sync::Mutex<()>,
+    /// Per server: stabilizations to send (piggybacked or by the background task), all of
+    /// versions a flush made durable.
     to_stabilize: Mutex<HashMap<u64, Vec<(ObjectKey, Version)>>>,
     /// Servers written since the last flush.
     dirty: Mutex<BTreeSet<u64>>,
@@ -330,6 +347,9 @@ impl Volume {
             views: Mutex::default(),
             locks: Mutex::default(),
             rmw_locks: Mutex::default(),
+            unflushed: Mutex::default(),
+            flush_soon: Arc::default(),
+            flush_lock: tokio::sync::Mutex::new(()),
             to_stabilize: Mutex::default(),
             dirty: Mutex::default(),
             corrupt: Mutex::default(),
@@ -353,13 +373,26 @@ impl Volume {
         vol.fence_all(true).await?;
         vol.foreign_below.store(epoch, Ordering::Release);
         let weak = Arc::downgrade(&vol);
+        let flush_soon = vol.flush_soon.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut flushed = Instant::now();
             for round in 0u64.. {
-                tick.tick().await;
+                // The volume is not held while waiting (the task ends once it is dropped).
+                let soon = tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = flush_soon.notified() => true,
+                };
                 let Some(vol) = weak.upgrade() else { break };
                 if vol.check().is_err() {
                     break;
+                }
+                let waiting = vol.unflushed_count();
+                if waiting > 0 && (soon || flushed.elapsed() >= STABILIZE_FLUSH_EVERY) {
+                    flushed = Instant::now();
+                    if let Err(e) = vol.flush().await {
+                        tracing::debug!(volume = vol.spec.id, error = %e, "background flush failed");
+                    }
                 }
                 vol.send_stabilizations().await;
                 if round % 10 == 0 {
@@ -1125,14 +1158,11 @@ impl Volume {
                 needed: k,
             });
         }
-        {
-            let mut q = self.to_stabilize.lock().expect("poisoned");
-            for &pos in &acked {
-                q.entry(servers[pos])
-                    .or_default()
-                    .push((self.object(stripe, pos), version));
-            }
-        }
+        self.note_unflushed(
+            acked
+                .iter()
+                .map(|&pos| (servers[pos], self.object(stripe, pos), version)),
+        );
         self.remember(stripe, view);
         Ok(true)
     }
@@ -1283,13 +1313,42 @@ impl Volume {
         join_all(futs).await;
     }
 
-    /// Everything written before is durable on every shard (NBD FLUSH).
+    /// Notes shard versions that servers acknowledged (not yet durable).
+    fn note_unflushed(&self, versions: impl IntoIterator<Item = (u64, ObjectKey, Version)>) {
+        let mut u = self.unflushed.lock().expect("poisoned");
+        for (srv, object, version) in versions {
+            u.entry(srv).or_default().push((object, version));
+        }
+        if u.values().map(Vec::len).sum::<usize>() >= STABILIZE_FLUSH_AT {
+            self.flush_soon.notify_one();
+        }
+    }
+
+    fn unflushed_count(&self) -> usize {
+        self.unflushed
+            .lock()
+            .expect("poisoned")
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// Everything written before is durable on every shard (NBD FLUSH). The shard versions
+    /// this makes durable become stabilizable.
     pub async fn flush(&self) -> Result<()> {
         self.check()?;
+        let _one_at_a_time = self.flush_lock.lock().await;
+        // Taken before `dirty`: a version is noted after its server was marked dirty, so every
+        // version taken here has its server in this flush (or in an earlier one, finished).
+        let unflushed = std::mem::take(&mut *self.unflushed.lock().expect("poisoned"));
         let dirty: Vec<u64> = std::mem::take(&mut *self.dirty.lock().expect("poisoned"))
             .into_iter()
             .collect();
         let results = join_all(dirty.iter().map(|&srv| async move {
+            if !self.reachable(srv) {
+                // Known unreachable: failed at once, not after the request's deadline.
+                return Ok(false);
+            }
             let c = self.client(srv)?;
             match c.flush().await {
                 Ok(()) => Ok(true),
@@ -1312,11 +1371,40 @@ impl Volume {
             .map(|(srv, _)| *srv)
             .collect();
         let limit = self.spec.profile.parity;
-        if failed.len() > limit {
-            self.dirty
-                .lock()
-                .expect("poisoned")
-                .extend(failed.iter().copied());
+        let incomplete = failed.len() > limit;
+        {
+            // Stabilizable: the versions of servers that flushed, unless more than m failed
+            // (then a power loss could leave fewer than k shards of either state: nothing is
+            // stabilized). The rest wait for the next flush, their servers still dirty; a
+            // server the map no longer has or calls down is forgotten (its shards are rebuilt
+            // elsewhere).
+            let known: BTreeSet<u64> = {
+                let c = self.cluster.lock().expect("poisoned");
+                c.clients
+                    .keys()
+                    .copied()
+                    .filter(|s| !c.down.contains(s))
+                    .collect()
+            };
+            let mut again = self.unflushed.lock().expect("poisoned");
+            let mut stabilize = self.to_stabilize.lock().expect("poisoned");
+            let mut dirty = self.dirty.lock().expect("poisoned");
+            for (srv, versions) in unflushed {
+                if !known.contains(&srv) {
+                    continue;
+                }
+                if incomplete || failed.contains(&srv) {
+                    again.entry(srv).or_default().extend(versions);
+                    dirty.insert(srv);
+                } else {
+                    stabilize.entry(srv).or_default().extend(versions);
+                }
+            }
+            if incomplete {
+                dirty.extend(failed.iter().copied());
+            }
+        }
+        if incomplete {
             return Err(VolumeError::FlushIncomplete {
                 volume: self.spec.id,
                 failed: failed.len(),
@@ -1555,6 +1643,25 @@ impl Volume {
                 self.stats.rolled_forward.fetch_add(1, Ordering::Relaxed);
             }
         }
+        if !d.stabilize.is_empty() {
+            // Durable on every shard that answered before any is stabilized (see
+            // `Volume::unflushed`); if one cannot flush, the next settle decides again.
+            let flushed = join_all((0..servers.len()).filter(|&p| infos[p].is_some()).map(
+                |p| async move {
+                    let c = self.client(servers[p])?;
+                    match c.flush().await {
+                        Ok(()) => Ok(true),
+                        Err(e) => self.note_error(servers[p], &e).map(|()| false),
+                    }
+                },
+            ))
+            .await
+            .into_iter()
+            .collect::<Result<Vec<bool>>>()?;
+            if !flushed.iter().all(|&ok| ok) {
+                return Ok(());
+            }
+        }
         for &(pos, v) in &d.stabilize {
             let c = self.client(servers[pos])?;
             if let Err(e) = c
@@ -1631,13 +1738,10 @@ impl Volume {
             self.dirty.lock().expect("poisoned").insert(servers[p]);
             match c.write(&req, content, &piggy).await {
                 Ok(_) => {
-                    // An install is complete as soon as it lands: stabilize it.
-                    self.to_stabilize
-                        .lock()
-                        .expect("poisoned")
-                        .entry(servers[p])
-                        .or_default()
-                        .push((req.object, req.version));
+                    // Complete as soon as it lands; stabilized once a flush made it durable
+                    // (stable on this shard and lost by the others, or the reverse, would mix
+                    // two states of the stripe after a power loss).
+                    self.note_unflushed([(servers[p], req.object, req.version)]);
                     view.set_stale(p, false);
                     self.corrupt.lock().expect("poisoned").remove(&(stripe, p));
                     rebuilt += 1;
@@ -1735,9 +1839,10 @@ impl Volume {
             self.stats.pass_stripes_done.fetch_add(1, Ordering::Relaxed);
         }
         drop(results);
-        // The rebuilt shards are durable (and stable) when the pass reports.
-        self.send_stabilizations().await;
+        // The rebuilt shards are durable when the pass reports (and stabilized: applied at
+        // each server's next sync).
         self.flush().await?;
+        self.send_stabilizations().await;
         Ok(report)
     }
 
