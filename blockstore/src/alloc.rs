@@ -23,9 +23,7 @@ pub struct Allocator {
     blocks: u64,
     free: u64,
     cursor: u64,
-    /// Deferred blocks in the order they were deferred; `taken` of them were taken before.
     deferred: Vec<u64>,
-    taken: u64,
 }
 
 impl Allocator {
@@ -37,7 +35,6 @@ impl Allocator {
             free: blocks,
             cursor: 1,
             deferred: Vec::new(),
-            taken: 0,
         };
         if blocks > 0 {
             a.mark_used(0);
@@ -158,19 +155,11 @@ impl Allocator {
         }
     }
 
-    /// Names the blocks deferred so far, for [`Allocator::take_deferred`]: an index sync that
-    /// starts now makes exactly their index changes durable.
-    pub fn deferred_mark(&self) -> u64 {
-        self.taken + self.deferred.len() as u64
-    }
-
-    /// The blocks deferred before `mark` and not taken yet, sorted, still marked used: the
-    /// caller discards their space on the device first and then [`Allocator::release`]s them,
-    /// so no new data lands in a block whose discard is still in flight.
-    pub fn take_deferred(&mut self, mark: u64) -> Vec<u64> {
-        let n = (mark.saturating_sub(self.taken) as usize).min(self.deferred.len());
-        let mut d: Vec<u64> = self.deferred.drain(..n).collect();
-        self.taken += n as u64;
+    /// The deferred blocks, sorted, still marked used: the caller discards their space on the
+    /// device first and then [`Allocator::release`]s them, so no new data lands in a block
+    /// whose discard is still in flight.
+    pub fn take_deferred(&mut self) -> Vec<u64> {
+        let mut d = std::mem::take(&mut self.deferred);
         d.sort_unstable();
         d
     }
@@ -212,7 +201,7 @@ mod tests {
         }
         // Deferred blocks stay used until released.
         assert_eq!(a.free_blocks(), 84);
-        let d = a.take_deferred(a.deferred_mark());
+        let d = a.take_deferred();
         assert_eq!(d, vec![3, 4, 5]);
         a.release(&d);
         assert_eq!(a.free_blocks(), 87);
@@ -225,30 +214,13 @@ mod tests {
     }
 
     #[test]
-    fn only_blocks_deferred_before_a_mark_are_taken() {
-        let mut a = Allocator::new(100);
-        a.allocate(20).unwrap();
-        a.defer_free(3);
-        a.defer_free(1);
-        let first = a.deferred_mark();
-        a.defer_free(7);
-        let second = a.deferred_mark();
-        a.defer_free(9);
-        // Two syncs in flight, finishing out of order: each takes only what it covers.
-        assert_eq!(a.take_deferred(second), vec![1, 3, 7]);
-        assert_eq!(a.take_deferred(first), Vec::<u64>::new());
-        assert_eq!(a.deferred_blocks(), 1);
-        assert_eq!(a.take_deferred(a.deferred_mark()), vec![9]);
-    }
-
-    #[test]
     fn fragmented_space_is_used_in_runs() {
         let mut a = Allocator::new(20);
         a.allocate(19).unwrap();
         for b in [2, 3, 7, 8, 9, 15] {
             a.defer_free(b);
         }
-        let d = a.take_deferred(a.deferred_mark());
+        let d = a.take_deferred();
         a.release(&d);
         let r = a.allocate(6).unwrap();
         let mut blocks: Vec<u64> = r.iter().flat_map(|r| r.start..r.start + r.len).collect();

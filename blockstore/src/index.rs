@@ -26,23 +26,19 @@ pub enum IndexError {
     },
 }
 
-// Single-threaded stores (one per io_uring thread): no `Send` bound on the futures.
-#[allow(async_fn_in_trait)]
 pub trait Index {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, IndexError>;
     /// Applies `batch` atomically; durable on return when `sync`.
     fn write(&self, batch: Batch, sync: bool) -> Result<(), IndexError>;
     /// Up to `limit` pairs with `from <= key < to`, in key order.
     fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Pairs, IndexError>;
-    /// Makes every write that returned before the call durable. Writes made while it runs
-    /// are not covered. Awaits: the store keeps serving during the log's fsync.
-    async fn sync(&self) -> Result<(), IndexError>;
+    /// Makes every earlier write durable.
+    fn sync(&self) -> Result<(), IndexError>;
 }
 
 /// RocksDB-backed index.
 pub struct RocksIndex {
-    /// Shared with the blocking thread that syncs the write-ahead log.
-    db: std::sync::Arc<rocksdb::DB>,
+    db: rocksdb::DB,
 }
 
 impl std::fmt::Debug for RocksIndex {
@@ -68,7 +64,7 @@ impl RocksIndex {
         opts.set_recycle_log_file_num(2);
         opts.set_max_background_jobs(2);
         Ok(Self {
-            db: std::sync::Arc::new(rocksdb::DB::open(&opts, path)?),
+            db: rocksdb::DB::open(&opts, path)?,
         })
     }
 }
@@ -107,14 +103,8 @@ impl Index for RocksIndex {
         Ok(out)
     }
 
-    async fn sync(&self) -> Result<(), IndexError> {
-        // The fsync of the log takes milliseconds: on the blocking pool, not on the store's
-        // thread, which would stop serving every connection meanwhile.
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush_wal(true))
-            .await
-            .expect("the index sync never panics")?;
-        Ok(())
+    fn sync(&self) -> Result<(), IndexError> {
+        Ok(self.db.flush_wal(true)?)
     }
 }
 
@@ -123,10 +113,6 @@ struct MemIndexState {
     durable: BTreeMap<Vec<u8>, Vec<u8>>,
     volatile: Vec<Batch>,
     current: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// Batches ever written, and those no longer volatile (durable or lost): `volatile` holds
-    /// batches `gone..written`.
-    written: u64,
-    gone: u64,
 }
 
 /// In-memory [`Index`] with crash semantics (see the module doc). Clones share state.
@@ -158,19 +144,7 @@ impl MemIndex {
         for b in volatile.iter().take(keep) {
             apply(&mut s.durable, b);
         }
-        s.gone += volatile.len() as u64;
         s.current = s.durable.clone();
-    }
-
-    /// Makes the volatile batches below `upto` (in write order) durable.
-    fn make_durable(&self, upto: u64) {
-        let mut s = self.state.borrow_mut();
-        let n = (upto.saturating_sub(s.gone) as usize).min(s.volatile.len());
-        let done: Vec<Batch> = s.volatile.drain(..n).collect();
-        for b in &done {
-            apply(&mut s.durable, b);
-        }
-        s.gone += n as u64;
     }
 
     /// Unsynced batches (what a crash may lose).
@@ -185,15 +159,14 @@ impl Index for MemIndex {
     }
 
     fn write(&self, batch: Batch, sync: bool) -> Result<(), IndexError> {
-        let upto = {
-            let mut s = self.state.borrow_mut();
-            apply(&mut s.current, &batch);
-            s.volatile.push(batch);
-            s.written += 1;
-            s.written
-        };
+        let mut s = self.state.borrow_mut();
+        apply(&mut s.current, &batch);
+        s.volatile.push(batch);
         if sync {
-            self.make_durable(upto);
+            let volatile = std::mem::take(&mut s.volatile);
+            for b in &volatile {
+                apply(&mut s.durable, b);
+            }
         }
         Ok(())
     }
@@ -212,12 +185,12 @@ impl Index for MemIndex {
             .collect())
     }
 
-    async fn sync(&self) -> Result<(), IndexError> {
-        // As RocksDB's: other tasks write while the sync runs, and it covers only what was
-        // written before it started.
-        let upto = self.state.borrow().written;
-        tokio::task::yield_now().await;
-        self.make_durable(upto);
+    fn sync(&self) -> Result<(), IndexError> {
+        let mut s = self.state.borrow_mut();
+        let volatile = std::mem::take(&mut s.volatile);
+        for b in &volatile {
+            apply(&mut s.durable, b);
+        }
         Ok(())
     }
 }

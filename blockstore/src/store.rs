@@ -534,10 +534,8 @@ pub struct Store<D: Device, I: Index> {
     index: I,
     alloc: RefCell<Allocator>,
     locks: RefCell<HashMap<ObjectKey, Arc<tokio::sync::Mutex<()>>>>,
-    /// Index writes ever committed, and how many of them the last finished index sync covered
-    /// (a flush is due while they differ). Syncs await, so writes go on while one runs.
-    commits: Cell<u64>,
-    synced_commits: Cell<u64>,
+    /// Index writes since the last sync (a flush is due when non-zero).
+    unsynced: Cell<u64>,
     /// Highest epoch per volume, as in the index (read once, updated after each write of it).
     epochs: RefCell<HashMap<u64, u64>>,
     /// Stabilizations waiting for a device sync: object → highest version to stabilize.
@@ -681,8 +679,7 @@ impl<D: Device, I: Index> Store<D, I> {
             index,
             alloc: RefCell::new(alloc),
             locks: RefCell::default(),
-            commits: Cell::new(0),
-            synced_commits: Cell::new(0),
+            unsynced: Cell::new(0),
             pending_stable: RefCell::default(),
             generation: Cell::new(highest_generation + 1),
             synced: Cell::new(synced),
@@ -713,7 +710,7 @@ impl<D: Device, I: Index> Store<D, I> {
 
     /// Whether a flush would do anything (unsynced index writes or space waiting to be freed).
     pub fn flush_due(&self) -> bool {
-        self.commits.get() > self.synced_commits.get()
+        self.unsynced.get() > 0
             || self.alloc.borrow().deferred_blocks() > 0
             || !self.pending_stable.borrow().is_empty()
     }
@@ -890,20 +887,20 @@ impl<D: Device, I: Index> Store<D, I> {
         }
         let covered = self.sync_device().await?;
         batch.extend(self.synced_change(covered));
-        self.commit_unsynced(batch, freed)?;
-        self.sync_index().await
+        self.write_index(batch, true, freed)?;
+        self.after_sync().await
     }
 
     /// Commits `batch` without a sync. Not async: a caller that read records and commits
     /// them here knows nothing ran in between (see [`Self::apply_stable`]).
     fn commit_unsynced(&self, batch: Batch, freed: Vec<u64>) -> Result<()> {
-        self.write_index(batch, freed)?;
-        self.commits.set(self.commits.get() + 1);
+        self.write_index(batch, false, freed)?;
+        self.unsynced.set(self.unsynced.get() + 1);
         Ok(())
     }
 
-    /// Writes `batch` to the index (unsynced), updates the cached epochs and defers `freed`.
-    fn write_index(&self, batch: Batch, freed: Vec<u64>) -> Result<()> {
+    /// Writes `batch` to the index, updates the cached epochs and defers `freed`.
+    fn write_index(&self, batch: Batch, sync: bool, freed: Vec<u64>) -> Result<()> {
         // Epoch records of the batch, for the in-memory copy once the batch is written.
         let epochs: Vec<(u64, u64)> = batch
             .iter()
@@ -916,7 +913,7 @@ impl<D: Device, I: Index> Store<D, I> {
                 ))
             })
             .collect();
-        self.index.write(batch, false)?;
+        self.index.write(batch, sync)?;
         {
             let mut cache = self.epochs.borrow_mut();
             for (volume, epoch) in epochs {
@@ -930,18 +927,12 @@ impl<D: Device, I: Index> Store<D, I> {
         Ok(())
     }
 
-    /// Makes every index write committed so far durable; then the blocks they stopped
-    /// referencing become free and their space is discarded. Other writes go on while the
-    /// index syncs: what they commit and defer waits for the next sync.
-    async fn sync_index(&self) -> Result<()> {
-        let commits = self.commits.get();
-        let mark = self.alloc.borrow().deferred_mark();
-        self.index.sync().await?;
-        self.synced_commits
-            .set(self.synced_commits.get().max(commits));
+    /// After a durable index write: deferred blocks become free and their space is discarded.
+    async fn after_sync(&self) -> Result<()> {
+        self.unsynced.set(0);
         // Discard first, free after: a block handed out again while its discard is in flight
         // would lose the new data to the hole punch.
-        let freed = self.alloc.borrow_mut().take_deferred(mark);
+        let freed = self.alloc.borrow_mut().take_deferred();
         let mut result = Ok(());
         // Short runs (overwrites) are reused soon; punching them out costs a synchronous
         // discard in the filesystem for nothing. Long runs (TRIM, deleted volumes) give the
@@ -1384,9 +1375,10 @@ impl<D: Device, I: Index> Store<D, I> {
         let covered = self.sync_device().await?;
         self.apply_stable(queued, covered).await?;
         if let Some(change) = self.synced_change(covered) {
-            self.commit_unsynced(vec![change], Vec::new())?;
+            self.index.write(vec![change], false)?;
         }
-        self.sync_index().await?;
+        self.index.sync()?;
+        self.after_sync().await?;
         bump(&self.stats.flushes, 1);
         Ok(())
     }

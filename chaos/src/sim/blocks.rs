@@ -175,11 +175,11 @@ impl Index for SimIndex {
         self.inner.scan(from, to, limit)
     }
 
-    async fn sync(&self) -> Result<(), IndexError> {
+    fn sync(&self) -> Result<(), IndexError> {
         if self.broken_sync {
             return Ok(());
         }
-        self.inner.sync().await
+        self.inner.sync()
     }
 }
 
