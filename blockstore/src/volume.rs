@@ -243,7 +243,10 @@ pub struct Volume {
     /// stabilized on one shard while another can still lose it in a power loss could leave
     /// a stripe with fewer than k shards of one state (the whole-cluster power loss case).
     unflushed: Mutex<HashMap<u64, Vec<(ObjectKey, Version)>>>,
-    /// Wakes the background task when `unflushed` reaches [`STABILIZE_FLUSH_AT`].
+    /// Versions noted since the last flush began; the background task is woken when they
+    /// reach [`STABILIZE_FLUSH_AT`] (versions waiting on a server that failed a flush do not
+    /// count: they are retried at the normal pace, not at every write).
+    noted: AtomicUsize,
     flush_soon: Arc<tokio::sync::Notify>,
     /// Flushes run one at a time: a flush that found nothing dirty must not return while an
     /// earlier one is still making the servers it took durable.
@@ -348,6 +351,7 @@ impl Volume {
             locks: Mutex::default(),
             rmw_locks: Mutex::default(),
             unflushed: Mutex::default(),
+            noted: AtomicUsize::new(0),
             flush_soon: Arc::default(),
             flush_lock: tokio::sync::Mutex::new(()),
             to_stabilize: Mutex::default(),
@@ -1315,11 +1319,16 @@ impl Volume {
 
     /// Notes shard versions that servers acknowledged (not yet durable).
     fn note_unflushed(&self, versions: impl IntoIterator<Item = (u64, ObjectKey, Version)>) {
-        let mut u = self.unflushed.lock().expect("poisoned");
-        for (srv, object, version) in versions {
-            u.entry(srv).or_default().push((object, version));
+        let mut n = 0;
+        {
+            let mut u = self.unflushed.lock().expect("poisoned");
+            for (srv, object, version) in versions {
+                u.entry(srv).or_default().push((object, version));
+                n += 1;
+            }
         }
-        if u.values().map(Vec::len).sum::<usize>() >= STABILIZE_FLUSH_AT {
+        let before = self.noted.fetch_add(n, Ordering::AcqRel);
+        if before < STABILIZE_FLUSH_AT && before + n >= STABILIZE_FLUSH_AT {
             self.flush_soon.notify_one();
         }
     }
@@ -1340,7 +1349,11 @@ impl Volume {
         let _one_at_a_time = self.flush_lock.lock().await;
         // Taken before `dirty`: a version is noted after its server was marked dirty, so every
         // version taken here has its server in this flush (or in an earlier one, finished).
-        let unflushed = std::mem::take(&mut *self.unflushed.lock().expect("poisoned"));
+        let unflushed = {
+            let mut u = self.unflushed.lock().expect("poisoned");
+            self.noted.store(0, Ordering::Release);
+            std::mem::take(&mut *u)
+        };
         let dirty: Vec<u64> = std::mem::take(&mut *self.dirty.lock().expect("poisoned"))
             .into_iter()
             .collect();
