@@ -1357,24 +1357,51 @@ impl Volume {
         let dirty: Vec<u64> = std::mem::take(&mut *self.dirty.lock().expect("poisoned"))
             .into_iter()
             .collect();
-        let results = join_all(dirty.iter().map(|&srv| async move {
-            if !self.reachable(srv) {
-                // Known unreachable: failed at once, not after the request's deadline.
-                return Ok(false);
-            }
-            let c = self.client(srv)?;
-            match c.flush().await {
-                Ok(()) => Ok(true),
-                Err(e) => {
-                    // An unreachable server's shards are stale for this writer; they are
-                    // rebuilt, so the flush stands on the others (degraded within m).
-                    self.note_error(srv, &e)?;
-                    Ok(false)
+        // Servers known to be unreachable fail at once instead of after the request's
+        // deadline, as long as the flush can stand without them (at most m); beyond that they
+        // are tried (one may be back).
+        let skip: BTreeSet<u64> = dirty
+            .iter()
+            .copied()
+            .filter(|&srv| !self.reachable(srv))
+            .collect();
+        let skip = if skip.len() <= self.spec.profile.parity {
+            skip
+        } else {
+            BTreeSet::new()
+        };
+        let results = join_all(dirty.iter().map(|&srv| {
+            let skipped = skip.contains(&srv);
+            async move {
+                if skipped {
+                    return Ok(false);
+                }
+                let c = self.client(srv)?;
+                match c.flush().await {
+                    Ok(()) => Ok(true),
+                    Err(e) => {
+                        // An unreachable server's shards are stale for this writer; they are
+                        // rebuilt, so the flush stands on the others (degraded within m).
+                        self.note_error(srv, &e)?;
+                        Ok(false)
+                    }
                 }
             }
         }))
         .await;
-        let flushed = results.into_iter().collect::<Result<Vec<bool>>>()?;
+        // An error (fenced, a server the map lost) fails the flush, after the bookkeeping
+        // below: the versions taken stay waiting.
+        let mut error = None;
+        let mut flushed = Vec::with_capacity(results.len());
+        for r in results {
+            match r {
+                Ok(ok) => flushed.push(ok),
+                Err(e) => {
+                    flushed.push(false);
+                    error.get_or_insert(e);
+                }
+            }
+        }
         // Beyond m failed servers some stripe may have fewer than k durable shards: the
         // flush is not acknowledged (the servers stay dirty, so the next flush retries them).
         let failed: Vec<u64> = dirty
@@ -1416,6 +1443,9 @@ impl Volume {
             if incomplete {
                 dirty.extend(failed.iter().copied());
             }
+        }
+        if let Some(e) = error {
+            return Err(e);
         }
         if incomplete {
             return Err(VolumeError::FlushIncomplete {
