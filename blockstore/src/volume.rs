@@ -391,8 +391,9 @@ impl Volume {
                 if vol.check().is_err() {
                     break;
                 }
-                let waiting = vol.unflushed_count();
-                if waiting > 0 && (soon || flushed.elapsed() >= STABILIZE_FLUSH_EVERY) {
+                // Entries are never empty lists: a server is listed while versions wait on it.
+                let waiting = !vol.unflushed.lock().expect("poisoned").is_empty();
+                if waiting && (soon || flushed.elapsed() >= STABILIZE_FLUSH_EVERY) {
                     flushed = Instant::now();
                     if let Err(e) = vol.flush().await {
                         tracing::debug!(volume = vol.spec.id, error = %e, "background flush failed");
@@ -1333,13 +1334,12 @@ impl Volume {
         }
     }
 
-    fn unflushed_count(&self) -> usize {
-        self.unflushed
-            .lock()
-            .expect("poisoned")
-            .values()
-            .map(Vec::len)
-            .sum()
+    /// Flushes one server: `Ok(false)` when it failed (noted; a fencing refusal is an error).
+    async fn flush_server(&self, srv: u64) -> Result<bool> {
+        match self.client(srv)?.flush().await {
+            Ok(()) => Ok(true),
+            Err(e) => self.note_error(srv, &e).map(|()| false),
+        }
     }
 
     /// Everything written before is durable on every shard (NBD FLUSH). The shard versions
@@ -1373,18 +1373,12 @@ impl Volume {
         let results = join_all(dirty.iter().map(|&srv| {
             let skipped = skip.contains(&srv);
             async move {
+                // A server that fails is stale for this writer; its shards are rebuilt, so
+                // the flush stands on the others (degraded within m).
                 if skipped {
-                    return Ok(false);
-                }
-                let c = self.client(srv)?;
-                match c.flush().await {
-                    Ok(()) => Ok(true),
-                    Err(e) => {
-                        // An unreachable server's shards are stale for this writer; they are
-                        // rebuilt, so the flush stands on the others (degraded within m).
-                        self.note_error(srv, &e)?;
-                        Ok(false)
-                    }
+                    Ok(false)
+                } else {
+                    self.flush_server(srv).await
                 }
             }
         }))
@@ -1571,14 +1565,8 @@ impl Volume {
         }
         // The decisions are durable and applied before any I/O is served: a later writer
         // that still finds one of these versions unstable knows this one never saw it.
-        let flushed = join_all(servers.iter().map(|(id, c)| async move {
-            match c.flush().await {
-                Ok(()) => Ok(()),
-                Err(e) => self.note_error(*id, &e),
-            }
-        }))
-        .await;
-        flushed.into_iter().collect::<Result<Vec<()>>>()?;
+        let flushed = join_all(servers.iter().map(|(id, _)| self.flush_server(*id))).await;
+        flushed.into_iter().collect::<Result<Vec<bool>>>()?;
         Ok(())
     }
 
@@ -1689,15 +1677,11 @@ impl Volume {
         if !d.stabilize.is_empty() {
             // Durable on every shard that answered before any is stabilized (see
             // `Volume::unflushed`); if one cannot flush, the next settle decides again.
-            let flushed = join_all((0..servers.len()).filter(|&p| infos[p].is_some()).map(
-                |p| async move {
-                    let c = self.client(servers[p])?;
-                    match c.flush().await {
-                        Ok(()) => Ok(true),
-                        Err(e) => self.note_error(servers[p], &e).map(|()| false),
-                    }
-                },
-            ))
+            let flushed = join_all(
+                (0..servers.len())
+                    .filter(|&p| infos[p].is_some())
+                    .map(|p| self.flush_server(servers[p])),
+            )
             .await
             .into_iter()
             .collect::<Result<Vec<bool>>>()?;
