@@ -235,6 +235,7 @@ impl BlockClient {
         Ok(WriteOutcome {
             previous: protocol::version_from_pb(r.previous.as_ref()),
             old: w.return_old.then_some(old),
+            incarnation: resp.incarnation,
         })
     }
 
@@ -301,10 +302,12 @@ impl BlockClient {
         self.call(op, Bytes::new()).await.map(|_| ())
     }
 
-    pub async fn flush(&self) -> Result<(), ShardError> {
+    /// Makes everything the server acknowledged durable; returns its incarnation (writes
+    /// acknowledged by another incarnation are not covered: see `Response.incarnation`).
+    pub async fn flush(&self) -> Result<u64, ShardError> {
         self.call(pb::request::Op::Flush(pb::Flush {}), Bytes::new())
             .await
-            .map(|_| ())
+            .map(|(resp, _)| resp.incarnation)
     }
 
     pub async fn delete_volume(&self, volume: u64, epoch: u64) -> Result<(), ShardError> {

@@ -183,6 +183,7 @@ pub fn error_response(e: &StoreError) -> pb::Response {
         message: e.to_string(),
         current: current.map(version_to_pb),
         result: None,
+        incarnation: 0,
     }
 }
 
@@ -192,5 +193,6 @@ pub fn invalid_response(reason: &str) -> pb::Response {
         message: reason.to_string(),
         current: None,
         result: None,
+        incarnation: 0,
     }
 }

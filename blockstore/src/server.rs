@@ -174,6 +174,7 @@ fn ok(result: pb::response::Result) -> pb::Response {
         message: String::new(),
         current: None,
         result: Some(result),
+        incarnation: 0,
     }
 }
 
@@ -181,8 +182,20 @@ fn done() -> pb::Response {
     pb::Response::default()
 }
 
-/// Runs one request; returns the response and its payload.
+/// Runs one request; returns the response (stamped with the store's incarnation) and its
+/// payload.
 pub async fn handle<D: Device, I: Index>(
+    store: &Store<D, I>,
+    node: u64,
+    header: Bytes,
+    payload: Bytes,
+) -> (pb::Response, Bytes) {
+    let (mut resp, payload) = handle_op(store, node, header, payload).await;
+    resp.incarnation = store.incarnation();
+    (resp, payload)
+}
+
+async fn handle_op<D: Device, I: Index>(
     store: &Store<D, I>,
     node: u64,
     header: Bytes,

@@ -146,6 +146,8 @@ pub struct WriteOutcome {
     pub previous: Version,
     /// The range as it was, when `return_old` was asked.
     pub old: Option<Bytes>,
+    /// The incarnation of the store that took the write ([`Store::incarnation`]).
+    pub incarnation: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -357,6 +359,8 @@ const OPENED_PREFIX: u8 = b's';
 const SYNCED_KEY: &[u8] = b"g";
 /// The device's boot id when the store last opened (invariant 8).
 const BOOT_KEY: &[u8] = b"b";
+/// The store's incarnation (see [`Store::incarnation`]).
+const INCARNATION_KEY: &[u8] = b"i";
 
 fn object_key(o: &ObjectKey) -> Vec<u8> {
     let mut k = Vec::with_capacity(21);
@@ -546,6 +550,7 @@ pub struct Store<D: Device, I: Index> {
     synced: Cell<u64>,
     /// Filesystem bytes kept free for the index (see [`Store::set_space_reserve`]).
     reserve: Cell<u64>,
+    incarnation: u64,
     pub stats: Arc<Stats>,
 }
 
@@ -666,7 +671,16 @@ impl<D: Device, I: Index> Store<D, I> {
             }
             cursor = next;
         }
+        let mut incarnation = read_u64(&index, INCARNATION_KEY.to_vec(), "incarnation")?;
         if powered_off {
+            // A new incarnation: what was acknowledged and not synced before may be gone.
+            // The counter in the high half, the boot's checksum in the low one, so a store
+            // made anew (its counter restarting) rarely repeats an earlier incarnation.
+            incarnation = ((incarnation >> 32) + 1) << 32 | u64::from(crc32fast::hash(&boot_id));
+            undone.push((
+                INCARNATION_KEY.to_vec(),
+                Some(incarnation.to_be_bytes().to_vec()),
+            ));
             // Durable before any freed block is reused: otherwise a second power loss could
             // bring back a record claiming a block that a new write holds.
             undone.push((BOOT_KEY.to_vec(), Some(boot_id)));
@@ -685,8 +699,17 @@ impl<D: Device, I: Index> Store<D, I> {
             synced: Cell::new(synced),
             reserve: Cell::new(0),
             epochs: RefCell::default(),
+            incarnation,
             stats: Arc::new(stats),
         })
+    }
+
+    /// Changes at every open after a power loss (a boot since the last open), never
+    /// otherwise: writes acknowledged by an earlier incarnation and not flushed then may have
+    /// been lost (rolled back at open, or never reached the index). A process restart on the
+    /// same boot keeps them (the page cache did), and the incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     pub fn capacity_bytes(&self) -> u64 {
@@ -1167,6 +1190,7 @@ impl<D: Device, I: Index> Store<D, I> {
             } else {
                 None
             },
+            incarnation: self.incarnation,
         })
     }
 

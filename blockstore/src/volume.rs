@@ -25,7 +25,7 @@
 //! which positions are stale), learned from the shards on first touch and kept up to date by
 //! its own writes; the cache is bounded and can always be re-learned.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -145,6 +145,8 @@ pub enum VolumeError {
         failed: usize,
         limit: usize,
     },
+    #[error("volume {volume}: writes acknowledged before this flush may be lost: more than m block servers of a stripe lost power before they were durable (reported once)")]
+    WritesLost { volume: u64 },
 }
 
 pub type Result<T> = std::result::Result<T, VolumeError>;
@@ -242,7 +244,22 @@ pub struct Volume {
     /// stabilized only after one did, on every server (see [`Volume::flush`]): a version
     /// stabilized on one shard while another can still lose it in a power loss could leave
     /// a stripe with fewer than k shards of one state (the whole-cluster power loss case).
-    unflushed: Mutex<HashMap<u64, Vec<(ObjectKey, Version)>>>,
+    /// Each with the incarnation of the server that took it: a flush answered by another
+    /// incarnation (the server lost power since) does not cover it.
+    unflushed: Mutex<HashMap<u64, Unflushed>>,
+    /// Per server: the highest incarnation its answers showed (see `Response.incarnation`).
+    incarnations: Mutex<HashMap<u64, u64>>,
+    /// Stripes to settle (re-learn, reconcile, rebuild) before their next I/O, each with the
+    /// servers that lost power before a flush covered this writer's versions of it (no
+    /// cached view can say what they hold now). Until a stripe's positions on them are
+    /// current again, those servers count as failed in every flush, so failures add up
+    /// across flushes (a rolling power loss: servers going down one after another).
+    /// An empty set: a write found the cached view wrong (a version mismatch).
+    suspect: Mutex<BTreeMap<u64, BTreeSet<u64>>>,
+    /// Writes this writer acknowledged may be lost (a stripe lost more than m servers'
+    /// versions before they were durable, or settling it rolled one back): the next flush
+    /// that could otherwise succeed fails once with [`VolumeError::WritesLost`].
+    lost: AtomicBool,
     /// Versions noted since the last flush began; the background task is woken when they
     /// reach [`STABILIZE_FLUSH_AT`] (versions waiting on a server that failed a flush do not
     /// count: they are retried at the normal pace, not at every write).
@@ -298,6 +315,21 @@ fn to_placement(s: &ServerInfo) -> Server {
     }
 }
 
+/// Shard versions acknowledged and not yet covered by a flush: (object, version, the
+/// incarnation of the server that took it).
+type Unflushed = Vec<(ObjectKey, Version, u64)>;
+
+/// What the shard writes of one stripe write did so far.
+#[derive(Default)]
+struct Sent {
+    /// Positions that acknowledged, in order.
+    acked: Vec<usize>,
+    /// Per acknowledged position: the incarnation of the server that took it.
+    incarnation: HashMap<usize, u64>,
+    /// A shard refused a write for a version mismatch: the cached view was wrong.
+    mismatched: bool,
+}
+
 /// One shard's part of a stripe write.
 struct ShardWrite {
     pos: usize,
@@ -351,6 +383,9 @@ impl Volume {
             locks: Mutex::default(),
             rmw_locks: Mutex::default(),
             unflushed: Mutex::default(),
+            incarnations: Mutex::default(),
+            suspect: Mutex::default(),
+            lost: AtomicBool::new(false),
             noted: AtomicUsize::new(0),
             flush_soon: Arc::default(),
             flush_lock: tokio::sync::Mutex::new(()),
@@ -697,6 +732,7 @@ impl Volume {
 
     async fn read_stripe(&self, stripe: u64, segs: &[Segment]) -> Result<Vec<Bytes>> {
         let _g = self.lock_stripe(stripe).await;
+        self.settle_if_suspect(stripe).await?;
         let servers = self.placement(stripe)?;
         let mut view = self.view(stripe, &servers).await?;
         let reads = segs
@@ -933,6 +969,7 @@ impl Volume {
         // without it (at most once per position).
         for _ in 0..=self.spec.profile.width() {
             self.check()?;
+            self.settle_if_suspect(stripe).await?;
             let view = self.view(stripe, &servers).await?;
             if self
                 .write_stripe_once(stripe, segs, &payloads, fua, &servers, view)
@@ -1021,7 +1058,7 @@ impl Volume {
 
         // Phase 1: the current data shards (returning their old bytes unless the stripe is
         // rewritten whole).
-        let mut acked: Vec<usize> = Vec::new();
+        let mut sent = Sent::default();
         let data_writes: Vec<ShardWrite> = segs
             .iter()
             .zip(payloads)
@@ -1053,19 +1090,23 @@ impl Volume {
             })
             .collect();
         let failed = self
-            .send_all(servers, &data_writes, &budget, &mut acked, |pos, old| {
+            .send_all(servers, &data_writes, &budget, &mut sent, |pos, old| {
                 if let Some(old) = old {
                     olds.insert(pos, old);
                 }
             })
             .await?;
         if !failed.is_empty() {
-            self.undo(stripe, servers, version, &acked).await;
+            self.undo(stripe, servers, version, &sent.acked).await;
             let mut retry = old_view;
             for f in failed {
                 retry.set_stale(f, true);
             }
             self.remember(stripe, retry);
+            if sent.mismatched {
+                // Some shard is not where the view says: the retry re-learns the stripe.
+                self.mark_suspect(None, [stripe]);
+            }
             return Ok(false);
         }
 
@@ -1141,8 +1182,18 @@ impl Volume {
             })
             .collect();
         let failed = self
-            .send_all(servers, &parity_writes, &budget, &mut acked, |_, _| {})
+            .send_all(servers, &parity_writes, &budget, &mut sent, |_, _| {})
             .await?;
+        if sent.mismatched {
+            // A parity is not where the view says, so the untouched data shards may not be
+            // either (a server lost power and writes it had not flushed): counting them as
+            // current could acknowledge a write that fewer than k shards hold. Undone, and
+            // redone once the stripe is re-learned.
+            self.undo(stripe, servers, version, &sent.acked).await;
+            self.remember(stripe, old_view);
+            self.mark_suspect(None, [stripe]);
+            return Ok(false);
+        }
         for f in failed {
             view.set_stale(f, true);
         }
@@ -1153,7 +1204,7 @@ impl Volume {
             }
         }
         if view.current() < k {
-            self.undo(stripe, servers, version, &acked).await;
+            self.undo(stripe, servers, version, &sent.acked).await;
             let current = view.current();
             self.remember(stripe, old_view);
             return Err(VolumeError::Unavailable {
@@ -1163,24 +1214,27 @@ impl Volume {
                 needed: k,
             });
         }
-        self.note_unflushed(
-            acked
-                .iter()
-                .map(|&pos| (servers[pos], self.object(stripe, pos), version)),
-        );
+        self.note_unflushed(sent.acked.iter().map(|&pos| {
+            (
+                servers[pos],
+                self.object(stripe, pos),
+                version,
+                sent.incarnation[&pos],
+            )
+        }));
         self.remember(stripe, view);
         Ok(true)
     }
 
     /// Sends shard writes in parallel (skipping unreachable servers). Acked positions are
-    /// pushed to `acked` and their old bytes passed to `on_ok`; returns the positions that
+    /// noted in `sent` and their old bytes passed to `on_ok`; returns the positions that
     /// failed. A fencing refusal is an error.
     async fn send_all(
         &self,
         servers: &[u64],
         writes: &[ShardWrite],
         budget: &AtomicUsize,
-        acked: &mut Vec<usize>,
+        sent: &mut Sent,
         mut on_ok: impl FnMut(usize, Option<Bytes>),
     ) -> Result<Vec<usize>> {
         let mut failed: Vec<usize> = writes
@@ -1200,12 +1254,17 @@ impl Volume {
         for (w, r) in sendable.iter().zip(results) {
             match r? {
                 Ok(out) => {
-                    acked.push(w.pos);
+                    self.observe_incarnation(servers[w.pos], out.incarnation);
+                    sent.acked.push(w.pos);
+                    sent.incarnation.insert(w.pos, out.incarnation);
                     on_ok(w.pos, out.old);
                 }
                 Err(e) => {
                     tracing::debug!(volume = self.spec.id, object = %w.req.object, version = %w.req.version, error = %e, "shard write failed");
                     failed.push(w.pos);
+                    if e.status() == Some(pb::Status::VersionMismatch) {
+                        sent.mismatched = true;
+                    }
                     if let Err(f) = self.note_error(servers[w.pos], &e) {
                         fence = Some(f);
                     }
@@ -1318,13 +1377,16 @@ impl Volume {
         join_all(futs).await;
     }
 
-    /// Notes shard versions that servers acknowledged (not yet durable).
-    fn note_unflushed(&self, versions: impl IntoIterator<Item = (u64, ObjectKey, Version)>) {
+    /// Notes shard versions that servers acknowledged (not yet durable): (server, object,
+    /// version, the server's incarnation in its answer).
+    fn note_unflushed(&self, versions: impl IntoIterator<Item = (u64, ObjectKey, Version, u64)>) {
         let mut n = 0;
         {
             let mut u = self.unflushed.lock().expect("poisoned");
-            for (srv, object, version) in versions {
-                u.entry(srv).or_default().push((object, version));
+            for (srv, object, version, incarnation) in versions {
+                u.entry(srv)
+                    .or_default()
+                    .push((object, version, incarnation));
                 n += 1;
             }
         }
@@ -1334,19 +1396,139 @@ impl Volume {
         }
     }
 
-    /// Flushes one server: `Ok(false)` when it failed (noted; a fencing refusal is an error).
-    async fn flush_server(&self, srv: u64) -> Result<bool> {
+    /// Flushes one server: its incarnation, or `None` when it failed (noted; a fencing
+    /// refusal is an error).
+    async fn flush_server(&self, srv: u64) -> Result<Option<u64>> {
         match self.client(srv)?.flush().await {
-            Ok(()) => Ok(true),
-            Err(e) => self.note_error(srv, &e).map(|()| false),
+            Ok(incarnation) => {
+                self.observe_incarnation(srv, incarnation);
+                Ok(Some(incarnation))
+            }
+            Err(e) => self.note_error(srv, &e).map(|()| None),
         }
+    }
+
+    /// Notes that `srv` answered as `incarnation`. One newer than any seen before means the
+    /// server lost power since (`Store::incarnation`): what older ones took and no flush
+    /// covered may be gone.
+    fn observe_incarnation(&self, srv: u64, incarnation: u64) {
+        let newer = {
+            let mut seen = self.incarnations.lock().expect("poisoned");
+            let known = seen.entry(srv).or_insert(incarnation);
+            let newer = incarnation > *known;
+            *known = (*known).max(incarnation);
+            newer
+        };
+        if newer {
+            let gone: Vec<u64> = {
+                let mut u = self.unflushed.lock().expect("poisoned");
+                let mut gone = Vec::new();
+                if let Some(list) = u.get_mut(&srv) {
+                    list.retain(|(object, _, i)| {
+                        let keep = *i >= incarnation;
+                        if !keep {
+                            gone.push(object.stripe);
+                        }
+                        keep
+                    });
+                    if list.is_empty() {
+                        u.remove(&srv);
+                    }
+                }
+                gone
+            };
+            self.mark_suspect(Some(srv), gone);
+        }
+    }
+
+    /// Marks stripes to be settled before their next I/O (`Volume::suspect`), with the
+    /// server that lost versions of them (`None`: the cached view was found wrong).
+    fn mark_suspect(&self, server: Option<u64>, stripes: impl IntoIterator<Item = u64>) {
+        let m = self.spec.profile.parity;
+        let mut marked = 0usize;
+        let mut suspect = self.suspect.lock().expect("poisoned");
+        for stripe in stripes {
+            let set = suspect.entry(stripe).or_default();
+            if let Some(srv) = server {
+                if set.insert(srv) && set.len() > m {
+                    // More than m shards of the stripe may have lost what this writer wrote.
+                    self.lost.store(true, Ordering::Release);
+                }
+            }
+            marked += 1;
+        }
+        drop(suspect);
+        if let (Some(srv), true) = (server, marked > 0) {
+            tracing::info!(
+                volume = self.spec.id,
+                server = srv,
+                stripes = marked,
+                "block server lost power before its writes were flushed; re-learning them"
+            );
+            self.unverified.store(true, Ordering::Release);
+        }
+    }
+
+    /// After settling `stripe` into `view`: it stops being suspect once its positions on the
+    /// servers that lost versions are current again.
+    fn settled(&self, stripe: u64, servers: &[u64], view: &StripeView) {
+        let mut suspect = self.suspect.lock().expect("poisoned");
+        if let Some(lost_on) = suspect.get(&stripe) {
+            let whole = servers
+                .iter()
+                .enumerate()
+                .all(|(p, srv)| !lost_on.contains(srv) || !view.is_stale(p));
+            if whole {
+                suspect.remove(&stripe);
+            }
+        }
+    }
+
+    /// Settles `stripe` first if it is suspect (the caller holds the stripe lock). Only a
+    /// fencing or crash error is returned: otherwise the I/O goes on with what is known.
+    async fn settle_if_suspect(&self, stripe: u64) -> Result<()> {
+        if !self.suspect.lock().expect("poisoned").contains_key(&stripe) {
+            return Ok(());
+        }
+        match self.settle_stripe(stripe).await {
+            Ok(_) => Ok(()),
+            Err(e @ (VolumeError::Fenced { .. } | VolumeError::Crashed { .. })) => Err(e),
+            Err(e) => {
+                tracing::debug!(volume = self.spec.id, stripe, error = %e, "suspect stripe not settled");
+                Ok(())
+            }
+        }
+    }
+
+    /// Settles every suspect stripe (before a flush counts failures).
+    async fn settle_suspects(&self) -> Result<()> {
+        let stripes: Vec<u64> = self
+            .suspect
+            .lock()
+            .expect("poisoned")
+            .keys()
+            .copied()
+            .collect();
+        for stripe in stripes {
+            let _g = self.lock_stripe(stripe).await;
+            self.settle_if_suspect(stripe).await?;
+        }
+        Ok(())
     }
 
     /// Everything written before is durable on every shard (NBD FLUSH). The shard versions
     /// this makes durable become stabilizable.
+    ///
+    /// Acknowledged while at most m servers failed it or lost power before their versions
+    /// were durable (counted until the stripes they hold are settled again, so failures add
+    /// up across flushes); once, with [`VolumeError::WritesLost`], after a stripe may have
+    /// lost more than that.
     pub async fn flush(&self) -> Result<()> {
         self.check()?;
         let _one_at_a_time = self.flush_lock.lock().await;
+        // Stripes whose servers lost power are re-learned first: what is whole again does
+        // not count below.
+        self.settle_suspects().await?;
         // Taken before `dirty`: a version is noted after its server was marked dirty, so every
         // version taken here has its server in this flush (or in an earlier one, finished).
         let unflushed = {
@@ -1376,7 +1558,7 @@ impl Volume {
                 // A server that fails is stale for this writer; its shards are rebuilt, so
                 // the flush stands on the others (degraded within m).
                 if skipped {
-                    Ok(false)
+                    Ok(None)
                 } else {
                     self.flush_server(srv).await
                 }
@@ -1386,52 +1568,94 @@ impl Volume {
         // An error (fenced, a server the map lost) fails the flush, after the bookkeeping
         // below: the versions taken stay waiting.
         let mut error = None;
-        let mut flushed = Vec::with_capacity(results.len());
-        for r in results {
+        let mut flushed: HashMap<u64, u64> = HashMap::new();
+        let mut failed: BTreeSet<u64> = BTreeSet::new();
+        for (&srv, r) in dirty.iter().zip(results) {
             match r {
-                Ok(ok) => flushed.push(ok),
+                Ok(Some(incarnation)) => {
+                    flushed.insert(srv, incarnation);
+                }
+                Ok(None) => {
+                    failed.insert(srv);
+                }
                 Err(e) => {
-                    flushed.push(false);
+                    failed.insert(srv);
                     error.get_or_insert(e);
                 }
             }
         }
-        // Beyond m failed servers some stripe may have fewer than k durable shards: the
-        // flush is not acknowledged (the servers stay dirty, so the next flush retries them).
-        let failed: Vec<u64> = dirty
-            .iter()
-            .zip(&flushed)
-            .filter(|(_, ok)| !**ok)
-            .map(|(srv, _)| *srv)
-            .collect();
-        let limit = self.spec.profile.parity;
-        let incomplete = failed.len() > limit;
-        {
-            // Stabilizable: the versions of servers that flushed, unless more than m failed
-            // (then a power loss could leave fewer than k shards of either state: nothing is
-            // stabilized). The rest wait for the next flush, their servers still dirty; a
-            // server the map no longer has or calls down is forgotten (its shards are rebuilt
-            // elsewhere).
-            let known: BTreeSet<u64> = {
-                let c = self.cluster.lock().expect("poisoned");
-                c.clients
-                    .keys()
-                    .copied()
-                    .filter(|s| !c.down.contains(s))
-                    .collect()
+        // A server is listed only while versions wait on it.
+        let known: BTreeSet<u64> = {
+            let c = self.cluster.lock().expect("poisoned");
+            c.clients
+                .keys()
+                .copied()
+                .filter(|s| !c.down.contains(s))
+                .collect()
+        };
+        // What each server that flushed covered: the versions its current incarnation took.
+        // Older ones' may be gone (it lost power since): their stripes are suspect; a newer
+        // one's (taken after an answer this flush raced with) wait for the next flush.
+        let mut covered: Vec<(u64, Unflushed)> = Vec::new();
+        let mut waiting: Vec<(u64, Unflushed)> = Vec::new();
+        for (srv, versions) in unflushed {
+            if !known.contains(&srv) {
+                // A server the map no longer has or calls down is forgotten (its shards are
+                // rebuilt elsewhere).
+                continue;
+            }
+            let Some(&incarnation) = flushed.get(&srv) else {
+                waiting.push((srv, versions));
+                continue;
             };
+            let (mut now, mut later, mut gone) = (Vec::new(), Vec::new(), Vec::new());
+            for v in versions {
+                match v.2.cmp(&incarnation) {
+                    std::cmp::Ordering::Equal => now.push(v),
+                    std::cmp::Ordering::Greater => later.push(v),
+                    std::cmp::Ordering::Less => gone.push(v.0.stripe),
+                }
+            }
+            self.mark_suspect(Some(srv), gone);
+            if !now.is_empty() {
+                covered.push((srv, now));
+            }
+            if !later.is_empty() {
+                waiting.push((srv, later));
+            }
+        }
+        // Beyond m failed servers (those that failed now, and those whose lost versions are
+        // not rebuilt yet) some stripe may have fewer than k durable shards: the flush is not
+        // acknowledged and nothing is stabilized (the servers stay dirty, so the next flush
+        // retries them).
+        let lost_on: BTreeSet<u64> = self
+            .suspect
+            .lock()
+            .expect("poisoned")
+            .values()
+            .flatten()
+            .copied()
+            .collect();
+        let counted: BTreeSet<u64> = failed.union(&lost_on).copied().collect();
+        let limit = self.spec.profile.parity;
+        let incomplete = counted.len() > limit;
+        {
             let mut again = self.unflushed.lock().expect("poisoned");
             let mut stabilize = self.to_stabilize.lock().expect("poisoned");
             let mut dirty = self.dirty.lock().expect("poisoned");
-            for (srv, versions) in unflushed {
-                if !known.contains(&srv) {
-                    continue;
-                }
-                if incomplete || failed.contains(&srv) {
+            for (srv, versions) in waiting {
+                again.entry(srv).or_default().extend(versions);
+                dirty.insert(srv);
+            }
+            for (srv, versions) in covered {
+                if incomplete {
                     again.entry(srv).or_default().extend(versions);
                     dirty.insert(srv);
                 } else {
-                    stabilize.entry(srv).or_default().extend(versions);
+                    stabilize
+                        .entry(srv)
+                        .or_default()
+                        .extend(versions.into_iter().map(|(o, v, _)| (o, v)));
                 }
             }
             if incomplete {
@@ -1444,8 +1668,13 @@ impl Volume {
         if incomplete {
             return Err(VolumeError::FlushIncomplete {
                 volume: self.spec.id,
-                failed: failed.len(),
+                failed: counted.len(),
                 limit,
+            });
+        }
+        if self.lost.swap(false, Ordering::AcqRel) {
+            return Err(VolumeError::WritesLost {
+                volume: self.spec.id,
             });
         }
         Ok(())
@@ -1566,7 +1795,7 @@ impl Volume {
         // The decisions are durable and applied before any I/O is served: a later writer
         // that still finds one of these versions unstable knows this one never saw it.
         let flushed = join_all(servers.iter().map(|(id, _)| self.flush_server(*id))).await;
-        flushed.into_iter().collect::<Result<Vec<bool>>>()?;
+        flushed.into_iter().collect::<Result<Vec<Option<u64>>>>()?;
         Ok(())
     }
 
@@ -1619,6 +1848,18 @@ impl Volume {
                 }
             }
             let rolled_back = !d.rollback.is_empty();
+            if d.rollback.iter().any(|(_, v)| v.epoch == self.epoch)
+                && self
+                    .suspect
+                    .lock()
+                    .expect("poisoned")
+                    .get(&stripe)
+                    .is_some_and(|lost_on| !lost_on.is_empty())
+            {
+                // A version of this writer rolled back on a stripe whose servers lost power:
+                // it may have been acknowledged.
+                self.lost.store(true, Ordering::Release);
+            }
             let unchanged = !rolled_back && d.stabilize.is_empty() && d.roll_forward.is_none();
             self.apply_decision(stripe, &servers, &infos, &d).await?;
             // Whatever is still behind (the rolled-forward positions among them) is rebuilt
@@ -1635,6 +1876,7 @@ impl Volume {
         let mut view = self.assess_known(stripe, &infos);
         self.mark_corrupt(stripe, &mut view);
         let n = self.rebuild_stale(stripe, &servers, &mut view).await?;
+        self.settled(stripe, &servers, &view);
         self.remember(stripe, view);
         Ok(n)
     }
@@ -1684,8 +1926,8 @@ impl Volume {
             )
             .await
             .into_iter()
-            .collect::<Result<Vec<bool>>>()?;
-            if !flushed.iter().all(|&ok| ok) {
+            .collect::<Result<Vec<Option<u64>>>>()?;
+            if !flushed.iter().all(Option::is_some) {
                 return Ok(());
             }
         }
@@ -1764,11 +2006,12 @@ impl Volume {
             let piggy = self.take_piggyback(servers[p]);
             self.dirty.lock().expect("poisoned").insert(servers[p]);
             match c.write(&req, content, &piggy).await {
-                Ok(_) => {
+                Ok(out) => {
                     // Complete as soon as it lands; stabilized once a flush made it durable
                     // (stable on this shard and lost by the others, or the reverse, would mix
                     // two states of the stripe after a power loss).
-                    self.note_unflushed([(servers[p], req.object, req.version)]);
+                    self.observe_incarnation(servers[p], out.incarnation);
+                    self.note_unflushed([(servers[p], req.object, req.version, out.incarnation)]);
                     view.set_stale(p, false);
                     self.corrupt.lock().expect("poisoned").remove(&(stripe, p));
                     rebuilt += 1;
@@ -1831,6 +2074,8 @@ impl Volume {
                 // not known to be whole: the stripe is counted as deferred, not as repaired.
                 if infos.iter().any(Option::is_none) {
                     report.deferred += 1;
+                } else if let Ok(servers) = self.placement(stripe) {
+                    self.settled(stripe, &servers, &view);
                 }
                 report.stripes += 1;
                 self.stats.pass_stripes_done.fetch_add(1, Ordering::Relaxed);

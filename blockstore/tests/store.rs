@@ -555,6 +555,36 @@ fn a_process_crash_without_power_loss_keeps_unsynced_writes() {
     assert_eq!(read(&s, obj(3, 0), 0, 2 * K as u32), (v(1, 1), d.to_vec()));
 }
 
+/// A writer tells a server that lost power (and the writes it had not synced) from one that
+/// only restarted by the incarnation in its answers: it changes at every open after a power
+/// loss, only then, and the write outcome carries it.
+#[test]
+fn the_incarnation_changes_at_every_open_after_a_power_loss_and_only_then() {
+    let (s, dev, idx) = store(16);
+    let first = s.incarnation();
+    assert_ne!(first, 0, "a new store has an incarnation");
+    let d = sealed(5, 1);
+    let out = block_on(s.write(&req(obj(5, 0), v(1, 1), Version::NONE, 0, &d), d.clone())).unwrap();
+    assert_eq!(out.incarnation, first);
+    drop(s);
+    let s = Store::open(dev.clone(), idx.clone()).unwrap();
+    assert_eq!(s.incarnation(), first, "a process restart keeps it");
+    drop(s);
+    dev.crash(|_| false);
+    idx.crash(usize::MAX);
+    let s = Store::open(dev.clone(), idx.clone()).unwrap();
+    let second = s.incarnation();
+    assert!(
+        second > first,
+        "a power loss makes a newer one: {second:#x} after {first:#x}"
+    );
+    drop(s);
+    dev.crash(|_| true);
+    idx.crash(usize::MAX);
+    let s = Store::open(dev, idx).unwrap();
+    assert!(s.incarnation() > second, "and every later one too");
+}
+
 /// Chaos seed 12857: after a process crash, records carried sync generations above the synced
 /// one, the new process counted from the synced one, and its flushes could not stabilize
 /// them (each flush retried, the simulator crawled).
