@@ -1673,6 +1673,10 @@ impl Volume {
             });
         }
         if self.lost.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                volume = self.spec.id,
+                "writes acknowledged before this flush may be lost (block servers lost power before they were durable); failing this flush"
+            );
             return Err(VolumeError::WritesLost {
                 volume: self.spec.id,
             });
