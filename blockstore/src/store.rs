@@ -674,9 +674,16 @@ impl<D: Device, I: Index> Store<D, I> {
         let mut incarnation = read_u64(&index, INCARNATION_KEY.to_vec(), "incarnation")?;
         if powered_off {
             // A new incarnation: what was acknowledged and not synced before may be gone.
-            // The counter in the high half, the boot's checksum in the low one, so a store
-            // made anew (its counter restarting) rarely repeats an earlier incarnation.
-            incarnation = ((incarnation >> 32) + 1) << 32 | u64::from(crc32fast::hash(&boot_id));
+            // A counter in the high half; in the low one a checksum of the boot and the
+            // time, so a store made anew (its counter restarting) does not repeat the
+            // incarnation of the one it replaces (writers compare them for equality only).
+            let mut h = crc32fast::Hasher::new();
+            h.update(&boot_id);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            h.update(&now.as_nanos().to_le_bytes());
+            incarnation = ((incarnation >> 32) + 1) << 32 | u64::from(h.finalize());
             undone.push((
                 INCARNATION_KEY.to_vec(),
                 Some(incarnation.to_be_bytes().to_vec()),

@@ -255,10 +255,11 @@ pub struct Volume {
     /// current again, those servers count as failed in every flush, so failures add up
     /// across flushes (a rolling power loss: servers going down one after another).
     /// An empty set: a write found the cached view wrong (a version mismatch).
-    suspect: Mutex<BTreeMap<u64, BTreeSet<u64>>>,
+    suspect: Mutex<BTreeMap<u64, Suspect>>,
     /// Writes this writer acknowledged may be lost (a stripe lost more than m servers'
-    /// versions before they were durable, or settling it rolled one back): the next flush
-    /// that could otherwise succeed fails once with [`VolumeError::WritesLost`].
+    /// versions before they were durable, or settling it left it older than this writer
+    /// knew it): the next flush asked for (NBD FLUSH, not the background task's or a repair
+    /// pass's) that could otherwise succeed fails once with [`VolumeError::WritesLost`].
     lost: AtomicBool,
     /// Versions noted since the last flush began; the background task is woken when they
     /// reach [`STABILIZE_FLUSH_AT`] (versions waiting on a server that failed a flush do not
@@ -318,6 +319,15 @@ fn to_placement(s: &ServerInfo) -> Server {
 /// Shard versions acknowledged and not yet covered by a flush: (object, version, the
 /// incarnation of the server that took it).
 type Unflushed = Vec<(ObjectKey, Version, u64)>;
+
+/// A suspect stripe (see `Volume::suspect`).
+#[derive(Debug, Default)]
+struct Suspect {
+    /// Servers that lost versions of it (empty: the cached view was found wrong).
+    lost_on: BTreeSet<u64>,
+    /// Marks so far: a settle clears the stripe only if no mark came after it began.
+    marks: u64,
+}
 
 /// What the shard writes of one stripe write did so far.
 #[derive(Default)]
@@ -430,7 +440,7 @@ impl Volume {
                 let waiting = !vol.unflushed.lock().expect("poisoned").is_empty();
                 if waiting && (soon || flushed.elapsed() >= STABILIZE_FLUSH_EVERY) {
                     flushed = Instant::now();
-                    if let Err(e) = vol.flush().await {
+                    if let Err(e) = vol.flush_reporting(false).await {
                         tracing::debug!(volume = vol.spec.id, error = %e, "background flush failed");
                     }
                 }
@@ -1190,7 +1200,12 @@ impl Volume {
             // current could acknowledge a write that fewer than k shards hold. Undone, and
             // redone once the stripe is re-learned.
             self.undo(stripe, servers, version, &sent.acked).await;
-            self.remember(stripe, old_view);
+            // If the stripe cannot be settled, the retry goes on without them.
+            let mut retry = old_view;
+            for f in failed {
+                retry.set_stale(f, true);
+            }
+            self.remember(stripe, retry);
             self.mark_suspect(None, [stripe]);
             return Ok(false);
         }
@@ -1214,6 +1229,17 @@ impl Volume {
                 needed: k,
             });
         }
+        if !self
+            .untouched_still_hold(stripe, servers, &view, write_set)
+            .await?
+        {
+            // One lost a version no flush had covered (its server lost power unseen): the
+            // write is undone and redone once the stripe is re-learned.
+            self.undo(stripe, servers, version, &sent.acked).await;
+            self.remember(stripe, old_view);
+            self.mark_suspect(None, [stripe]);
+            return Ok(false);
+        }
         self.note_unflushed(sent.acked.iter().map(|&pos| {
             (
                 servers[pos],
@@ -1223,6 +1249,58 @@ impl Volume {
             )
         }));
         self.remember(stripe, view);
+        Ok(true)
+    }
+
+    /// Whether a write may count the untouched data shards it relies on. Those whose
+    /// version no flush has covered yet may have lost it in a power loss this writer has not
+    /// seen (a block client reconnects silently): when the write's k current shards need
+    /// them, they are asked for their versions first. Otherwise (most writes: both parities
+    /// took it) the shards that took the write and the durable ones make k on their own.
+    async fn untouched_still_hold(
+        &self,
+        stripe: u64,
+        servers: &[u64],
+        view: &StripeView,
+        write_set: u32,
+    ) -> Result<bool> {
+        let k = self.spec.profile.data;
+        let untouched: Vec<usize> = (0..k)
+            .filter(|&p| write_set & (1 << p) == 0 && !view.is_stale(p))
+            .collect();
+        if view.current() - untouched.len() >= k {
+            return Ok(true);
+        }
+        let waiting: Vec<usize> = {
+            let u = self.unflushed.lock().expect("poisoned");
+            untouched
+                .iter()
+                .copied()
+                .filter(|&p| {
+                    let object = self.object(stripe, p);
+                    u.get(&servers[p]).is_some_and(|list| {
+                        list.iter()
+                            .any(|(o, v, _)| *o == object && *v == view.expected[p])
+                    })
+                })
+                .collect()
+        };
+        if view.current() - waiting.len() >= k {
+            return Ok(true);
+        }
+        let asked = join_all(waiting.iter().map(|&p| async move {
+            let client = self.client(servers[p])?;
+            match client.stat(&[self.object(stripe, p)], self.epoch).await {
+                Ok(infos) => Ok(infos.first().map(|i| i.version) == Some(view.expected[p])),
+                Err(e) => self.note_error(servers[p], &e).map(|()| false),
+            }
+        }))
+        .await;
+        for held in asked {
+            if !held? {
+                return Ok(false);
+            }
+        }
         Ok(true)
     }
 
@@ -1408,24 +1486,23 @@ impl Volume {
         }
     }
 
-    /// Notes that `srv` answered as `incarnation`. One newer than any seen before means the
-    /// server lost power since (`Store::incarnation`): what older ones took and no flush
-    /// covered may be gone.
+    /// Notes that `srv` answered as `incarnation`. Another one than last time means the
+    /// server lost power since (`Store::incarnation`), or its store was made anew: what
+    /// other incarnations took and no flush covered may be gone. (Two answers handled out of
+    /// order around a restart only make a stripe suspect for nothing.)
     fn observe_incarnation(&self, srv: u64, incarnation: u64) {
-        let newer = {
+        let changed = {
             let mut seen = self.incarnations.lock().expect("poisoned");
-            let known = seen.entry(srv).or_insert(incarnation);
-            let newer = incarnation > *known;
-            *known = (*known).max(incarnation);
-            newer
+            seen.insert(srv, incarnation)
+                .is_some_and(|known| known != incarnation)
         };
-        if newer {
+        if changed {
             let gone: Vec<u64> = {
                 let mut u = self.unflushed.lock().expect("poisoned");
                 let mut gone = Vec::new();
                 if let Some(list) = u.get_mut(&srv) {
                     list.retain(|(object, _, i)| {
-                        let keep = *i >= incarnation;
+                        let keep = *i == incarnation;
                         if !keep {
                             gone.push(object.stripe);
                         }
@@ -1448,9 +1525,10 @@ impl Volume {
         let mut marked = 0usize;
         let mut suspect = self.suspect.lock().expect("poisoned");
         for stripe in stripes {
-            let set = suspect.entry(stripe).or_default();
+            let entry = suspect.entry(stripe).or_default();
+            entry.marks += 1;
             if let Some(srv) = server {
-                if set.insert(srv) && set.len() > m {
+                if entry.lost_on.insert(srv) && entry.lost_on.len() > m {
                     // More than m shards of the stripe may have lost what this writer wrote.
                     self.lost.store(true, Ordering::Release);
                 }
@@ -1469,16 +1547,26 @@ impl Volume {
         }
     }
 
-    /// After settling `stripe` into `view`: it stops being suspect once its positions on the
-    /// servers that lost versions are current again.
-    fn settled(&self, stripe: u64, servers: &[u64], view: &StripeView) {
+    /// How many times `stripe` was marked suspect so far (`None`: it is not).
+    fn suspect_marks(&self, stripe: u64) -> Option<u64> {
+        self.suspect
+            .lock()
+            .expect("poisoned")
+            .get(&stripe)
+            .map(|s| s.marks)
+    }
+
+    /// After a settle of `stripe` that began at `marks` ended in `view`: it stops being
+    /// suspect once its positions on the servers that lost versions are current again, and
+    /// no mark came while it ran (that one may not be reflected in `view`).
+    fn settled(&self, stripe: u64, marks: Option<u64>, servers: &[u64], view: &StripeView) {
         let mut suspect = self.suspect.lock().expect("poisoned");
-        if let Some(lost_on) = suspect.get(&stripe) {
+        if let Some(s) = suspect.get(&stripe) {
             let whole = servers
                 .iter()
                 .enumerate()
-                .all(|(p, srv)| !lost_on.contains(srv) || !view.is_stale(p));
-            if whole {
+                .all(|(p, srv)| !s.lost_on.contains(srv) || !view.is_stale(p));
+            if whole && marks == Some(s.marks) {
                 suspect.remove(&stripe);
             }
         }
@@ -1486,8 +1574,14 @@ impl Volume {
 
     /// Settles `stripe` first if it is suspect (the caller holds the stripe lock). Only a
     /// fencing or crash error is returned: otherwise the I/O goes on with what is known.
+    /// Not while every server that lost its versions is out of reach (nothing to learn
+    /// there yet: the I/O goes on degraded, and the flushes count them as failed).
     async fn settle_if_suspect(&self, stripe: u64) -> Result<()> {
-        if !self.suspect.lock().expect("poisoned").contains_key(&stripe) {
+        let lost_on = match self.suspect.lock().expect("poisoned").get(&stripe) {
+            None => return Ok(()),
+            Some(s) => s.lost_on.clone(),
+        };
+        if !lost_on.is_empty() && lost_on.iter().all(|&srv| !self.reachable(srv)) {
             return Ok(());
         }
         match self.settle_stripe(stripe).await {
@@ -1524,6 +1618,12 @@ impl Volume {
     /// up across flushes); once, with [`VolumeError::WritesLost`], after a stripe may have
     /// lost more than that.
     pub async fn flush(&self) -> Result<()> {
+        self.flush_reporting(true).await
+    }
+
+    /// [`Volume::flush`]; only with `report` (a flush someone asked for) does it report lost
+    /// writes: the background task's and a repair pass's flushes leave that to the next one.
+    async fn flush_reporting(&self, report: bool) -> Result<()> {
         self.check()?;
         let _one_at_a_time = self.flush_lock.lock().await;
         // Stripes whose servers lost power are re-learned first: what is whole again does
@@ -1594,34 +1694,26 @@ impl Volume {
                 .collect()
         };
         // What each server that flushed covered: the versions its current incarnation took.
-        // Older ones' may be gone (it lost power since): their stripes are suspect; a newer
-        // one's (taken after an answer this flush raced with) wait for the next flush.
+        // Other incarnations' may be gone (it lost power since, or its store is new): their
+        // stripes are suspect.
         let mut covered: Vec<(u64, Unflushed)> = Vec::new();
         let mut waiting: Vec<(u64, Unflushed)> = Vec::new();
         for (srv, versions) in unflushed {
             if !known.contains(&srv) {
-                // A server the map no longer has or calls down is forgotten (its shards are
-                // rebuilt elsewhere).
+                // A server the map no longer has or calls down is not waited for (its shards
+                // are rebuilt elsewhere); its stripes are settled like a power loss's.
+                self.mark_suspect(Some(srv), versions.iter().map(|v| v.0.stripe));
                 continue;
             }
             let Some(&incarnation) = flushed.get(&srv) else {
                 waiting.push((srv, versions));
                 continue;
             };
-            let (mut now, mut later, mut gone) = (Vec::new(), Vec::new(), Vec::new());
-            for v in versions {
-                match v.2.cmp(&incarnation) {
-                    std::cmp::Ordering::Equal => now.push(v),
-                    std::cmp::Ordering::Greater => later.push(v),
-                    std::cmp::Ordering::Less => gone.push(v.0.stripe),
-                }
-            }
-            self.mark_suspect(Some(srv), gone);
+            let (now, gone): (Unflushed, Unflushed) =
+                versions.into_iter().partition(|v| v.2 == incarnation);
+            self.mark_suspect(Some(srv), gone.iter().map(|v| v.0.stripe));
             if !now.is_empty() {
                 covered.push((srv, now));
-            }
-            if !later.is_empty() {
-                waiting.push((srv, later));
             }
         }
         // Beyond m failed servers (those that failed now, and those whose lost versions are
@@ -1633,8 +1725,7 @@ impl Volume {
             .lock()
             .expect("poisoned")
             .values()
-            .flatten()
-            .copied()
+            .flat_map(|s| s.lost_on.iter().copied())
             .collect();
         let counted: BTreeSet<u64> = failed.union(&lost_on).copied().collect();
         let limit = self.spec.profile.parity;
@@ -1672,7 +1763,7 @@ impl Volume {
                 limit,
             });
         }
-        if self.lost.swap(false, Ordering::AcqRel) {
+        if report && self.lost.swap(false, Ordering::AcqRel) {
             tracing::warn!(
                 volume = self.spec.id,
                 "writes acknowledged before this flush may be lost (block servers lost power before they were durable); failing this flush"
@@ -1823,9 +1914,18 @@ impl Volume {
         listed: Option<Vec<Option<ObjectInfo>>>,
     ) -> Result<usize> {
         let servers = self.placement(stripe)?;
-        let cached = self.views.lock().expect("poisoned").contains_key(&stripe);
+        // What this writer knew of the stripe, and whether servers lost versions of it: a
+        // suspect stripe is always learned afresh, and must not end older than it was known.
+        let known = self.views.lock().expect("poisoned").get(&stripe).cloned();
+        let marks = self.suspect_marks(stripe);
+        let lost_power = self
+            .suspect
+            .lock()
+            .expect("poisoned")
+            .get(&stripe)
+            .is_some_and(|s| !s.lost_on.is_empty());
         let mut infos = match listed {
-            Some(infos) if !cached => infos,
+            Some(infos) if known.is_none() && marks.is_none() => infos,
             _ => self.learn(stripe, &servers).await?,
         };
         // Rolling back the stripe's top version exposes the next one, which must be decided
@@ -1852,14 +1952,7 @@ impl Volume {
                 }
             }
             let rolled_back = !d.rollback.is_empty();
-            if d.rollback.iter().any(|(_, v)| v.epoch == self.epoch)
-                && self
-                    .suspect
-                    .lock()
-                    .expect("poisoned")
-                    .get(&stripe)
-                    .is_some_and(|lost_on| !lost_on.is_empty())
-            {
+            if lost_power && d.rollback.iter().any(|(_, v)| v.epoch == self.epoch) {
                 // A version of this writer rolled back on a stripe whose servers lost power:
                 // it may have been acknowledged.
                 self.lost.store(true, Ordering::Release);
@@ -1880,7 +1973,23 @@ impl Volume {
         let mut view = self.assess_known(stripe, &infos);
         self.mark_corrupt(stripe, &mut view);
         let n = self.rebuild_stale(stripe, &servers, &mut view).await?;
-        self.settled(stripe, &servers, &view);
+        if let (true, Some(known)) = (lost_power, &known) {
+            if let Some(p) =
+                (0..view.expected.len()).find(|&p| view.expected[p] < known.expected[p])
+            {
+                // Acknowledged writes are gone: more shards lost them than the code spares.
+                tracing::warn!(
+                    volume = self.spec.id,
+                    stripe,
+                    pos = p,
+                    known = %known.expected[p],
+                    now = %view.expected[p],
+                    "a stripe whose servers lost power is older than its writer knew it"
+                );
+                self.lost.store(true, Ordering::Release);
+            }
+        }
+        self.settled(stripe, marks, &servers, &view);
         self.remember(stripe, view);
         Ok(n)
     }
@@ -2073,13 +2182,13 @@ impl Volume {
                 .range((stripe, 0)..(stripe + 1, 0))
                 .next()
                 .is_some();
-            if view.stale == 0 && !unstable && !corrupt {
+            if view.stale == 0 && !unstable && !corrupt && self.suspect_marks(stripe).is_none() {
                 // A position whose server did not answer (or is down with no replacement) is
                 // not known to be whole: the stripe is counted as deferred, not as repaired.
+                // (A suspect stripe is cleared only by a settle: this listing may be older
+                // than its mark.)
                 if infos.iter().any(Option::is_none) {
                     report.deferred += 1;
-                } else if let Ok(servers) = self.placement(stripe) {
-                    self.settled(stripe, &servers, &view);
                 }
                 report.stripes += 1;
                 self.stats.pass_stripes_done.fetch_add(1, Ordering::Relaxed);
@@ -2117,7 +2226,7 @@ impl Volume {
         drop(results);
         // The rebuilt shards are durable when the pass reports (and stabilized: applied at
         // each server's next sync).
-        self.flush().await?;
+        self.flush_reporting(false).await?;
         self.send_stabilizations().await;
         Ok(report)
     }
