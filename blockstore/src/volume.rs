@@ -247,7 +247,7 @@ pub struct Volume {
     /// Each with the incarnation of the server that took it: a flush answered by another
     /// incarnation (the server lost power since) does not cover it.
     unflushed: Mutex<HashMap<u64, Unflushed>>,
-    /// Per server: the highest incarnation its answers showed (see `Response.incarnation`).
+    /// Per server: the incarnation its last answer showed (see `Response.incarnation`).
     incarnations: Mutex<HashMap<u64, u64>>,
     /// Stripes to settle (re-learn, reconcile, rebuild) before their next I/O, each with the
     /// servers that lost power before a flush covered this writer's versions of it (no
