@@ -1107,17 +1107,11 @@ impl Volume {
             })
             .await?;
         if !failed.is_empty() {
-            self.undo(stripe, servers, version, &sent.acked).await;
-            let mut retry = old_view;
-            for f in failed {
-                retry.set_stale(f, true);
-            }
-            self.remember(stripe, retry);
-            if sent.mismatched {
-                // Some shard is not where the view says: the retry re-learns the stripe.
-                self.mark_suspect(None, [stripe]);
-            }
-            return Ok(false);
+            // A mismatch: some shard is not where the view says; the retry re-learns it.
+            let relearn = sent.mismatched;
+            return self
+                .redo_later(stripe, servers, version, &sent, old_view, &failed, relearn)
+                .await;
         }
 
         // Phase 2: parity, from the new data (full stripe) or from the deltas.
@@ -1198,16 +1192,11 @@ impl Volume {
             // A parity is not where the view says, so the untouched data shards may not be
             // either (a server lost power and writes it had not flushed): counting them as
             // current could acknowledge a write that fewer than k shards hold. Undone, and
-            // redone once the stripe is re-learned.
-            self.undo(stripe, servers, version, &sent.acked).await;
-            // If the stripe cannot be settled, the retry goes on without them.
-            let mut retry = old_view;
-            for f in failed {
-                retry.set_stale(f, true);
-            }
-            self.remember(stripe, retry);
-            self.mark_suspect(None, [stripe]);
-            return Ok(false);
+            // redone once the stripe is re-learned (without the refusing parities if it
+            // cannot be).
+            return self
+                .redo_later(stripe, servers, version, &sent, old_view, &failed, true)
+                .await;
         }
         for f in failed {
             view.set_stale(f, true);
@@ -1235,10 +1224,9 @@ impl Volume {
         {
             // One lost a version no flush had covered (its server lost power unseen): the
             // write is undone and redone once the stripe is re-learned.
-            self.undo(stripe, servers, version, &sent.acked).await;
-            self.remember(stripe, old_view);
-            self.mark_suspect(None, [stripe]);
-            return Ok(false);
+            return self
+                .redo_later(stripe, servers, version, &sent, old_view, &[], true)
+                .await;
         }
         self.note_unflushed(sent.acked.iter().map(|&pos| {
             (
@@ -1250,6 +1238,31 @@ impl Volume {
         }));
         self.remember(stripe, view);
         Ok(true)
+    }
+
+    /// Gives up one attempt at a stripe write (`Ok(false)`: the caller retries): undoes what
+    /// shards took, keeps the view from before with the `failed` positions stale, and with
+    /// `relearn` has the stripe settled before the retry.
+    #[allow(clippy::too_many_arguments)]
+    async fn redo_later(
+        &self,
+        stripe: u64,
+        servers: &[u64],
+        version: Version,
+        sent: &Sent,
+        mut view: StripeView,
+        failed: &[usize],
+        relearn: bool,
+    ) -> Result<bool> {
+        self.undo(stripe, servers, version, &sent.acked).await;
+        for &f in failed {
+            view.set_stale(f, true);
+        }
+        self.remember(stripe, view);
+        if relearn {
+            self.mark_suspect(None, [stripe]);
+        }
+        Ok(false)
     }
 
     /// Whether a write may count the untouched data shards it relies on. Those whose
@@ -1547,26 +1560,27 @@ impl Volume {
         }
     }
 
-    /// How many times `stripe` was marked suspect so far (`None`: it is not).
-    fn suspect_marks(&self, stripe: u64) -> Option<u64> {
+    /// How many times `stripe` was marked suspect so far, and whether servers lost versions
+    /// of it (`None`: it is not suspect).
+    fn suspect_marks(&self, stripe: u64) -> Option<(u64, bool)> {
         self.suspect
             .lock()
             .expect("poisoned")
             .get(&stripe)
-            .map(|s| s.marks)
+            .map(|s| (s.marks, !s.lost_on.is_empty()))
     }
 
     /// After a settle of `stripe` that began at `marks` ended in `view`: it stops being
     /// suspect once its positions on the servers that lost versions are current again, and
     /// no mark came while it ran (that one may not be reflected in `view`).
-    fn settled(&self, stripe: u64, marks: Option<u64>, servers: &[u64], view: &StripeView) {
+    fn settled(&self, stripe: u64, marks: Option<(u64, bool)>, servers: &[u64], view: &StripeView) {
         let mut suspect = self.suspect.lock().expect("poisoned");
         if let Some(s) = suspect.get(&stripe) {
             let whole = servers
                 .iter()
                 .enumerate()
                 .all(|(p, srv)| !s.lost_on.contains(srv) || !view.is_stale(p));
-            if whole && marks == Some(s.marks) {
+            if whole && marks.is_some_and(|(m, _)| m == s.marks) {
                 suspect.remove(&stripe);
             }
         }
@@ -1684,7 +1698,7 @@ impl Volume {
                 }
             }
         }
-        // A server is listed only while versions wait on it.
+        // The servers of the map that are not down.
         let known: BTreeSet<u64> = {
             let c = self.cluster.lock().expect("poisoned");
             c.clients
@@ -1918,12 +1932,7 @@ impl Volume {
         // suspect stripe is always learned afresh, and must not end older than it was known.
         let known = self.views.lock().expect("poisoned").get(&stripe).cloned();
         let marks = self.suspect_marks(stripe);
-        let lost_power = self
-            .suspect
-            .lock()
-            .expect("poisoned")
-            .get(&stripe)
-            .is_some_and(|s| !s.lost_on.is_empty());
+        let lost_power = marks.is_some_and(|(_, lost)| lost);
         let mut infos = match listed {
             Some(infos) if known.is_none() && marks.is_none() => infos,
             _ => self.learn(stripe, &servers).await?,
