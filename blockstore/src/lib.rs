@@ -27,6 +27,7 @@ pub mod layout;
 pub mod placement;
 pub mod protocol;
 pub mod reconcile;
+pub mod record_cache;
 pub mod server;
 pub mod store;
 pub mod volume;

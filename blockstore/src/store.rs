@@ -57,6 +57,7 @@ use crate::alloc::{runs_of, Allocator};
 use crate::checksum::{self, BLOCK_BYTES};
 use crate::device::Device;
 use crate::index::{Batch, Change, Index, IndexError};
+use crate::record_cache::RecordCache;
 
 /// Largest object (one shard of one stripe).
 pub const MAX_OBJECT_BYTES: u32 = crate::layout::MAX_UNIT_BYTES;
@@ -64,6 +65,9 @@ pub const MAX_OBJECT_BYTES: u32 = crate::layout::MAX_UNIT_BYTES;
 pub const MAX_LIST_OBJECTS: usize = 4096;
 /// Most undo entries one object keeps; a writer that never stabilizes is refused beyond it.
 pub const MAX_UNSTABLE_VERSIONS: usize = 256;
+/// Default byte budget of a store's in-memory record cache (about 50 000 records of a 64 KiB
+/// shard unit with a few unstable versions).
+pub const DEFAULT_RECORD_CACHE_BYTES: usize = 16 << 20;
 /// A write to an object with this many undo entries applies its queued stabilization first
 /// (syncing the device), so records stay small under sequential writes.
 const APPLY_STABLE_AT: usize = 32;
@@ -550,6 +554,8 @@ pub struct Store<D: Device, I: Index> {
     synced: Cell<u64>,
     /// Filesystem bytes kept free for the index (see [`Store::set_space_reserve`]).
     reserve: Cell<u64>,
+    /// Recently used object records, as the index holds them (see [`crate::record_cache`]).
+    records: RefCell<RecordCache>,
     incarnation: u64,
     pub stats: Arc<Stats>,
 }
@@ -705,6 +711,7 @@ impl<D: Device, I: Index> Store<D, I> {
             generation: Cell::new(highest_generation + 1),
             synced: Cell::new(synced),
             reserve: Cell::new(0),
+            records: RefCell::new(RecordCache::new(DEFAULT_RECORD_CACHE_BYTES)),
             epochs: RefCell::default(),
             incarnation,
             stats: Arc::new(stats),
@@ -757,10 +764,25 @@ impl<D: Device, I: Index> Store<D, I> {
 
     fn load(&self, object: &ObjectKey) -> Result<ObjectRecord> {
         let key = object_key(object);
-        match self.index.get(&key)? {
-            Some(v) => decode_record(&key, &v),
-            None => Ok(ObjectRecord::default()),
+        if let Some(cached) = self.records.borrow().get(&key) {
+            return match cached {
+                Some(v) => decode_record(&key, v),
+                None => Ok(ObjectRecord::default()),
+            };
         }
+        let value = self.index.get(&key)?;
+        let rec = match &value {
+            Some(v) => decode_record(&key, v)?,
+            None => ObjectRecord::default(),
+        };
+        self.records.borrow_mut().put(&key, value);
+        Ok(rec)
+    }
+
+    /// Sets the byte budget of the in-memory record cache (0 disables it; default
+    /// [`DEFAULT_RECORD_CACHE_BYTES`]).
+    pub fn set_record_cache_bytes(&self, bytes: usize) {
+        self.records.borrow_mut().set_budget(bytes);
     }
 
     /// A u64 the index keeps under `key` (an epoch; 0 when absent).
@@ -943,7 +965,23 @@ impl<D: Device, I: Index> Store<D, I> {
                 ))
             })
             .collect();
-        self.index.write(batch, sync)?;
+        // Object records of the batch, for the record cache once the batch is written.
+        let records: Vec<(Vec<u8>, Option<Vec<u8>>)> = batch
+            .iter()
+            .filter(|(k, _)| k.first() == Some(&OBJECT_PREFIX))
+            .cloned()
+            .collect();
+        if let Err(e) = self.index.write(batch, sync) {
+            // What reached the index is unknown: the cache may no longer mirror it.
+            self.records.borrow_mut().clear();
+            return Err(e.into());
+        }
+        {
+            let mut cache = self.records.borrow_mut();
+            for (k, v) in records {
+                cache.put(&k, v);
+            }
+        }
         {
             let mut cache = self.epochs.borrow_mut();
             for (volume, epoch) in epochs {

@@ -361,6 +361,11 @@ impl Sim {
         if i % 2 == 1 {
             store.set_space_reserve(1 << 20);
         }
+        // A third of the servers keep a record cache of a few records only, so records
+        // leave it all the time (the cache must never change what the store answers).
+        if i.is_multiple_of(3) {
+            store.set_record_cache_bytes(8 << 10);
+        }
         let store = Rc::new(store);
         let (accept_tx, mut accept_rx) = mpsc::unbounded_channel();
         let incarnation = tokio::task::LocalSet::new();
