@@ -116,6 +116,7 @@ fn start(dir: &std::path::Path, id: u64) -> Result<RunningServer> {
         listen: "127.0.0.1:0".parse()?,
         capacity_bytes: 8 << 30,
         flush_interval_ms: 200,
+        record_cache_bytes: continuum_blockstore::store::DEFAULT_RECORD_CACHE_BYTES,
     })
     .map_err(|e| anyhow::anyhow!(e))
 }

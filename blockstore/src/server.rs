@@ -399,6 +399,8 @@ pub struct BlockServerConfig {
     /// Size of the data file (sparse; only written blocks use disk space).
     pub capacity_bytes: u64,
     pub flush_interval_ms: u64,
+    /// Memory for recently used object records (see [`crate::record_cache`]; 0 disables).
+    pub record_cache_bytes: usize,
 }
 
 /// A block server running on its own io_uring thread.
@@ -518,6 +520,7 @@ async fn open_and_bind(
         .map_err(|e| format!("opening the data file: {e}"))?;
     let store = Store::open(device, index).map_err(|e| format!("opening the store: {e}"))?;
     store.set_space_reserve(space_reserve(cfg.capacity_bytes));
+    store.set_record_cache_bytes(cfg.record_cache_bytes);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;

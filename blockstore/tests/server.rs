@@ -21,6 +21,7 @@ fn config(dir: &std::path::Path) -> BlockServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         capacity_bytes: 64 << 20,
         flush_interval_ms: 50,
+        record_cache_bytes: continuum_blockstore::store::DEFAULT_RECORD_CACHE_BYTES,
     }
 }
 

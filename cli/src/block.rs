@@ -80,6 +80,10 @@ pub struct BlockArgs {
     /// Sync and free superseded space at least this often, in milliseconds.
     #[arg(long, default_value_t = 200, value_name = "MS")]
     pub flush_interval_ms: u64,
+    /// Memory for the object records used last, so hot writes skip the index lookup
+    /// (0 disables).
+    #[arg(long, default_value = "16M", value_parser = parse_size, value_name = "SIZE")]
+    pub record_cache: u64,
     /// Every so many seconds, declare block servers whose heartbeat has been gone for
     /// --down-grace-seconds down (their shards move and are rebuilt). 0 = never (another
     /// server does it).
@@ -118,6 +122,8 @@ pub async fn run_block(args: BlockArgs) -> anyhow::Result<()> {
         listen: args.listen,
         capacity_bytes: args.capacity,
         flush_interval_ms: args.flush_interval_ms,
+        record_cache_bytes: usize::try_from(args.record_cache)
+            .context("--record-cache is too large")?,
     };
     let srv = tokio::task::spawn_blocking(move || server::start(cfg))
         .await?

@@ -62,6 +62,7 @@ impl Cluster {
             listen,
             capacity_bytes: 256 << 20,
             flush_interval_ms: 20,
+            record_cache_bytes: continuum_blockstore::store::DEFAULT_RECORD_CACHE_BYTES,
         }
     }
 
