@@ -42,6 +42,9 @@ pub struct VolumeArgs {
     /// from run to run on the 2-core VM (background flushes of the run before).
     #[arg(long, default_value_t = 3)]
     rounds: u64,
+    /// Each block server's record cache in KiB (0 disables it; the peer's too).
+    #[arg(long, default_value_t = (continuum_blockstore::store::DEFAULT_RECORD_CACHE_BYTES >> 10) as u64)]
+    record_cache_kib: u64,
     /// Where the servers keep their data (a directory on the disk to measure).
     #[arg(long, default_value = "bench-results/volume-data")]
     data_dir: PathBuf,
@@ -109,14 +112,14 @@ struct Results {
     rebuild: Rebuild,
 }
 
-fn start(dir: &std::path::Path, id: u64) -> Result<RunningServer> {
+fn start(dir: &std::path::Path, id: u64, record_cache_kib: u64) -> Result<RunningServer> {
     server::start(BlockServerConfig {
         node_id: id,
         data_dir: dir.join(format!("block-{id}")),
         listen: "127.0.0.1:0".parse()?,
         capacity_bytes: 8 << 30,
         flush_interval_ms: 200,
-        record_cache_bytes: continuum_blockstore::store::DEFAULT_RECORD_CACHE_BYTES,
+        record_cache_bytes: usize::try_from(record_cache_kib << 10)?,
     })
     .map_err(|e| anyhow::anyhow!(e))
 }
@@ -233,9 +236,9 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
     let dir = args.data_dir.canonicalize()?;
     let size = args.size_mib << 20;
     let mut servers: Vec<Option<RunningServer>> = (1..=6)
-        .map(|id| start(&dir, id).map(Some))
+        .map(|id| start(&dir, id, args.record_cache_kib).map(Some))
         .collect::<Result<_>>()?;
-    let peer = start(&dir, 100)?;
+    let peer = start(&dir, 100, args.record_cache_kib)?;
     let map: Vec<ServerInfo> = servers
         .iter()
         .enumerate()
@@ -404,7 +407,7 @@ pub async fn run(args: VolumeArgs) -> Result<()> {
     if let Some(s) = servers[0].take() {
         s.stop().map_err(|e| anyhow::anyhow!(e))?;
     }
-    let seventh = start(&dir, 7)?;
+    let seventh = start(&dir, 7, args.record_cache_kib)?;
     let mut map2 = map.clone();
     map2[0].up = false;
     map2.push(info(7, &seventh, true));
