@@ -269,6 +269,10 @@ pub struct Volume {
     /// Flushes run one at a time: a flush that found nothing dirty must not return while an
     /// earlier one is still making the servers it took durable.
     flush_lock: tokio::sync::Mutex<()>,
+    /// Passes over every stripe (repair, scrub, verification) run one at a time: they share
+    /// the progress counters of [`VolumeStats`] (two at once counted more stripes done than
+    /// the pass had), and a second one would only repeat the first one's work.
+    pass_lock: tokio::sync::Mutex<()>,
     /// Per server: stabilizations to send (piggybacked or by the background task), all of
     /// versions a flush made durable.
     to_stabilize: Mutex<HashMap<u64, Vec<(ObjectKey, Version)>>>,
@@ -399,6 +403,7 @@ impl Volume {
             noted: AtomicUsize::new(0),
             flush_soon: Arc::default(),
             flush_lock: tokio::sync::Mutex::new(()),
+            pass_lock: tokio::sync::Mutex::new(()),
             to_stabilize: Mutex::default(),
             dirty: Mutex::default(),
             corrupt: Mutex::default(),
@@ -593,10 +598,18 @@ impl Volume {
             .expect("poisoned")
             .values()
             .any(|t| t.elapsed() < RETRY_UNREACHABLE);
-        if waiting || !self.unverified.swap(false, Ordering::AcqRel) {
+        if waiting {
             return;
         }
-        match self.repair_all(0).await {
+        // A pass already running: verify at a later turn (the background task must not wait
+        // here, its flushes keep writes going).
+        let Ok(_one_pass) = self.pass_lock.try_lock() else {
+            return;
+        };
+        if !self.unverified.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        match self.repair_all_locked(0).await {
             Ok(r) if r.deferred == 0 => {
                 tracing::debug!(volume = self.spec.id, ?r, "verified after a server failure");
             }
@@ -2170,6 +2183,12 @@ impl Volume {
     /// moved its shards, or to catch a returning server up), at most `bytes_per_sec` of
     /// rebuilt data (0: unthrottled). Progress is in [`VolumeStats`].
     pub async fn repair_all(&self, bytes_per_sec: u64) -> Result<PassReport> {
+        let _one_pass = self.pass_lock.lock().await;
+        self.repair_all_locked(bytes_per_sec).await
+    }
+
+    /// [`Volume::repair_all`], the caller holding `pass_lock`.
+    async fn repair_all_locked(&self, bytes_per_sec: u64) -> Result<PassReport> {
         // One listing per server tells every stripe's state; stripes that are whole and
         // stable are skipped without a round trip.
         let listing = self.list_all(false).await?;
@@ -2244,6 +2263,7 @@ impl Volume {
     /// checksum), checks the parity against the data, and rebuilds what is wrong. Reads at
     /// most `bytes_per_sec` (0: unthrottled).
     pub async fn scrub(&self, bytes_per_sec: u64) -> Result<PassReport> {
+        let _one_pass = self.pass_lock.lock().await;
         let stripes = self.stripes_in_use().await?;
         self.stats
             .pass_stripes_total
