@@ -139,9 +139,10 @@ pub enum VolumeError {
     },
     #[error("block server {server} is not in the cluster map")]
     UnknownServer { server: u64 },
-    #[error("volume {volume}: flush failed on {failed} block servers (at most {limit} may fail), so written data may not be durable")]
+    #[error("volume {volume}: a stripe written since the last flush has {failed} shards that do not hold it durably (their servers failed the flush or lost power, or they were already stale; at most {limit} may), so written data may not be durable")]
     FlushIncomplete {
         volume: u64,
+        /// The most shards of one stripe that do not hold its current state durably.
         failed: usize,
         limit: usize,
     },
@@ -1549,19 +1550,27 @@ impl Volume {
     fn mark_suspect(&self, server: Option<u64>, stripes: impl IntoIterator<Item = u64>) {
         let m = self.spec.profile.parity;
         let mut marked = 0usize;
+        let mut losing: Vec<(u64, BTreeSet<u64>)> = Vec::new();
         let mut suspect = self.suspect.lock().expect("poisoned");
         for stripe in stripes {
             let entry = suspect.entry(stripe).or_default();
             entry.marks += 1;
             if let Some(srv) = server {
-                if entry.lost_on.insert(srv) && entry.lost_on.len() > m {
-                    // More than m shards of the stripe may have lost what this writer wrote.
-                    self.lost.store(true, Ordering::Release);
+                if entry.lost_on.insert(srv) {
+                    losing.push((stripe, entry.lost_on.clone()));
                 }
             }
             marked += 1;
         }
         drop(suspect);
+        // More than m shards of a stripe may have lost what this writer wrote (counting those
+        // it already lacked): acknowledged writes may be gone.
+        if losing
+            .iter()
+            .any(|(stripe, lost_on)| self.shortfall(*stripe, lost_on) > m)
+        {
+            self.lost.store(true, Ordering::Release);
+        }
         if let (Some(srv), true) = (server, marked > 0) {
             tracing::info!(
                 volume = self.spec.id,
@@ -1571,6 +1580,27 @@ impl Volume {
             );
             self.unverified.store(true, Ordering::Release);
         }
+    }
+
+    /// How many shards of `stripe` do not hold its current state durably: those on `bad`
+    /// servers (failed a flush, lost power) and those the cached view calls stale (without a
+    /// view: those on servers out of reach).
+    fn shortfall(&self, stripe: u64, bad: &BTreeSet<u64>) -> usize {
+        let Ok(servers) = self.placement(stripe) else {
+            return self.spec.profile.width();
+        };
+        let view = self.views.lock().expect("poisoned").get(&stripe).cloned();
+        servers
+            .iter()
+            .enumerate()
+            .filter(|&(p, srv)| {
+                bad.contains(srv)
+                    || match &view {
+                        Some(v) => v.is_stale(p),
+                        None => !self.reachable(*srv),
+                    }
+            })
+            .count()
     }
 
     /// How many times `stripe` was marked suspect so far, and whether servers lost versions
@@ -1756,7 +1786,23 @@ impl Volume {
             .collect();
         let counted: BTreeSet<u64> = failed.union(&lost_on).copied().collect();
         let limit = self.spec.profile.parity;
-        let incomplete = counted.len() > limit;
+        // Also counted per stripe written since the last flush, with the positions it
+        // already lacked (stale: a server away, or declared down with no spare): a stripe
+        // missing one shard stands only while at most m - 1 more fail. (Before, a flush that
+        // two servers failed was acknowledged over such stripes, and stabilizing their new
+        // versions on the other shards threw away the last state that k shards could
+        // rebuild.)
+        let mut stripes: BTreeSet<u64> = BTreeSet::new();
+        for (_, versions) in covered.iter().chain(waiting.iter()) {
+            stripes.extend(versions.iter().map(|v| v.0.stripe));
+        }
+        let shortfall = stripes
+            .iter()
+            .map(|&stripe| self.shortfall(stripe, &counted))
+            .max()
+            .unwrap_or(0)
+            .max(counted.len());
+        let incomplete = shortfall > limit;
         {
             let mut again = self.unflushed.lock().expect("poisoned");
             let mut stabilize = self.to_stabilize.lock().expect("poisoned");
@@ -1786,7 +1832,7 @@ impl Volume {
         if incomplete {
             return Err(VolumeError::FlushIncomplete {
                 volume: self.spec.id,
-                failed: counted.len(),
+                failed: shortfall,
                 limit,
             });
         }

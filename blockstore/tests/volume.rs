@@ -405,6 +405,72 @@ async fn a_flush_that_more_than_m_servers_fail_is_not_acknowledged() {
     vol.flush().await.unwrap();
 }
 
+/// A stripe that already lacks a shard (its server is declared down and there is no spare
+/// host to rebuild it on) stands on k + m - 1 shards: a flush that two more servers fail
+/// leaves its new writes on fewer than k durable shards and must not be acknowledged. (It
+/// was: only the servers that failed the flush were counted, and stabilizing the writes on
+/// the others then threw away the last state that k shards could rebuild.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_counts_the_shards_a_degraded_stripe_already_lacks() {
+    let mut cluster = Cluster::start(6);
+    let size = 1024 * 1024;
+    let mut s = spec(size);
+    s.members = (1..=6).collect();
+    let vol = Volume::open(s, 1, &cluster.servers(), TIMEOUT)
+        .await
+        .unwrap();
+    while vol.unverified() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut model = pattern(31, size as usize);
+    vol.write(0, Bytes::from(model.clone()), false)
+        .await
+        .unwrap();
+    vol.flush().await.unwrap();
+    // Server 3 is gone for good; with six hosts for 4+2 there is nowhere to move its shards.
+    cluster.kill(2);
+    let mut map = cluster.servers();
+    map[2].up = false;
+    vol.set_servers(&map);
+    let write_all_over = |vol_model: &mut Vec<u8>, seed: u64| {
+        (0..64u64)
+            .map(|i| {
+                let off = i * 16 * 1024 + 4096;
+                let data = pattern(seed + i, 4096);
+                vol_model[off as usize..off as usize + 4096].copy_from_slice(&data);
+                (off, data)
+            })
+            .collect::<Vec<_>>()
+    };
+    for (off, data) in write_all_over(&mut model, 100) {
+        vol.write(off, Bytes::from(data), false).await.unwrap();
+    }
+    // One shard short everywhere: a flush all the others answer stands.
+    vol.flush().await.unwrap();
+    for (off, data) in write_all_over(&mut model, 200) {
+        vol.write(off, Bytes::from(data), false).await.unwrap();
+    }
+    cluster.kill(0);
+    cluster.kill(4);
+    let err = vol.flush().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VolumeError::FlushIncomplete {
+                failed: 3,
+                limit: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    cluster.restart(0);
+    cluster.restart(4);
+    vol.retry_unreachable();
+    vol.flush().await.unwrap();
+    check_all(&vol, &model).await;
+}
+
 /// A new writer that cannot fence enough servers (more than min(k-1, m) unreachable, where an
 /// old writer might still reach them and complete writes) refuses to open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
