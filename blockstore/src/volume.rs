@@ -1080,8 +1080,8 @@ impl Volume {
             }
         }
 
-        // Phase 1: the current data shards (returning their old bytes unless the stripe is
-        // rewritten whole).
+        // Phase 1: the current data shards, returning their old bytes for the parity deltas
+        // (phase 2); a stripe rewritten whole sends its parity with them.
         let mut sent = Sent::default();
         let data_writes: Vec<ShardWrite> = segs
             .iter()
@@ -1113,95 +1113,119 @@ impl Volume {
                 }
             })
             .collect();
-        let failed = self
-            .send_all(servers, &data_writes, &budget, &mut sent, |pos, old| {
+        // Parity, from the new data (full stripe) or from the deltas of the old bytes.
+        let parity_writes =
+            |olds: &HashMap<usize, Bytes>, view: &StripeView| -> Result<Vec<ShardWrite>> {
+                let parity: Vec<Vec<u8>> = if full {
+                    // When every data shard's bytes cover the whole range (large writes), they are
+                    // encoded in place; only partial or zeroed shards are widened into copies.
+                    let covers = |i: usize| {
+                        segs[i].shard_offset == r_start
+                            && segs[i].len as usize == r_len
+                            && payloads[i].is_some()
+                    };
+                    let widened: Vec<Option<Vec<u8>>> = (0..k)
+                        .map(|i| (!covers(i)).then(|| widen(i, payloads[i].as_deref())))
+                        .collect();
+                    let refs: Vec<&[u8]> = (0..k)
+                        .map(|i| match (&widened[i], &payloads[i]) {
+                            (Some(w), _) => w.as_slice(),
+                            (None, Some(b)) => &b[..],
+                            (None, None) => unreachable!("covered shards have bytes"),
+                        })
+                        .collect();
+                    let mut p = vec![vec![0u8; r_len]; width - k];
+                    let mut prefs: Vec<&mut [u8]> = p.iter_mut().map(Vec::as_mut_slice).collect();
+                    self.codec.encode(&refs, &mut prefs)?;
+                    p
+                } else {
+                    let mut delta = vec![vec![0u8; r_len]; width - k];
+                    for (i, s) in segs.iter().enumerate() {
+                        let o = widen(i, Some(&olds[&s.shard]));
+                        let zeros = vec![0u8; s.len as usize];
+                        let n = widen(i, Some(payloads[i].as_deref().unwrap_or(&zeros)));
+                        let mut refs: Vec<&mut [u8]> =
+                            delta.iter_mut().map(Vec::as_mut_slice).collect();
+                        self.codec.apply_delta(s.shard, &o, &n, &mut refs)?;
+                    }
+                    delta
+                };
+                // Shared, not copied, by the parity writes (and a retry of them).
+                let parity: Vec<Bytes> = parity.into_iter().map(Bytes::from).collect();
+                let data_base: Vec<(u32, Version)> = touched
+                    .iter()
+                    .map(|&t| (t as u32, old_view.expected[t]))
+                    .collect();
+                let data_after: Vec<(u32, Version)> =
+                    touched.iter().map(|&t| (t as u32, version)).collect();
+                let parity_writes: Vec<ShardWrite> = (k..width)
+                    .filter(|&pos| !view.is_stale(pos))
+                    .map(|pos| {
+                        let payload = parity[pos - k].clone();
+                        ShardWrite {
+                            pos,
+                            req: WriteReq {
+                                object: self.object(stripe, pos),
+                                epoch: self.epoch,
+                                version,
+                                base: old_view.expected[pos],
+                                mode: if full {
+                                    WriteMode::Data
+                                } else {
+                                    WriteMode::Xor
+                                },
+                                offset: r_start,
+                                length: r_len as u32,
+                                crcs: checksum::compute(&payload),
+                                fua,
+                                write_set,
+                                data_base: if full { vec![] } else { data_base.clone() },
+                                data_after: data_after.clone(),
+                                return_old: false,
+                            },
+                            payload,
+                        }
+                    })
+                    .collect();
+                Ok(parity_writes)
+            };
+        let mut failed = if full {
+            // Nothing to wait for: the data and the parity go out at once (one round trip).
+            let mut writes = data_writes;
+            writes.extend(parity_writes(&olds, &view)?);
+            self.send_all(servers, &writes, &budget, &mut sent, |_, _| {})
+                .await?
+        } else {
+            self.send_all(servers, &data_writes, &budget, &mut sent, |pos, old| {
                 if let Some(old) = old {
                     olds.insert(pos, old);
                 }
             })
-            .await?;
-        if !failed.is_empty() {
+            .await?
+        };
+        let data_failed: Vec<usize> = failed.iter().copied().filter(|&p| p < k).collect();
+        if !data_failed.is_empty() {
             // A mismatch: some shard is not where the view says; the retry re-learns it.
             let relearn = sent.mismatched;
             return self
-                .redo_later(stripe, servers, version, &sent, old_view, &failed, relearn)
+                .redo_later(
+                    stripe,
+                    servers,
+                    version,
+                    &sent,
+                    old_view,
+                    &data_failed,
+                    relearn,
+                )
                 .await;
         }
-
-        // Phase 2: parity, from the new data (full stripe) or from the deltas.
-        let parity: Vec<Vec<u8>> = if full {
-            // When every data shard's bytes cover the whole range (large writes), they are
-            // encoded in place; only partial or zeroed shards are widened into copies.
-            let covers = |i: usize| {
-                segs[i].shard_offset == r_start
-                    && segs[i].len as usize == r_len
-                    && payloads[i].is_some()
-            };
-            let widened: Vec<Option<Vec<u8>>> = (0..k)
-                .map(|i| (!covers(i)).then(|| widen(i, payloads[i].as_deref())))
-                .collect();
-            let refs: Vec<&[u8]> = (0..k)
-                .map(|i| match (&widened[i], &payloads[i]) {
-                    (Some(w), _) => w.as_slice(),
-                    (None, Some(b)) => &b[..],
-                    (None, None) => unreachable!("covered shards have bytes"),
-                })
-                .collect();
-            let mut p = vec![vec![0u8; r_len]; width - k];
-            let mut prefs: Vec<&mut [u8]> = p.iter_mut().map(Vec::as_mut_slice).collect();
-            self.codec.encode(&refs, &mut prefs)?;
-            p
-        } else {
-            let mut delta = vec![vec![0u8; r_len]; width - k];
-            for (i, s) in segs.iter().enumerate() {
-                let o = widen(i, Some(&olds[&s.shard]));
-                let zeros = vec![0u8; s.len as usize];
-                let n = widen(i, Some(payloads[i].as_deref().unwrap_or(&zeros)));
-                let mut refs: Vec<&mut [u8]> = delta.iter_mut().map(Vec::as_mut_slice).collect();
-                self.codec.apply_delta(s.shard, &o, &n, &mut refs)?;
-            }
-            delta
-        };
-        // Shared, not copied, by the parity writes (and a retry of them).
-        let parity: Vec<Bytes> = parity.into_iter().map(Bytes::from).collect();
-        let data_base: Vec<(u32, Version)> = touched
-            .iter()
-            .map(|&t| (t as u32, old_view.expected[t]))
-            .collect();
-        let data_after: Vec<(u32, Version)> =
-            touched.iter().map(|&t| (t as u32, version)).collect();
-        let parity_writes: Vec<ShardWrite> = (k..width)
-            .filter(|&pos| !view.is_stale(pos))
-            .map(|pos| {
-                let payload = parity[pos - k].clone();
-                ShardWrite {
-                    pos,
-                    req: WriteReq {
-                        object: self.object(stripe, pos),
-                        epoch: self.epoch,
-                        version,
-                        base: old_view.expected[pos],
-                        mode: if full {
-                            WriteMode::Data
-                        } else {
-                            WriteMode::Xor
-                        },
-                        offset: r_start,
-                        length: r_len as u32,
-                        crcs: checksum::compute(&payload),
-                        fua,
-                        write_set,
-                        data_base: if full { vec![] } else { data_base.clone() },
-                        data_after: data_after.clone(),
-                        return_old: false,
-                    },
-                    payload,
-                }
-            })
-            .collect();
-        let failed = self
-            .send_all(servers, &parity_writes, &budget, &mut sent, |_, _| {})
-            .await?;
+        if !full {
+            // Phase 2 of a partial write: the deltas need the old bytes phase 1 returned.
+            let writes = parity_writes(&olds, &view)?;
+            failed = self
+                .send_all(servers, &writes, &budget, &mut sent, |_, _| {})
+                .await?;
+        }
         if sent.mismatched {
             // A parity is not where the view says, so the untouched data shards may not be
             // either (a server lost power and writes it had not flushed): counting them as

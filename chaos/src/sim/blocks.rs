@@ -492,9 +492,21 @@ impl Sim {
             let first = rng.gen_range(start..end);
             match rng.gen_range(0..10) {
                 0..=5 => {
-                    let n = rng.gen_range(1..=(end - first).min(12));
                     let fua = rng.gen_bool(0.3);
-                    self.write(&writer, first, n, fua).await;
+                    // Some writes cover a whole stripe (data and parity go out together);
+                    // the rest are partial (read-modify-write of the parity).
+                    let stripe = self.stripe_blocks();
+                    let aligned: Vec<u64> = (start.next_multiple_of(stripe)..end)
+                        .step_by(stripe as usize)
+                        .filter(|a| a + stripe <= end)
+                        .collect();
+                    if !aligned.is_empty() && rng.gen_bool(0.15) {
+                        let first = aligned[rng.gen_range(0..aligned.len())];
+                        self.write(&writer, first, stripe, fua).await;
+                    } else {
+                        let n = rng.gen_range(1..=(end - first).min(12));
+                        self.write(&writer, first, n, fua).await;
+                    }
                 }
                 6..=8 => {
                     let n = rng.gen_range(1..=(end - first).min(8));
@@ -504,6 +516,11 @@ impl Sim {
             }
             tokio::time::sleep(Duration::from_micros(rng.gen_range(0..2000))).await;
         }
+    }
+
+    /// Blocks of one stripe's data.
+    fn stripe_blocks(&self) -> u64 {
+        u64::from(self.spec.unit) * self.spec.profile.data as u64 / BLOCK as u64
     }
 
     async fn write(&self, w: &Writer, first: u64, n: u64, fua: bool) {
