@@ -19,7 +19,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::protocol::{self, pb};
-use crate::store::{ObjectInfo, ObjectKey, ReadOutcome, Version, WriteOutcome, WriteReq};
+use crate::store::{
+    ObjectInfo, ObjectKey, OpenedNote, ReadOutcome, Version, WriteOutcome, WriteReq,
+};
 use crate::wire::{FrameDecoder, FrameRepr, Kind};
 
 /// Requests in flight on one connection.
@@ -319,20 +321,44 @@ impl BlockClient {
     /// volume's highest epoch there before.
     /// Fences `volume` at `epoch` (with `opened`: records that this writer now serves I/O);
     /// returns the highest epoch and the highest opened epoch the server had before.
+    /// Fences `volume` at `epoch`; with `opened`, also records that this writer serves I/O,
+    /// with its note of undecided stripes. Returns the server's highest epoch, its highest
+    /// opened epoch and that writer's last note, from before the request.
     pub async fn fence(
         &self,
         volume: u64,
         epoch: u64,
-        opened: bool,
-    ) -> Result<(u64, u64), ShardError> {
+        opened: Option<&OpenedNote>,
+    ) -> Result<(u64, u64, OpenedNote), ShardError> {
         let op = pb::request::Op::Fence(pb::Fence {
             volume,
             epoch,
-            opened,
+            opened: opened.is_some(),
+            undecided: opened
+                .map(|n| {
+                    n.undecided
+                        .iter()
+                        .map(|&(stripe, below)| pb::UndecidedStripe { stripe, below })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            record: opened.map_or(0, |n| n.record),
         });
         let (resp, _) = self.call(op, Bytes::new()).await?;
         match resp.result {
-            Some(pb::response::Result::Fence(f)) => Ok((f.previous_epoch, f.previous_opened)),
+            Some(pb::response::Result::Fence(f)) => Ok((
+                f.previous_epoch,
+                f.previous_opened,
+                OpenedNote {
+                    epoch: f.previous_opened,
+                    record: f.opened_record,
+                    undecided: f
+                        .opened_undecided
+                        .iter()
+                        .map(|u| (u.stripe, u.below))
+                        .collect(),
+                },
+            )),
             _ => Err(self.malformed("fence result missing")),
         }
     }

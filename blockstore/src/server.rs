@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, Semaphore};
 use crate::device::Device;
 use crate::index::Index;
 use crate::protocol::{self, pb};
-use crate::store::Store;
+use crate::store::{OpenedNote, Store};
 use crate::wire::{FrameDecoder, FrameRepr, Kind};
 
 /// Most encoded bytes of objects in one list reply (its frame header is at most
@@ -356,17 +356,31 @@ async fn handle_op<D: Device, I: Index>(
             .delete_volume(d.volume, d.epoch)
             .await
             .map(|_| (done(), empty)),
-        pb::request::Op::Fence(f) => store.fence_open(f.volume, f.epoch, f.opened).await.map(
-            |(previous, previous_opened)| {
-                (
-                    ok(pb::response::Result::Fence(pb::FenceResult {
-                        previous_epoch: previous,
-                        previous_opened,
-                    })),
-                    empty,
-                )
-            },
-        ),
+        pb::request::Op::Fence(f) => {
+            let note = f.opened.then(|| OpenedNote {
+                epoch: f.epoch,
+                record: f.record,
+                undecided: f.undecided.iter().map(|u| (u.stripe, u.below)).collect(),
+            });
+            store
+                .fence_open(f.volume, f.epoch, note.as_ref())
+                .await
+                .map(|(previous, previous_opened, note)| {
+                    (
+                        ok(pb::response::Result::Fence(pb::FenceResult {
+                            previous_epoch: previous,
+                            previous_opened,
+                            opened_undecided: note
+                                .undecided
+                                .iter()
+                                .map(|&(stripe, below)| pb::UndecidedStripe { stripe, below })
+                                .collect(),
+                            opened_record: note.record,
+                        })),
+                        empty,
+                    )
+                })
+        }
         pb::request::Op::Hello(_) => Ok((
             ok(pb::response::Result::Hello(pb::HelloResult {
                 node_id: node,

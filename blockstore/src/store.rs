@@ -359,6 +359,8 @@ fn dv_list(d: &[DvRecord]) -> Vec<(u32, Version)> {
 const OBJECT_PREFIX: u8 = b'o';
 const EPOCH_PREFIX: u8 = b'e';
 const OPENED_PREFIX: u8 = b's';
+/// Per volume: the stripes the last opened writer left undecided (see [`OpenedNote`]).
+const UNDECIDED_PREFIX: u8 = b'u';
 /// The highest sync generation whose device writes are known durable (invariant 8).
 const SYNCED_KEY: &[u8] = b"g";
 /// The device's boot id when the store last opened (invariant 8).
@@ -404,6 +406,56 @@ fn opened_key(volume: u64) -> Vec<u8> {
     let mut k = vec![OPENED_PREFIX];
     k.extend_from_slice(&volume.to_be_bytes());
     k
+}
+
+fn undecided_key(volume: u64) -> Vec<u8> {
+    let mut k = vec![UNDECIDED_PREFIX];
+    k.extend_from_slice(&volume.to_be_bytes());
+    k
+}
+
+/// What the writer that opened a volume last recorded with its `opened` mark: the stripes it
+/// opened without deciding (the shards that could tell were out of reach), each with the
+/// epoch below which its unstable versions count as leftovers. It served no I/O from them,
+/// so the next writer must judge their versions against that epoch, not against the opened
+/// one (chaos seed 281 on 5159e7c; `docs/blockstore.md`). `record` orders the notes of one
+/// writer: it records a shorter list each time it decides such a stripe, before serving it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpenedNote {
+    pub epoch: u64,
+    pub record: u64,
+    /// (stripe, epoch below which its unstable versions are leftovers).
+    pub undecided: Vec<(u64, u64)>,
+}
+
+impl OpenedNote {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(16 + 16 * self.undecided.len());
+        v.extend_from_slice(&self.epoch.to_be_bytes());
+        v.extend_from_slice(&self.record.to_be_bytes());
+        for (stripe, below) in &self.undecided {
+            v.extend_from_slice(&stripe.to_be_bytes());
+            v.extend_from_slice(&below.to_be_bytes());
+        }
+        v
+    }
+
+    fn decode(key: &[u8], v: &[u8]) -> Result<Self> {
+        if v.len() < 16 || !(v.len() - 16).is_multiple_of(16) {
+            return Err(StoreError::CorruptRecord {
+                key: key.to_vec(),
+                reason: format!("undecided note of {} bytes", v.len()),
+            });
+        }
+        let word = |i: usize| u64::from_be_bytes(v[i * 8..i * 8 + 8].try_into().expect("8"));
+        Ok(OpenedNote {
+            epoch: word(0),
+            record: word(1),
+            undecided: (0..(v.len() - 16) / 16)
+                .map(|i| (word(2 + 2 * i), word(3 + 2 * i)))
+                .collect(),
+        })
+    }
 }
 
 /// Counters a block server exports as metrics (shared with the metrics endpoint's thread).
@@ -1455,23 +1507,49 @@ impl<D: Device, I: Index> Store<D, I> {
     /// Records `epoch` as the volume's highest, durably; refused when a higher one exists.
     /// Returns the highest epoch before.
     pub async fn fence_volume(&self, volume: u64, epoch: u64) -> Result<u64> {
-        Ok(self.fence_open(volume, epoch, false).await?.0)
+        Ok(self.fence_open(volume, epoch, None).await?.0)
     }
 
-    /// Fences `volume` at `epoch` and, with `opened`, records that the writer of `epoch`
-    /// has reconciled and serves I/O. Returns the highest epoch and the highest opened epoch
+    /// Fences `volume` at `epoch` and, with `opened` (a note of this epoch), records that
+    /// the writer of `epoch` has reconciled and serves I/O, with the stripes it left
+    /// undecided; a note replaces one of the same epoch only with a higher `record`.
+    /// Returns the highest epoch, the highest opened epoch and that writer's last note, as
     /// recorded before (durable when it returns).
-    pub async fn fence_open(&self, volume: u64, epoch: u64, opened: bool) -> Result<(u64, u64)> {
+    pub async fn fence_open(
+        &self,
+        volume: u64,
+        epoch: u64,
+        opened: Option<&OpenedNote>,
+    ) -> Result<(u64, u64, OpenedNote)> {
         let previous = self.highest_epoch(volume)?;
         let previous_opened = self.index_u64(opened_key(volume), "opened epoch")?;
+        let key = undecided_key(volume);
+        let note = match self.index.get(&key)? {
+            Some(v) => OpenedNote::decode(&key, &v)?,
+            None => OpenedNote::default(),
+        };
+        // A note of an older opened epoch (or none): the opened writer left nothing undecided.
+        let note = if note.epoch == previous_opened {
+            note
+        } else {
+            OpenedNote {
+                epoch: previous_opened,
+                ..OpenedNote::default()
+            }
+        };
         let mut changes: Vec<Change> = self.fence(volume, epoch)?.into_iter().collect();
-        if opened && epoch > previous_opened {
-            changes.push((opened_key(volume), Some(epoch.to_be_bytes().to_vec())));
+        if let Some(mine) = opened.filter(|n| n.epoch == epoch) {
+            if epoch > previous_opened {
+                changes.push((opened_key(volume), Some(epoch.to_be_bytes().to_vec())));
+            }
+            if epoch > previous_opened || (epoch == previous_opened && mine.record > note.record) {
+                changes.push((key, Some(mine.encode())));
+            }
         }
         if !changes.is_empty() {
             self.commit(changes, true, Vec::new()).await?;
         }
-        Ok((previous, previous_opened))
+        Ok((previous, previous_opened, note))
     }
 
     /// Deletes every object of `volume` (its space is freed at the next flush).

@@ -44,7 +44,7 @@ use crate::layout::{Layout, Segment};
 use crate::placement::{self, DomainLevel, PlacementError, Server};
 use crate::protocol::pb;
 use crate::reconcile::{self, StripeView};
-use crate::store::{ObjectInfo, ObjectKey, Version, WriteMode, WriteReq};
+use crate::store::{ObjectInfo, ObjectKey, OpenedNote, Version, WriteMode, WriteReq};
 
 /// Stripes whose view is cached; beyond it the cache is emptied (views are re-learned).
 pub const MAX_CACHED_STRIPES: usize = 64 * 1024;
@@ -299,12 +299,16 @@ pub struct Volume {
     /// see; a writer whose open failed fenced but served nothing); once open, this writer's
     /// own (anything older it did not reconcile at open, it served without).
     foreign_below: AtomicU64,
-    /// The previous opened epoch (`foreign_below` while opening).
-    previous_opened: AtomicU64,
     /// Stripes whose top unstable version was left undecided while opening (the shards that
-    /// could tell were out of reach): this writer served no I/O from them, so they are still
-    /// decided against `previous_opened`, not against this writer's epoch.
-    undecided: Mutex<BTreeSet<u64>>,
+    /// could tell were out of reach), each with the epoch its versions are judged against:
+    /// the previous opened epoch, or what that writer's note said for a stripe it left
+    /// undecided too. No writer served I/O from them since, so they are not decided against
+    /// this writer's epoch. Recorded with the `opened` mark (`OpenedNote`), so the next
+    /// writer judges them the same way; when one is decided after opening, the shorter list
+    /// is recorded before the stripe serves I/O.
+    undecided: Mutex<BTreeMap<u64, u64>>,
+    /// The order of this writer's last note (0: it has not opened yet).
+    opened_record: AtomicU64,
     pub stats: VolumeStats,
     pub failpoints: Failpoints,
 }
@@ -418,15 +422,19 @@ impl Volume {
             // A new writer does not know what happened before it: it verifies once, too.
             unverified: AtomicBool::new(true),
             foreign_below: AtomicU64::new(0),
-            previous_opened: AtomicU64::new(0),
             undecided: Mutex::default(),
+            opened_record: AtomicU64::new(0),
             stats: VolumeStats::default(),
             failpoints: Failpoints::default(),
         });
         vol.set_servers(servers);
-        let previous = vol.fence_all(false).await?;
+        let (previous, note) = vol.fence_all(false).await?;
         vol.foreign_below.store(previous, Ordering::Release);
-        vol.previous_opened.store(previous, Ordering::Release);
+        // Stripes the previous opened writer left undecided keep the judgment it used.
+        vol.undecided
+            .lock()
+            .expect("poisoned")
+            .extend(note.undecided.iter().copied());
         vol.reconcile_all().await?;
         // Recorded on at least k servers before any I/O: a later writer fences all but at
         // most min(k-1, m) of them, so it learns that this epoch served.
@@ -1884,13 +1892,24 @@ impl Volume {
 
     /// Records this writer's epoch on every server in the map before the first write, so a
     /// previous writer's later writes are refused everywhere (DESIGN.md invariant 1); with
-    /// `opened`, also that it serves I/O now. Returns the highest epoch below this one that
-    /// the servers recorded as opened (the previous writer that served).
-    async fn fence_all(&self, opened: bool) -> Result<u64> {
+    /// `opened`, also that it serves I/O now, with the stripes it leaves undecided (a new
+    /// note each time). Returns the highest epoch below this one that the servers recorded
+    /// as opened (the previous writer that served) and that writer's last note.
+    async fn fence_all(&self, opened: bool) -> Result<(u64, OpenedNote)> {
         let servers = self.up_servers();
+        let note = opened.then(|| {
+            // Taken under the lock with its order: a later note never lists more.
+            let u = self.undecided.lock().expect("poisoned");
+            OpenedNote {
+                epoch: self.epoch,
+                record: self.opened_record.fetch_add(1, Ordering::AcqRel) + 1,
+                undecided: u.iter().map(|(&s, &b)| (s, b)).collect(),
+            }
+        });
+        let note = note.as_ref();
         let results = join_all(servers.iter().map(|(id, c)| async move {
-            match c.fence(self.spec.id, self.epoch, opened).await {
-                Ok((_, previous_opened)) => Ok(Some(previous_opened)),
+            match c.fence(self.spec.id, self.epoch, note).await {
+                Ok((_, previous_opened, note)) => Ok(Some((previous_opened, note))),
                 Err(e) => {
                     tracing::warn!(volume = self.spec.id, server = id, error = %e, "cannot fence");
                     self.note_error(*id, &e).map(|_| None)
@@ -1898,7 +1917,9 @@ impl Volume {
             }
         }))
         .await;
-        let previous = results.into_iter().collect::<Result<Vec<Option<u64>>>>()?;
+        let previous = results
+            .into_iter()
+            .collect::<Result<Vec<Option<(u64, OpenedNote)>>>>()?;
         // A previous writer still running somewhere must not complete a write on unfenced
         // servers alone. A write needs k current shards, but a partial one touches only m+1
         // positions (the untouched data shards count as current): with at most
@@ -1920,12 +1941,15 @@ impl Volume {
                 limit,
             });
         }
-        Ok(previous
+        // The previous opened writer's last note: at least one server reached has it (its
+        // notes reach k servers, and this fence reaches all but min(k-1, m)).
+        let (opened_epoch, last) = previous
             .into_iter()
             .flatten()
-            .filter(|e| *e < self.epoch)
-            .max()
-            .unwrap_or(0))
+            .filter(|(e, _)| *e < self.epoch)
+            .max_by_key(|(e, n)| (*e, n.record))
+            .unwrap_or_default();
+        Ok((opened_epoch, last))
     }
 
     /// Per block server: how many shard positions of the cached stripes it holds are stale
@@ -1989,7 +2013,12 @@ impl Volume {
     async fn reconcile_all(&self) -> Result<()> {
         let servers = self.up_servers();
         let stripes: Vec<u64> = self.list_all(true).await?.stripes.into_keys().collect();
-        for stripe in stripes {
+        // Inherited undecided stripes with nothing unstable left are plain stripes again.
+        self.undecided
+            .lock()
+            .expect("poisoned")
+            .retain(|s, _| stripes.binary_search(s).is_ok());
+        for stripe in stripes.iter().copied() {
             self.reconcile_stripe(stripe).await?;
         }
         // The decisions are durable and applied before any I/O is served: a later writer
@@ -2032,25 +2061,17 @@ impl Volume {
         // now, under the same `foreign_below`: left for later, a writer that has opened since
         // would take it for a leftover of an older epoch and roll back a write that was
         // acknowledged (found by the chaos simulator). So decide until nothing rolls back.
+        let inherited = self
+            .undecided
+            .lock()
+            .expect("poisoned")
+            .get(&stripe)
+            .copied();
+        let foreign_below = inherited.unwrap_or(self.foreign_below.load(Ordering::Acquire));
+        let mut undecided = false;
         for _ in 0..crate::store::MAX_UNSTABLE_VERSIONS {
-            let foreign_below = if self.undecided.lock().expect("poisoned").contains(&stripe) {
-                self.previous_opened.load(Ordering::Acquire)
-            } else {
-                self.foreign_below.load(Ordering::Acquire)
-            };
             let d = reconcile::reconcile(self.spec.profile, &infos, foreign_below);
-            {
-                let mut u = self.undecided.lock().expect("poisoned");
-                if d.undecided {
-                    // Only while opening, or when it was already undecided then: a stripe
-                    // this writer served I/O from is decided against its own epoch.
-                    if foreign_below < self.epoch {
-                        u.insert(stripe);
-                    }
-                } else {
-                    u.remove(&stripe);
-                }
-            }
+            undecided = d.undecided;
             let rolled_back = !d.rollback.is_empty();
             if lost_power && d.rollback.iter().any(|(_, v)| v.epoch == self.epoch) {
                 // A version of this writer rolled back on a stripe whose servers lost power:
@@ -2069,6 +2090,20 @@ impl Volume {
             if !rolled_back || before == infos {
                 break;
             }
+        }
+        if undecided {
+            // Only while opening, or when it was already undecided then: a stripe this writer
+            // served I/O from is decided against its own epoch.
+            if foreign_below < self.epoch {
+                self.undecided
+                    .lock()
+                    .expect("poisoned")
+                    .entry(stripe)
+                    .or_insert(foreign_below);
+            }
+        } else if inherited.is_some() {
+            self.decided_after_open(stripe, &servers, &infos, foreign_below)
+                .await?;
         }
         let mut view = self.assess_known(stripe, &infos);
         self.mark_corrupt(stripe, &mut view);
@@ -2092,6 +2127,61 @@ impl Volume {
         self.settled(stripe, marks, &servers, &view);
         self.remember(stripe, view);
         Ok(n)
+    }
+
+    /// A stripe left undecided is decided now. Before it serves I/O: the decision is made
+    /// durable on its servers, and, once this writer has opened, a note without it is
+    /// recorded (else the next writer would still judge its versions against the older
+    /// epoch, and might roll forward a leftover this writer served without). If either
+    /// fails, it stays undecided and its I/O fails until a later settle gets through.
+    async fn decided_after_open(
+        &self,
+        stripe: u64,
+        servers: &[u64],
+        infos: &[Option<ObjectInfo>],
+        below: u64,
+    ) -> Result<()> {
+        if self.opened_record.load(Ordering::Acquire) == 0 {
+            // Still opening: the flush and the note that end the open cover it.
+            self.undecided.lock().expect("poisoned").remove(&stripe);
+            return Ok(());
+        }
+        let flushed = self.flush_answering(servers, infos).await?;
+        let unavailable = || VolumeError::Unavailable {
+            volume: self.spec.id,
+            stripe,
+            current: 0,
+            needed: self.spec.profile.data,
+        };
+        if !flushed {
+            return Err(unavailable());
+        }
+        self.undecided.lock().expect("poisoned").remove(&stripe);
+        if let Err(e) = self.fence_all(true).await {
+            tracing::warn!(volume = self.spec.id, stripe, error = %e, "cannot record a decided stripe; it stays undecided");
+            self.undecided
+                .lock()
+                .expect("poisoned")
+                .insert(stripe, below);
+            return Err(match e {
+                e @ (VolumeError::Fenced { .. } | VolumeError::Crashed { .. }) => e,
+                _ => unavailable(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Flushes the servers of a stripe's positions that answered (`infos`); whether all did.
+    async fn flush_answering(&self, servers: &[u64], infos: &[Option<ObjectInfo>]) -> Result<bool> {
+        let flushed = join_all(
+            (0..servers.len())
+                .filter(|&p| infos[p].is_some())
+                .map(|p| self.flush_server(servers[p])),
+        )
+        .await
+        .into_iter()
+        .collect::<Result<Vec<Option<u64>>>>()?;
+        Ok(flushed.iter().all(Option::is_some))
     }
 
     /// Carries out one reconciliation decision on a stripe's shards.
@@ -2132,15 +2222,7 @@ impl Volume {
         if !d.stabilize.is_empty() {
             // Durable on every shard that answered before any is stabilized (see
             // `Volume::unflushed`); if one cannot flush, the next settle decides again.
-            let flushed = join_all(
-                (0..servers.len())
-                    .filter(|&p| infos[p].is_some())
-                    .map(|p| self.flush_server(servers[p])),
-            )
-            .await
-            .into_iter()
-            .collect::<Result<Vec<Option<u64>>>>()?;
-            if !flushed.iter().all(Option::is_some) {
+            if !self.flush_answering(servers, infos).await? {
                 return Ok(());
             }
         }

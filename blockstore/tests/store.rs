@@ -6,7 +6,9 @@ use bytes::Bytes;
 use continuum_blockstore::checksum;
 use continuum_blockstore::device::MemDevice;
 use continuum_blockstore::index::MemIndex;
-use continuum_blockstore::store::{ObjectKey, Store, StoreError, Version, WriteMode, WriteReq};
+use continuum_blockstore::store::{
+    ObjectKey, OpenedNote, Store, StoreError, Version, WriteMode, WriteReq,
+};
 use futures::executor::block_on;
 use proptest::prelude::*;
 
@@ -717,4 +719,31 @@ proptest! {
             }
         }
     }
+}
+
+/// The opened mark carries the writer's note of undecided stripes: the next writer gets the
+/// last note of the highest opened epoch (a higher `record` replaces one of the same epoch,
+/// never a lower one), and nothing from an older opened epoch; a reopen keeps it.
+#[test]
+fn the_opened_note_is_the_last_one_of_the_last_opened_writer() {
+    let (s, dev, idx) = store(64);
+    let note = |epoch, record, undecided: Vec<(u64, u64)>| OpenedNote {
+        epoch,
+        record,
+        undecided,
+    };
+    let first = note(3, 1, vec![(8, 2), (9, 1)]);
+    let (_, opened, before) = block_on(s.fence_open(7, 3, Some(&first))).unwrap();
+    assert_eq!((opened, before), (0, OpenedNote::default()));
+    // A shorter list later, then a late copy of the first: the later one stays.
+    block_on(s.fence_open(7, 3, Some(&note(3, 2, vec![(9, 1)])))).unwrap();
+    block_on(s.fence_open(7, 3, Some(&first))).unwrap();
+    let (_, opened, got) = block_on(s.fence_open(7, 4, None)).unwrap();
+    assert_eq!((opened, got), (3, note(3, 2, vec![(9, 1)])));
+    drop(s);
+    let s = Store::open(dev, idx).unwrap();
+    // Writer 4 opens with nothing undecided: writer 5 learns an empty note of epoch 4.
+    block_on(s.fence_open(7, 4, Some(&note(4, 1, vec![])))).unwrap();
+    let (_, opened, got) = block_on(s.fence_open(7, 5, None)).unwrap();
+    assert_eq!((opened, got), (4, note(4, 1, vec![])));
 }

@@ -362,6 +362,14 @@ async fn a_stale_writer_is_fenced_everywhere() {
     assert!(matches!(err, VolumeError::Fenced { .. }), "{err}");
 }
 
+/// `err` is a refused flush that counted `failed` missing shards of a stripe (limit 2).
+fn expect_flush_incomplete(err: VolumeError, failed: usize) {
+    assert!(
+        matches!(err, VolumeError::FlushIncomplete { failed: f, limit: 2, .. } if f == failed),
+        "{err}"
+    );
+}
+
 /// A FLUSH stands on the servers that answered only while at most m failed: beyond that some
 /// stripe may hold fewer than k durable shards, and the flush fails (it is retried, and
 /// succeeds once the servers are back).
@@ -386,18 +394,7 @@ async fn a_flush_that_more_than_m_servers_fail_is_not_acknowledged() {
     for i in 0..3 {
         cluster.kill(i);
     }
-    let err = vol.flush().await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            VolumeError::FlushIncomplete {
-                failed: 3,
-                limit: 2,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    expect_flush_incomplete(vol.flush().await.unwrap_err(), 3);
     for i in 0..3 {
         cluster.restart(i);
     }
@@ -452,18 +449,7 @@ async fn a_flush_counts_the_shards_a_degraded_stripe_already_lacks() {
     }
     cluster.kill(0);
     cluster.kill(4);
-    let err = vol.flush().await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            VolumeError::FlushIncomplete {
-                failed: 3,
-                limit: 2,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    expect_flush_incomplete(vol.flush().await.unwrap_err(), 3);
     cluster.restart(0);
     cluster.restart(4);
     vol.retry_unreachable();
@@ -805,4 +791,57 @@ async fn a_writer_never_forgets_the_shards_it_skipped() {
     cluster.kill(at(0));
     cluster.kill(at(5));
     check_all(&vol, &model).await;
+}
+
+/// A writer that opens while a stripe's last write cannot be decided (a server of its write
+/// set is away after the previous writer crashed mid-write) serves no I/O from that stripe.
+/// The writer after it must not take the stripe's unstable versions for leftovers the
+/// opened writer served without: an acknowledged FUA write below the undecided one must
+/// survive (chaos seed 281 on build 5159e7c; `docs/plans/issue-3.md`, session 13).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecided_stripe_keeps_its_acknowledged_writes_across_writers() {
+    let mut cluster = Cluster::start(6);
+    let size = 64 * 1024; // one stripe: d0..d3 of 16 KiB, then p4, p5
+    let mut model = pattern(41, size as usize);
+    let a = Volume::open(spec(size), 1, &cluster.servers(), TIMEOUT)
+        .await
+        .unwrap();
+    a.write(0, Bytes::from(model.clone()), true).await.unwrap();
+    a.flush().await.unwrap();
+    let (servers, _, _) = a.inspect_stripe(0).await.unwrap();
+    // W1: acknowledged with FUA, on d3, p4 and p5.
+    let w1 = pattern(42, 4096);
+    a.write(48 * 1024, Bytes::from(w1.clone()), true)
+        .await
+        .unwrap();
+    model[48 * 1024..52 * 1024].copy_from_slice(&w1);
+    // W2 over d1 and d2: the writer crashes after its first shard write.
+    a.failpoints
+        .crash_after_shard_writes
+        .store(1, Ordering::Relaxed);
+    let err = a
+        .write(28 * 1024, Bytes::from(pattern(43, 8192)), false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, VolumeError::Crashed { .. }), "{err}");
+    drop(a);
+    // p4's server is away: W2 cannot be decided (the shards that hold it and p4 could make k).
+    let p4 = (servers[4] - 1) as usize;
+    cluster.kill(p4);
+    let b = Volume::open(spec(size), 2, &cluster.servers(), TIMEOUT).await;
+    drop(b);
+    cluster.restart(p4);
+    let c = Volume::open(spec(size), 3, &cluster.servers(), TIMEOUT)
+        .await
+        .unwrap();
+    let got = c.read(48 * 1024, 4096).await.unwrap();
+    assert!(got[..] == w1[..], "the FUA-acknowledged write W1 was lost");
+    let got = c.read(0, size).await.unwrap();
+    for blk in (0..size as usize).step_by(4096) {
+        let in_w2 = (28 * 1024..36 * 1024).contains(&blk);
+        assert!(
+            in_w2 || got[blk..blk + 4096] == model[blk..blk + 4096],
+            "block at {blk} changed"
+        );
+    }
 }
