@@ -2079,7 +2079,13 @@ impl Volume {
                 self.lost.store(true, Ordering::Release);
             }
             let unchanged = !rolled_back && d.stabilize.is_empty() && d.roll_forward.is_none();
-            self.apply_decision(stripe, &servers, &infos, &d).await?;
+            if !self.apply_decision(stripe, &servers, &infos, &d).await? {
+                // Judged again later against the same epoch, as if undecided: after this
+                // writer opens, a version still unstable everywhere would otherwise look like
+                // an older epoch's leftover and be rolled back, acknowledged or not.
+                undecided = true;
+                break;
+            }
             // Whatever is still behind (the rolled-forward positions among them) is rebuilt
             // below, and so are shards the cached view knows to be corrupt.
             if unchanged {
@@ -2184,14 +2190,16 @@ impl Volume {
         Ok(flushed.iter().all(Option::is_some))
     }
 
-    /// Carries out one reconciliation decision on a stripe's shards.
+    /// Carries out one reconciliation decision on a stripe's shards; false when what it
+    /// commits could not be (a server failed the flush before, or every stabilization failed):
+    /// the versions stay unstable everywhere, as undecided as before.
     async fn apply_decision(
         &self,
         stripe: u64,
         servers: &[u64],
         infos: &[Option<ObjectInfo>],
         d: &reconcile::Decision,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         if !d.rollback.is_empty() || d.roll_forward.as_ref().is_some_and(|(_, m)| !m.is_empty()) {
             tracing::info!(
                 volume = self.spec.id,
@@ -2223,19 +2231,21 @@ impl Volume {
             // Durable on every shard that answered before any is stabilized (see
             // `Volume::unflushed`); if one cannot flush, the next settle decides again.
             if !self.flush_answering(servers, infos).await? {
-                return Ok(());
+                return Ok(false);
             }
         }
+        let mut stabilized = 0;
         for &(pos, v) in &d.stabilize {
             let c = self.client(servers[pos])?;
-            if let Err(e) = c
+            match c
                 .stabilize(self.epoch, &[(self.object(stripe, pos), v)])
                 .await
             {
-                self.note_error(servers[pos], &e)?;
+                Ok(()) => stabilized += 1,
+                Err(e) => self.note_error(servers[pos], &e)?,
             }
         }
-        Ok(())
+        Ok(d.stabilize.is_empty() || stabilized > 0)
     }
 
     /// Marks the positions reads found corrupt as stale in `view`.
