@@ -317,11 +317,7 @@ impl BlockClient {
         self.call(op, Bytes::new()).await.map(|_| ())
     }
 
-    /// Fences `volume` at `epoch` on this server (durable when it answers); returns the
-    /// volume's highest epoch there before.
-    /// Fences `volume` at `epoch` (with `opened`: records that this writer now serves I/O);
-    /// returns the highest epoch and the highest opened epoch the server had before.
-    /// Fences `volume` at `epoch`; with `opened`, also records that this writer serves I/O,
+    /// Fences `volume` at `epoch` on this server (durable when it answers); with `opened`, also records that this writer serves I/O,
     /// with its note of undecided stripes. Returns the server's highest epoch, its highest
     /// opened epoch and that writer's last note, from before the request.
     pub async fn fence(
@@ -334,14 +330,7 @@ impl BlockClient {
             volume,
             epoch,
             opened: opened.is_some(),
-            undecided: opened
-                .map(|n| {
-                    n.undecided
-                        .iter()
-                        .map(|&(stripe, below)| pb::UndecidedStripe { stripe, below })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            undecided: opened.map_or_else(Vec::new, |n| protocol::undecided_to_pb(&n.undecided)),
             record: opened.map_or(0, |n| n.record),
         });
         let (resp, _) = self.call(op, Bytes::new()).await?;
@@ -352,11 +341,7 @@ impl BlockClient {
                 OpenedNote {
                     epoch: f.previous_opened,
                     record: f.opened_record,
-                    undecided: f
-                        .opened_undecided
-                        .iter()
-                        .map(|u| (u.stripe, u.below))
-                        .collect(),
+                    undecided: protocol::undecided_from_pb(&f.opened_undecided),
                 },
             )),
             _ => Err(self.malformed("fence result missing")),

@@ -51,6 +51,17 @@ pub fn data_versions_from_pb(d: &[pb::DataVersion]) -> Vec<(u32, Version)> {
         .collect()
 }
 
+/// An opened writer's undecided stripes (stripe, epoch they are judged against).
+pub fn undecided_to_pb(list: &[(u64, u64)]) -> Vec<pb::UndecidedStripe> {
+    list.iter()
+        .map(|&(stripe, below)| pb::UndecidedStripe { stripe, below })
+        .collect()
+}
+
+pub fn undecided_from_pb(list: &[pb::UndecidedStripe]) -> Vec<(u64, u64)> {
+    list.iter().map(|u| (u.stripe, u.below)).collect()
+}
+
 pub fn object_versions_from_pb(list: &[pb::ObjectVersion]) -> Option<Vec<(ObjectKey, Version)>> {
     list.iter()
         .map(|ov| {

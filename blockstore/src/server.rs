@@ -360,7 +360,7 @@ async fn handle_op<D: Device, I: Index>(
             let note = f.opened.then(|| OpenedNote {
                 epoch: f.epoch,
                 record: f.record,
-                undecided: f.undecided.iter().map(|u| (u.stripe, u.below)).collect(),
+                undecided: protocol::undecided_from_pb(&f.undecided),
             });
             store
                 .fence_open(f.volume, f.epoch, note.as_ref())
@@ -370,11 +370,7 @@ async fn handle_op<D: Device, I: Index>(
                         ok(pb::response::Result::Fence(pb::FenceResult {
                             previous_epoch: previous,
                             previous_opened,
-                            opened_undecided: note
-                                .undecided
-                                .iter()
-                                .map(|&(stripe, below)| pb::UndecidedStripe { stripe, below })
-                                .collect(),
+                            opened_undecided: protocol::undecided_to_pb(&note.undecided),
                             opened_record: note.record,
                         })),
                         empty,

@@ -1629,17 +1629,16 @@ impl Volume {
         let Ok(servers) = self.placement(stripe) else {
             return self.spec.profile.width();
         };
-        let view = self.views.lock().expect("poisoned").get(&stripe).cloned();
+        let views = self.views.lock().expect("poisoned");
+        if let Some(view) = views.get(&stripe) {
+            return (0..servers.len())
+                .filter(|&p| bad.contains(&servers[p]) || view.is_stale(p))
+                .count();
+        }
+        drop(views);
         servers
             .iter()
-            .enumerate()
-            .filter(|&(p, srv)| {
-                bad.contains(srv)
-                    || match &view {
-                        Some(v) => v.is_stale(p),
-                        None => !self.reachable(*srv),
-                    }
-            })
+            .filter(|&srv| bad.contains(srv) || !self.reachable(*srv))
             .count()
     }
 
@@ -2018,7 +2017,7 @@ impl Volume {
             .lock()
             .expect("poisoned")
             .retain(|s, _| stripes.binary_search(s).is_ok());
-        for stripe in stripes.iter().copied() {
+        for stripe in stripes {
             self.reconcile_stripe(stripe).await?;
         }
         // The decisions are durable and applied before any I/O is served: a later writer
