@@ -26,6 +26,10 @@ use crate::wire::{FrameDecoder, FrameRepr, Kind};
 
 /// Requests in flight on one connection.
 pub const MAX_IN_FLIGHT: usize = 128;
+/// Objects per stabilize or rollback request: a few tens of bytes each in the header, so a
+/// request stays far below [`crate::wire::MAX_HEADER_BYTES`] (a flush under heavy random
+/// writes queues thousands per server).
+pub const OBJECTS_PER_REQUEST: usize = 1024;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ShardError {
@@ -175,14 +179,22 @@ impl BlockClient {
         let _slot = self.slots.acquire().await.expect("never closed");
         let (tx, pending) = self.connection().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (done_tx, done_rx) = oneshot::channel();
-        pending.lock().expect("poisoned").insert(id, done_tx);
         let frame = FrameRepr {
             kind: Kind::Request,
             request_id: id,
             header: pb::Request { op: Some(op) }.encode_to_vec().into(),
             payload,
         };
+        if let Err(e) = frame.check_limits() {
+            // A caller's bug, answered as an error (the connection's writer would refuse it).
+            tracing::error!(addr = %self.addr, error = %e, "request over the frame limits");
+            return Err(ShardError::Protocol {
+                addr: self.addr.clone(),
+                reason: "request over the frame limits",
+            });
+        }
+        let (done_tx, done_rx) = oneshot::channel();
+        pending.lock().expect("poisoned").insert(id, done_tx);
         if tx.send(frame).await.is_err() {
             pending.lock().expect("poisoned").remove(&id);
             return Err(self.transport("connection closed"));
@@ -280,28 +292,38 @@ impl BlockClient {
         })
     }
 
+    /// Stabilizes versions, in requests of at most [`OBJECTS_PER_REQUEST`] objects. Either
+    /// way it is idempotent: after an error, the caller sends the whole list again.
     pub async fn stabilize(
         &self,
         epoch: u64,
         objects: &[(ObjectKey, Version)],
     ) -> Result<(), ShardError> {
-        let op = pb::request::Op::Stabilize(pb::Stabilize {
-            epoch,
-            objects: protocol::object_versions_to_pb(objects),
-        });
-        self.call(op, Bytes::new()).await.map(|_| ())
+        for part in objects.chunks(OBJECTS_PER_REQUEST) {
+            let op = pb::request::Op::Stabilize(pb::Stabilize {
+                epoch,
+                objects: protocol::object_versions_to_pb(part),
+            });
+            self.call(op, Bytes::new()).await?;
+        }
+        Ok(())
     }
 
+    /// Rolls versions back, in requests of at most [`OBJECTS_PER_REQUEST`] objects
+    /// (idempotent, as [`BlockClient::stabilize`]).
     pub async fn rollback(
         &self,
         epoch: u64,
         objects: &[(ObjectKey, Version)],
     ) -> Result<(), ShardError> {
-        let op = pb::request::Op::Rollback(pb::Rollback {
-            epoch,
-            objects: protocol::object_versions_to_pb(objects),
-        });
-        self.call(op, Bytes::new()).await.map(|_| ())
+        for part in objects.chunks(OBJECTS_PER_REQUEST) {
+            let op = pb::request::Op::Rollback(pb::Rollback {
+                epoch,
+                objects: protocol::object_versions_to_pb(part),
+            });
+            self.call(op, Bytes::new()).await?;
+        }
+        Ok(())
     }
 
     /// Makes everything the server acknowledged durable; returns its incarnation (writes
