@@ -14,7 +14,10 @@
 //!   write is rolled back and fails. A writer that crashes mid-stripe leaves unstable versions
 //!   that the next writer reconciles ([`crate::reconcile`]) before it serves any I/O.
 //! - **Durability (3).** FUA writes are synced on every shard before they are acknowledged;
-//!   [`Volume::flush`] syncs every server written since the last flush.
+//!   [`Volume::flush`] syncs every server written since the last flush. A partial-stripe
+//!   write without FUA is acknowledged once its data shards hold it, and its parity is
+//!   written behind (`Volume::write_behind`): under the stripe's lock, so nothing reads the
+//!   stripe in between, and before any later flush returns.
 //! - **Checksums (4).** Servers verify on read; this client verifies again after the network.
 //!   A shard that fails is read around (reconstructed from others), marked stale and rebuilt.
 //! - **Degraded, never down (5).** Reads reconstruct from any k current shards; writes skip
@@ -48,6 +51,8 @@ use crate::store::{ObjectInfo, ObjectKey, OpenedNote, Version, WriteMode, WriteR
 
 /// Stripes whose view is cached; beyond it the cache is emptied (views are re-learned).
 pub const MAX_CACHED_STRIPES: usize = 64 * 1024;
+/// Writes behind ([`Volume::write_behind`]) unfinished at once; each holds its bytes.
+const MAX_WRITE_BEHIND: usize = 64;
 /// Stabilizations piggybacked on one shard write.
 const MAX_PIGGYBACK: usize = 64;
 /// Stripes a repair pass rebuilds at once.
@@ -150,7 +155,7 @@ pub enum VolumeError {
         failed: usize,
         limit: usize,
     },
-    #[error("volume {volume}: writes acknowledged before this flush may be lost: more than m block servers of a stripe lost power before they were durable (reported once)")]
+    #[error("volume {volume}: writes acknowledged before this flush may be lost: more than m block servers of a stripe lost power before they were durable, or a write acknowledged before its parity was written failed later (reported once)")]
     WritesLost { volume: u64 },
 }
 
@@ -219,6 +224,30 @@ pub struct Failpoints {
     /// When non-zero: a stripe write sends only this many shard writes, then the writer
     /// "crashes" (every later call fails with [`VolumeError::Crashed`]).
     pub crash_after_shard_writes: AtomicUsize,
+    /// While set, partial-stripe writes wait before their parity writes (phase 2) until
+    /// it is cleared and [`Failpoints::release_parity`] is called.
+    pub hold_parity: AtomicBool,
+    parity_released: tokio::sync::Notify,
+}
+
+impl Failpoints {
+    /// Lets writes held by [`Failpoints::hold_parity`] go on.
+    pub fn release_parity(&self) {
+        self.hold_parity.store(false, Ordering::Release);
+        self.parity_released.notify_waiters();
+    }
+
+    async fn parity_gate(&self) {
+        loop {
+            let released = self.parity_released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if !self.hold_parity.load(Ordering::Acquire) {
+                return;
+            }
+            released.await;
+        }
+    }
 }
 
 struct ClusterMap {
@@ -228,6 +257,55 @@ struct ClusterMap {
     down: BTreeSet<u64>,
     /// Placement of each group under this map (filled as groups are used).
     groups: HashMap<u32, Vec<u64>>,
+}
+
+/// Writes behind ([`Volume::write_behind`]) not finished yet, by order of start.
+struct Behind {
+    slots: Arc<tokio::sync::Semaphore>,
+    /// The next id, and the ids of those running.
+    running: Mutex<(u64, BTreeSet<u64>)>,
+    finished: tokio::sync::Notify,
+}
+
+impl Default for Behind {
+    fn default() -> Self {
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_WRITE_BEHIND)),
+            running: Mutex::default(),
+            finished: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl Behind {
+    fn start(&self) -> u64 {
+        let mut r = self.running.lock().expect("poisoned");
+        let id = r.0;
+        r.0 += 1;
+        r.1.insert(id);
+        id
+    }
+
+    fn finish(&self, id: u64) {
+        self.running.lock().expect("poisoned").1.remove(&id);
+        self.finished.notify_waiters();
+    }
+
+    /// Waits until every write behind started before this call has finished (later ones are
+    /// not waited for: a flush covers what was acknowledged before it).
+    async fn drain(&self) {
+        let upto = self.running.lock().expect("poisoned").0;
+        loop {
+            let finished = self.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            let oldest = self.running.lock().expect("poisoned").1.first().copied();
+            if oldest.is_none_or(|id| id >= upto) {
+                return;
+            }
+            finished.await;
+        }
+    }
 }
 
 /// An open volume (see the module doc).
@@ -309,6 +387,10 @@ pub struct Volume {
     undecided: Mutex<BTreeMap<u64, u64>>,
     /// The order of this writer's last note (0: it has not opened yet).
     opened_record: AtomicU64,
+    /// Writes acknowledged before their parity was written (see [`Volume::write_behind`]).
+    behind: Behind,
+    /// This volume, for the tasks that finish writes behind.
+    me: std::sync::Weak<Volume>,
     pub stats: VolumeStats,
     pub failpoints: Failpoints,
 }
@@ -388,7 +470,9 @@ impl Volume {
         }
         let layout = Layout::new(spec.profile, spec.unit)?;
         let codec = Codec::new(spec.profile)?;
-        let vol = Arc::new(Volume {
+        let vol = Arc::new_cyclic(|me| Volume {
+            me: me.clone(),
+            behind: Behind::default(),
             spec,
             layout,
             codec,
@@ -926,22 +1010,96 @@ impl Volume {
     ) -> Result<()> {
         let segs = self.layout.segments(offset, len);
         let groups = Layout::by_stripe(&segs);
-        let results = join_all(groups.iter().map(|(stripe, r)| {
-            let segs = &segs[r.clone()];
-            let payloads: Vec<Option<Bytes>> = segs
-                .iter()
+        let payloads_of = |segs: &[Segment]| -> Vec<Option<Bytes>> {
+            segs.iter()
                 .map(|s| {
                     data.as_ref().map(|d| {
                         let at = (s.volume_offset - offset) as usize;
                         d.slice(at..at + s.len as usize)
                     })
                 })
-                .collect();
-            self.write_stripe(*stripe, segs, payloads, fua)
+                .collect()
+        };
+        // A small write (bytes within one stripe, not all of it, no FUA) is written behind.
+        if let [(stripe, r)] = groups.as_slice() {
+            let segs = &segs[r.clone()];
+            let partial = self.layout.plan(segs) != crate::layout::WritePlan::FullStripe;
+            if !fua && data.is_some() && partial {
+                if let Some(me) = self.me.upgrade() {
+                    return me
+                        .write_behind(*stripe, segs.to_vec(), payloads_of(segs))
+                        .await;
+                }
+            }
+        }
+        let results = join_all(groups.iter().map(|(stripe, r)| {
+            let segs = &segs[r.clone()];
+            let payloads = payloads_of(segs);
+            async move {
+                self.write_stripe(*stripe, segs, payloads, fua, &mut None)
+                    .await
+            }
         }))
         .await;
         results.into_iter().collect::<Result<Vec<()>>>()?;
         Ok(())
+    }
+
+    /// A partial-stripe write acknowledged once its data shards took the new bytes, before
+    /// its parity deltas are written (half the round trips a caller waits for). It is not
+    /// durable yet, as no write without FUA is until a flush (DESIGN.md invariant 3):
+    /// - the rest runs in a task that holds the stripe's lock and the new bytes, so reads of
+    ///   the stripe (degraded ones included) wait for it, and a shard lost meanwhile is
+    ///   written around as in any write;
+    /// - [`Volume::flush`] first waits for every write behind acknowledged before it;
+    /// - one that fails after its acknowledgement marks the writes lost (`lost`): the next
+    ///   flush asked for fails with [`VolumeError::WritesLost`];
+    /// - at most [`MAX_WRITE_BEHIND`] are unfinished at once (later writes wait for a slot).
+    ///
+    /// A write whose touched shards are not all current is answered only once it is done.
+    async fn write_behind(
+        self: Arc<Self>,
+        stripe: u64,
+        segs: Vec<Segment>,
+        payloads: Vec<Option<Bytes>>,
+    ) -> Result<()> {
+        let slot = self
+            .behind
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let id = self.behind.start();
+        let (tx, acked) = tokio::sync::oneshot::channel();
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            let mut ack = Some(tx);
+            let r = me
+                .write_stripe(stripe, &segs, payloads, false, &mut ack)
+                .await;
+            if let Err(e) = &r {
+                if ack.is_none() {
+                    tracing::warn!(volume = me.spec.id, stripe, error = %e, "a write acknowledged before its parity was written failed");
+                    me.lost.store(true, Ordering::Release);
+                }
+            }
+            me.behind.finish(id);
+            drop(slot);
+            r
+        });
+        match acked.await {
+            Ok(()) => Ok(()),
+            // Done (or failed) before an early acknowledgement: its own result.
+            Err(_) => match task.await {
+                Ok(r) => r,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // The runtime is shutting down: the writer stops as in a crash.
+                Err(_) => Err(VolumeError::Crashed {
+                    volume: self.spec.id,
+                }),
+            },
+        }
     }
 
     fn next_version(&self) -> Version {
@@ -993,12 +1151,15 @@ impl Volume {
         Ok(r)
     }
 
+    /// With `ack`, a partial write sends on it as soon as every touched data shard took the
+    /// new bytes (see [`Volume::write_behind`]); the write goes on to its end either way.
     async fn write_stripe(
         &self,
         stripe: u64,
         segs: &[Segment],
         payloads: Vec<Option<Bytes>>,
         fua: bool,
+        ack: &mut Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<()> {
         let _g = self.lock_stripe(stripe).await;
         let servers = self.placement(stripe)?;
@@ -1009,7 +1170,7 @@ impl Volume {
             self.settle_if_suspect(stripe).await?;
             let view = self.view(stripe, &servers).await?;
             if self
-                .write_stripe_once(stripe, segs, &payloads, fua, &servers, view)
+                .write_stripe_once(stripe, segs, &payloads, fua, &servers, view, ack)
                 .await?
             {
                 return Ok(());
@@ -1026,6 +1187,7 @@ impl Volume {
 
     /// One attempt at a stripe write; `Ok(false)` when a shard failed and the attempt was
     /// undone (the caller retries with that shard marked stale).
+    #[allow(clippy::too_many_arguments)]
     async fn write_stripe_once(
         &self,
         stripe: u64,
@@ -1034,6 +1196,7 @@ impl Volume {
         fua: bool,
         servers: &[u64],
         mut view: StripeView,
+        ack: &mut Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<bool> {
         let k = self.spec.profile.data;
         let width = self.spec.profile.width();
@@ -1233,6 +1396,14 @@ impl Volume {
                 .await;
         }
         if !full {
+            // Every touched data shard holds the new bytes: a write behind is acknowledged
+            // now (the writer keeps them until the parity has them too).
+            if missing.is_empty() {
+                if let Some(a) = ack.take() {
+                    let _ = a.send(());
+                }
+            }
+            self.failpoints.parity_gate().await;
             // Phase 2 of a partial write: the deltas need the old bytes phase 1 returned.
             let writes = parity_writes(&olds, &view)?;
             failed = self
@@ -1721,6 +1892,11 @@ impl Volume {
     /// writes: the background task's and a repair pass's flushes leave that to the next one.
     async fn flush_reporting(&self, report: bool) -> Result<()> {
         self.check()?;
+        // Writes acknowledged before their parity was written are finished first (they are
+        // then noted unflushed, or marked lost).
+        if report {
+            self.behind.drain().await;
+        }
         let _one_at_a_time = self.flush_lock.lock().await;
         // Stripes whose servers lost power are re-learned first: what is whole again does
         // not count below.
@@ -1878,7 +2054,7 @@ impl Volume {
         if report && self.lost.swap(false, Ordering::AcqRel) {
             tracing::warn!(
                 volume = self.spec.id,
-                "writes acknowledged before this flush may be lost (block servers lost power before they were durable); failing this flush"
+                "writes acknowledged before this flush may be lost; failing this flush"
             );
             return Err(VolumeError::WritesLost {
                 volume: self.spec.id,

@@ -845,3 +845,92 @@ async fn an_undecided_stripe_keeps_its_acknowledged_writes_across_writers() {
         );
     }
 }
+
+/// A small write without FUA is acknowledged once its data shard holds it, before its parity
+/// is written (a write behind). Until the parity is written, reads of the stripe and flushes
+/// wait for it; once a flush returned, the write survives the loss of m servers, its data
+/// shard's among them, and a new writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_behind_is_acknowledged_before_its_parity_and_flushed_with_it() {
+    let mut cluster = Cluster::start(6);
+    let size = 64 * 1024; // one stripe: d0..d3 of 16 KiB, then p4, p5
+    let mut model = pattern(51, size as usize);
+    let a = Volume::open(spec(size), 1, &cluster.servers(), TIMEOUT)
+        .await
+        .unwrap();
+    a.write(0, Bytes::from(model.clone()), true).await.unwrap();
+    a.flush().await.unwrap();
+    let (servers, _, _) = a.inspect_stripe(0).await.unwrap();
+    a.failpoints.hold_parity.store(true, Ordering::Release);
+    let new = pattern(52, 4096);
+    let at = 16 * 1024 + 4096; // in d1
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        a.write(at, Bytes::from(new.clone()), false),
+    )
+    .await
+    .expect("acknowledged while its parity is held")
+    .unwrap();
+    model[at as usize..at as usize + 4096].copy_from_slice(&new);
+    let held = Duration::from_millis(300);
+    assert!(
+        tokio::time::timeout(held, a.read(0, 4096)).await.is_err(),
+        "a read of the stripe went on before the parity was written"
+    );
+    assert!(
+        tokio::time::timeout(held, a.flush()).await.is_err(),
+        "a flush returned before the write behind was finished"
+    );
+    a.failpoints.release_parity();
+    a.flush().await.unwrap();
+    check_all(&a, &model).await;
+    // The data shard that took the write, and one more, are lost; a new writer reads it back
+    // from the parity.
+    cluster.kill((servers[1] - 1) as usize);
+    cluster.kill((servers[0] - 1) as usize);
+    drop(a);
+    let b = Volume::open(spec(size), 2, &cluster.servers(), TIMEOUT)
+        .await
+        .unwrap();
+    check_all(&b, &model).await;
+}
+
+/// A write behind that cannot be finished after it was acknowledged (too few shards left for
+/// its parity) is undone, and the next flush says that acknowledged writes were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_behind_that_fails_after_its_acknowledgement_fails_the_next_flush() {
+    let mut cluster = Cluster::start(6);
+    let size = 64 * 1024;
+    let model = pattern(61, size as usize);
+    let a = Volume::open(spec(size), 1, &cluster.servers(), TIMEOUT)
+        .await
+        .unwrap();
+    a.write(0, Bytes::from(model.clone()), true).await.unwrap();
+    a.flush().await.unwrap();
+    let (servers, _, _) = a.inspect_stripe(0).await.unwrap();
+    // d0's server is gone, and the writer knows (a degraded read marked d0 stale).
+    cluster.kill((servers[0] - 1) as usize);
+    assert_eq!(&a.read(0, 4096).await.unwrap()[..], &model[..4096]);
+    a.failpoints.hold_parity.store(true, Ordering::Release);
+    let at = 16 * 1024 + 8192; // in d1
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        a.write(at, Bytes::from(pattern(62, 4096)), false),
+    )
+    .await
+    .expect("acknowledged while its parity is held")
+    .unwrap();
+    // Both parity servers go before the parity is written: d1..d3 alone are not k.
+    cluster.kill((servers[4] - 1) as usize);
+    cluster.kill((servers[5] - 1) as usize);
+    a.failpoints.release_parity();
+    let err = a.flush().await.unwrap_err();
+    assert!(matches!(err, VolumeError::WritesLost { .. }), "{err}");
+    for p in [0, 4, 5] {
+        cluster.restart((servers[p] - 1) as usize);
+    }
+    a.retry_unreachable();
+    // Reported once; the write was undone, so the block reads as it was.
+    a.flush().await.unwrap();
+    check_all(&a, &model).await;
+}
