@@ -308,6 +308,24 @@ impl Behind {
     }
 }
 
+/// Ends one write behind when dropped: frees its slot, and marks the writes lost unless it
+/// finished (or was never acknowledged early: its caller got its result).
+struct BehindEnd {
+    vol: Arc<Volume>,
+    id: u64,
+    ok: bool,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for BehindEnd {
+    fn drop(&mut self) {
+        if !self.ok {
+            self.vol.lost.store(true, Ordering::Release);
+        }
+        self.vol.behind.finish(self.id);
+    }
+}
+
 /// An open volume (see the module doc).
 pub struct Volume {
     spec: VolumeSpec,
@@ -1074,18 +1092,22 @@ impl Volume {
         let (tx, acked) = tokio::sync::oneshot::channel();
         let me = self.clone();
         let task = tokio::spawn(async move {
+            // Finishes the write behind however the task ends (a panic too: a flush must not
+            // wait for it forever, and an acknowledged write it did not finish is lost).
+            let mut end = BehindEnd {
+                vol: me.clone(),
+                id,
+                ok: false,
+                _slot: slot,
+            };
             let mut ack = Some(tx);
             let r = me
                 .write_stripe(stripe, &segs, payloads, false, &mut ack)
                 .await;
-            if let Err(e) = &r {
-                if ack.is_none() {
-                    tracing::warn!(volume = me.spec.id, stripe, error = %e, "a write acknowledged before its parity was written failed");
-                    me.lost.store(true, Ordering::Release);
-                }
+            end.ok = r.is_ok() || ack.is_some();
+            if let (Err(e), None) = (&r, &ack) {
+                tracing::warn!(volume = me.spec.id, stripe, error = %e, "a write acknowledged before its parity was written failed");
             }
-            me.behind.finish(id);
-            drop(slot);
             r
         });
         match acked.await {
