@@ -188,9 +188,12 @@ impl BlockClient {
         if let Err(e) = frame.check_limits() {
             // A caller's bug, answered as an error (the connection's writer would refuse it).
             tracing::error!(addr = %self.addr, error = %e, "request over the frame limits");
-            return Err(ShardError::Protocol {
+            // Refused as the server would refuse an invalid request: the server is fine.
+            return Err(ShardError::Status {
                 addr: self.addr.clone(),
-                reason: "request over the frame limits",
+                status: pb::Status::Invalid,
+                message: format!("request not sent: {e}"),
+                current: None,
             });
         }
         let (done_tx, done_rx) = oneshot::channel();
@@ -309,8 +312,8 @@ impl BlockClient {
         Ok(())
     }
 
-    /// Rolls versions back, in requests of at most [`OBJECTS_PER_REQUEST`] objects
-    /// (idempotent, as [`BlockClient::stabilize`]).
+    /// Rolls versions back (each object's version and everything above it), in requests of
+    /// at most [`OBJECTS_PER_REQUEST`] objects.
     pub async fn rollback(
         &self,
         epoch: u64,

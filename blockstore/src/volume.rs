@@ -238,6 +238,9 @@ impl Failpoints {
     }
 
     async fn parity_gate(&self) {
+        if !self.hold_parity.load(Ordering::Acquire) {
+            return;
+        }
         loop {
             let released = self.parity_released.notified();
             tokio::pin!(released);
@@ -313,6 +316,8 @@ impl Behind {
 struct BehindEnd {
     vol: Arc<Volume>,
     id: u64,
+    /// Flushes asked for before the write began (a later one covers it).
+    asked: u64,
     ok: bool,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
@@ -320,7 +325,7 @@ struct BehindEnd {
 impl Drop for BehindEnd {
     fn drop(&mut self) {
         if !self.ok {
-            self.vol.lost.store(true, Ordering::Release);
+            self.vol.mark_lost(Some(self.asked));
         }
         self.vol.behind.finish(self.id);
     }
@@ -358,10 +363,17 @@ pub struct Volume {
     /// An empty set: a write found the cached view wrong (a version mismatch).
     suspect: Mutex<BTreeMap<u64, Suspect>>,
     /// Writes this writer acknowledged may be lost (a stripe lost more than m servers'
-    /// versions before they were durable, or settling it left it older than this writer
-    /// knew it): the next flush asked for (NBD FLUSH, not the background task's or a repair
-    /// pass's) that could otherwise succeed fails once with [`VolumeError::WritesLost`].
-    lost: AtomicBool,
+    /// versions before they were durable, settling it left it older than this writer knew
+    /// it, or a write behind failed after its acknowledgement): flushes asked for (NBD FLUSH,
+    /// not the background task's or a repair pass's) that could otherwise succeed fail with
+    /// [`VolumeError::WritesLost`] until one that covers the loss has (see `flushes_asked`).
+    lost: AtomicU64,
+    /// Flushes asked for so far (each one's number is the count when it began, plus one).
+    /// `lost` holds 0, or the number of the first flush that certainly covers every write
+    /// known lost: every flush fails while it is set, and only that one or a later one
+    /// clears it, so a flush that began earlier cannot use the report up (a write behind
+    /// acknowledged after a flush began, and lost before it ended, is not that flush's).
+    flushes_asked: AtomicU64,
     /// Versions noted since the last flush began, in all and per object; the background task
     /// is woken when they reach [`STABILIZE_FLUSH_AT`] or [`STABILIZE_FLUSH_HOT`] (versions
     /// waiting on a server that failed a flush do not count: they are retried at the normal
@@ -511,7 +523,8 @@ impl Volume {
             unflushed: Mutex::default(),
             incarnations: Mutex::default(),
             suspect: Mutex::default(),
-            lost: AtomicBool::new(false),
+            lost: AtomicU64::new(0),
+            flushes_asked: AtomicU64::new(0),
             noted: Mutex::default(),
             flush_soon: Arc::default(),
             flush_lock: tokio::sync::Mutex::new(()),
@@ -1089,6 +1102,7 @@ impl Volume {
             .await
             .expect("never closed");
         let id = self.behind.start();
+        let asked = self.flushes_asked.load(Ordering::Acquire);
         let (tx, acked) = tokio::sync::oneshot::channel();
         let me = self.clone();
         let task = tokio::spawn(async move {
@@ -1097,6 +1111,7 @@ impl Volume {
             let mut end = BehindEnd {
                 vol: me.clone(),
                 id,
+                asked,
                 ok: false,
                 _slot: slot,
             };
@@ -1146,6 +1161,12 @@ impl Volume {
         w: &ShardWrite,
         budget: &AtomicUsize,
     ) -> Result<std::result::Result<crate::store::WriteOutcome, ShardError>> {
+        // A crashed writer sends nothing more (its other stripe writes stop too).
+        if self.crashed.load(Ordering::Acquire) {
+            return Err(VolumeError::Crashed {
+                volume: self.spec.id,
+            });
+        }
         if self
             .failpoints
             .crash_after_shard_writes
@@ -1418,9 +1439,10 @@ impl Volume {
                 .await;
         }
         if !full {
-            // Every touched data shard holds the new bytes: a write behind is acknowledged
-            // now (the writer keeps them until the parity has them too).
-            if missing.is_empty() {
+            // Every data shard is current and the touched ones hold the new bytes: k shards
+            // of the new state, so a write behind is acknowledged now (the writer keeps the
+            // bytes until the parity has them too).
+            if missing.is_empty() && (0..k).all(|p| !view.is_stale(p)) {
                 if let Some(a) = ack.take() {
                     let _ = a.send(());
                 }
@@ -1714,12 +1736,27 @@ impl Volume {
 
     /// Notes shard versions that servers acknowledged (not yet durable): (server, object,
     /// version, the server's incarnation in its answer).
+    ///
+    /// A flush may have taken a server's `dirty` mark between the server's answer and this
+    /// note (a write behind notes its versions only once its parity is written): the server
+    /// is marked dirty again, so the next flush covers it, and a version whose server has
+    /// answered with another incarnation since makes its stripe suspect at once (that flush
+    /// did not know the version, so it could not see it lost).
     fn note_unflushed(&self, versions: impl IntoIterator<Item = (u64, ObjectKey, Version, u64)>) {
         let mut due = false;
+        let mut gone: Vec<(u64, u64)> = Vec::new();
         {
+            // In the flush's lock order: `unflushed` before `dirty`.
+            let seen = self.incarnations.lock().expect("poisoned");
             let mut u = self.unflushed.lock().expect("poisoned");
             let mut noted = self.noted.lock().expect("poisoned");
+            let mut dirty = self.dirty.lock().expect("poisoned");
             for (srv, object, version, incarnation) in versions {
+                if seen.get(&srv).is_some_and(|&now| now != incarnation) {
+                    gone.push((srv, object.stripe));
+                    continue;
+                }
+                dirty.insert(srv);
                 u.entry(srv)
                     .or_default()
                     .push((object, version, incarnation));
@@ -1729,9 +1766,35 @@ impl Volume {
                 due |= *per_object == STABILIZE_FLUSH_HOT || noted.0 == STABILIZE_FLUSH_AT;
             }
         }
+        for (srv, stripe) in gone {
+            self.mark_suspect(Some(srv), [stripe]);
+        }
         if due {
             self.flush_soon.notify_one();
         }
+    }
+
+    /// Notes that acknowledged writes may be lost: since flush number `after` began (a write
+    /// behind: the flushes asked for before it began), or `None`: at any time before now.
+    fn mark_lost(&self, after: Option<u64>) {
+        let after = after.unwrap_or_else(|| self.flushes_asked.load(Ordering::Acquire));
+        self.lost.fetch_max(after + 1, Ordering::AcqRel);
+    }
+
+    /// Whether flush `number` must fail for lost writes; it clears the report if it covers
+    /// every write known lost.
+    fn take_lost(&self, number: u64) -> bool {
+        let mark = self.lost.load(Ordering::Acquire);
+        if mark == 0 {
+            return false;
+        }
+        if number >= mark {
+            // A loss noted meanwhile raised the mark: it stays for a later flush.
+            let _ = self
+                .lost
+                .compare_exchange(mark, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+        true
     }
 
     /// Flushes one server: its incarnation, or `None` when it failed (noted; a fencing
@@ -1802,7 +1865,7 @@ impl Volume {
             .iter()
             .any(|(stripe, lost_on)| self.shortfall(*stripe, lost_on) > m)
         {
-            self.lost.store(true, Ordering::Release);
+            self.mark_lost(None);
         }
         if let (Some(srv), true) = (server, marked > 0) {
             tracing::info!(
@@ -1916,9 +1979,14 @@ impl Volume {
         self.check()?;
         // Writes acknowledged before their parity was written are finished first (they are
         // then noted unflushed, or marked lost).
-        if report {
+        let number = if report {
+            let number = self.flushes_asked.fetch_add(1, Ordering::AcqRel) + 1;
             self.behind.drain().await;
-        }
+            self.check()?;
+            number
+        } else {
+            0
+        };
         let _one_at_a_time = self.flush_lock.lock().await;
         // Stripes whose servers lost power are re-learned first: what is whole again does
         // not count below.
@@ -2073,7 +2141,7 @@ impl Volume {
                 limit,
             });
         }
-        if report && self.lost.swap(false, Ordering::AcqRel) {
+        if report && self.take_lost(number) {
             tracing::warn!(
                 volume = self.spec.id,
                 "writes acknowledged before this flush may be lost; failing this flush"
@@ -2273,7 +2341,7 @@ impl Volume {
             if lost_power && d.rollback.iter().any(|(_, v)| v.epoch == self.epoch) {
                 // A version of this writer rolled back on a stripe whose servers lost power:
                 // it may have been acknowledged.
-                self.lost.store(true, Ordering::Release);
+                self.mark_lost(None);
             }
             let unchanged = !rolled_back && d.stabilize.is_empty() && d.roll_forward.is_none();
             if !self.apply_decision(stripe, &servers, &infos, &d).await? {
@@ -2324,7 +2392,7 @@ impl Volume {
                     now = %view.expected[p],
                     "a stripe whose servers lost power is older than its writer knew it"
                 );
-                self.lost.store(true, Ordering::Release);
+                self.mark_lost(None);
             }
         }
         self.settled(stripe, marks, &servers, &view);
