@@ -311,6 +311,52 @@ impl Behind {
     }
 }
 
+/// Which flushes asked for must report lost writes. Flushes are numbered as they begin
+/// (the count of those before, plus one). `mark` holds 0, or the number of the first flush
+/// that certainly covers every write known lost: every flush fails while it is set, and only
+/// that one or a later one clears it, so a flush that began earlier cannot use the report up
+/// (a write behind acknowledged after a flush began, and lost before it ended, is not that
+/// flush's to report).
+#[derive(Debug, Default)]
+struct LostReport {
+    asked: AtomicU64,
+    mark: AtomicU64,
+}
+
+impl LostReport {
+    /// Flushes that have begun.
+    fn asked(&self) -> u64 {
+        self.asked.load(Ordering::Acquire)
+    }
+
+    /// A flush begins: its number.
+    fn flush_begins(&self) -> u64 {
+        self.asked.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Writes acknowledged after flush number `after` began may be lost (`None`: any
+    /// acknowledged before now).
+    fn mark(&self, after: Option<u64>) {
+        let after = after.unwrap_or_else(|| self.asked());
+        self.mark.fetch_max(after + 1, Ordering::AcqRel);
+    }
+
+    /// Whether flush `number` must fail; the report is cleared when it covers every write
+    /// known lost (a loss noted meanwhile raised the mark: it stays for a later flush).
+    fn take(&self, number: u64) -> bool {
+        let mark = self.mark.load(Ordering::Acquire);
+        if mark == 0 {
+            return false;
+        }
+        if number >= mark {
+            let _ = self
+                .mark
+                .compare_exchange(mark, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+        true
+    }
+}
+
 /// Ends one write behind when dropped: frees its slot, and marks the writes lost unless it
 /// finished (or was never acknowledged early: its caller got its result).
 struct BehindEnd {
@@ -366,14 +412,8 @@ pub struct Volume {
     /// versions before they were durable, settling it left it older than this writer knew
     /// it, or a write behind failed after its acknowledgement): flushes asked for (NBD FLUSH,
     /// not the background task's or a repair pass's) that could otherwise succeed fail with
-    /// [`VolumeError::WritesLost`] until one that covers the loss has (see `flushes_asked`).
-    lost: AtomicU64,
-    /// Flushes asked for so far (each one's number is the count when it began, plus one).
-    /// `lost` holds 0, or the number of the first flush that certainly covers every write
-    /// known lost: every flush fails while it is set, and only that one or a later one
-    /// clears it, so a flush that began earlier cannot use the report up (a write behind
-    /// acknowledged after a flush began, and lost before it ended, is not that flush's).
-    flushes_asked: AtomicU64,
+    /// [`VolumeError::WritesLost`] until one that covers the loss has.
+    lost: LostReport,
     /// Versions noted since the last flush began, in all and per object; the background task
     /// is woken when they reach [`STABILIZE_FLUSH_AT`] or [`STABILIZE_FLUSH_HOT`] (versions
     /// waiting on a server that failed a flush do not count: they are retried at the normal
@@ -523,8 +563,7 @@ impl Volume {
             unflushed: Mutex::default(),
             incarnations: Mutex::default(),
             suspect: Mutex::default(),
-            lost: AtomicU64::new(0),
-            flushes_asked: AtomicU64::new(0),
+            lost: LostReport::default(),
             noted: Mutex::default(),
             flush_soon: Arc::default(),
             flush_lock: tokio::sync::Mutex::new(()),
@@ -1102,7 +1141,7 @@ impl Volume {
             .await
             .expect("never closed");
         let id = self.behind.start();
-        let asked = self.flushes_asked.load(Ordering::Acquire);
+        let asked = self.lost.asked();
         let (tx, acked) = tokio::sync::oneshot::channel();
         let me = self.clone();
         let task = tokio::spawn(async move {
@@ -1774,27 +1813,9 @@ impl Volume {
         }
     }
 
-    /// Notes that acknowledged writes may be lost: since flush number `after` began (a write
-    /// behind: the flushes asked for before it began), or `None`: at any time before now.
+    /// Notes that acknowledged writes may be lost (see [`LostReport::mark`]).
     fn mark_lost(&self, after: Option<u64>) {
-        let after = after.unwrap_or_else(|| self.flushes_asked.load(Ordering::Acquire));
-        self.lost.fetch_max(after + 1, Ordering::AcqRel);
-    }
-
-    /// Whether flush `number` must fail for lost writes; it clears the report if it covers
-    /// every write known lost.
-    fn take_lost(&self, number: u64) -> bool {
-        let mark = self.lost.load(Ordering::Acquire);
-        if mark == 0 {
-            return false;
-        }
-        if number >= mark {
-            // A loss noted meanwhile raised the mark: it stays for a later flush.
-            let _ = self
-                .lost
-                .compare_exchange(mark, 0, Ordering::AcqRel, Ordering::Acquire);
-        }
-        true
+        self.lost.mark(after);
     }
 
     /// Flushes one server: its incarnation, or `None` when it failed (noted; a fencing
@@ -1980,7 +2001,7 @@ impl Volume {
         // Writes acknowledged before their parity was written are finished first (they are
         // then noted unflushed, or marked lost).
         let number = if report {
-            let number = self.flushes_asked.fetch_add(1, Ordering::AcqRel) + 1;
+            let number = self.lost.flush_begins();
             self.behind.drain().await;
             self.check()?;
             number
@@ -2141,7 +2162,7 @@ impl Volume {
                 limit,
             });
         }
-        if report && self.take_lost(number) {
+        if report && self.lost.take(number) {
             tracing::warn!(
                 volume = self.spec.id,
                 "writes acknowledged before this flush may be lost; failing this flush"
@@ -2971,4 +2992,33 @@ async fn lock_in(
 struct Listing {
     stripes: std::collections::BTreeMap<u64, Vec<(u64, ObjectInfo)>>,
     failed: BTreeSet<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LostReport;
+
+    #[test]
+    fn a_lost_write_is_reported_by_every_flush_until_one_that_covers_it() {
+        let r = LostReport::default();
+        // Flush 1 begins; then a write behind begins, is acknowledged, flush 2 begins, and
+        // the write is lost.
+        let f1 = r.flush_begins();
+        let write_began_after = r.asked();
+        let f2 = r.flush_begins();
+        r.mark(Some(write_began_after));
+        // Flush 1 ends first: it fails (harmless) but must not use the report up.
+        assert!(r.take(f1));
+        assert!(r.take(f2), "the flush that covers the lost write fails");
+        let f3 = r.flush_begins();
+        assert!(!r.take(f3), "reported; later flushes succeed");
+        // A loss found at some point (no write to pin it to): flushes already running fail,
+        // the first one begun after it clears it.
+        let f4 = r.flush_begins();
+        r.mark(None);
+        assert!(r.take(f4));
+        let f5 = r.flush_begins();
+        assert!(r.take(f5));
+        assert!(!r.take(r.flush_begins()));
+    }
 }
