@@ -277,11 +277,16 @@ impl Attached {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        for t in &self.tasks {
+        // The lease (the first task) is kept alive while the flush finishes the writes
+        // behind; the others stop first.
+        for t in self.tasks.iter().skip(1) {
             t.abort();
         }
         if let Err(e) = self.vol.flush().await {
             tracing::warn!(volume = self.name, error = %e, "flush at detach failed");
+        }
+        for t in &self.tasks {
+            t.abort();
         }
         let _ = meta.lease_revoke(self.lease.lease_id).await;
         self.metrics.attached.fetch_sub(1, Ordering::Relaxed);
@@ -540,6 +545,7 @@ impl GatewayInner {
             units = allocated.len(),
             "attached"
         );
+        // The lease keep-alive first (see `close`).
         let mut tasks = vec![keep, watcher];
         let ack_early = self.ack_before_durable.then(|| {
             tracing::warn!(
